@@ -1,0 +1,21 @@
+"""pes: Persistent Evolution Strategies and its rivals, on JAX."""
+
+from pes.estimators import (
+    NRES,
+    PES,
+    TBPTT,
+    EstimateInfo,
+    FullBPTT,
+    FullES,
+    ParticleState,
+    TruncatedES,
+)
+from pes.system import System, evaluate, unroll
+from pes.train import History, NonFiniteGradientError, Record, TrainResult, train
+
+__all__ = [
+    "System", "evaluate", "unroll",
+    "train", "TrainResult", "History", "Record", "NonFiniteGradientError",
+    "PES", "TruncatedES", "FullES", "NRES", "TBPTT", "FullBPTT", "EstimateInfo", "ParticleState",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,452 @@
+"""Machinery shared by the truncated estimators: particles, keys, noise and the window scan.
+
+Layout. Particles are grouped in *pairs*: the members of a pair share every key (data, resets)
+and step with theta + sign * eps for the signs of the estimator (``(+1, -1)`` antithetic,
+``(+1,)`` plain Monte Carlo, ``(0,)`` unperturbed). Arrays of the inner state carry two leading
+axes ``[P, M]`` (pairs, members); per-pair quantities (step index t, noise) carry ``[P]``.
+
+One window is one ``lax.scan`` over its steps, with every pair and member a ``vmap`` lane.
+Resets are per pair: when a pair's t reaches the horizon its members restart from a fresh
+``system.init`` (shared key) and t <- 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pes.system import PyTree, check_step_output, check_system, check_theta
+
+tmap = jax.tree_util.tree_map
+
+
+class EstimateInfo(NamedTuple):
+    """What one ``estimate`` call reports besides the gradient.
+
+    loss: mean per-step loss over the window's perturbed particles, a float scalar.
+    inner_steps: inner ``system.step`` calls this estimate consumed (burn-in included), int.
+    """
+
+    loss: jax.Array
+    inner_steps: jax.Array
+
+
+class ParticleState(NamedTuple):
+    """State of a truncated estimator between windows.
+
+    inner: the systems' states, leaves of shape [P, M, ...] (pairs, members).
+    t: [P] int32 step index inside each pair's episode.
+    noise: estimator-specific per-pair noise carry (leaves [P, ...]).
+    pending_steps: int32 inner steps spent in burn-in, reported by the next estimate.
+    """
+
+    inner: PyTree
+    t: jax.Array
+    noise: PyTree
+    pending_steps: jax.Array
+
+
+class WindowStats(NamedTuple):
+    """Per-pair sums over one window (leaves [P, ...]).
+
+    A: sum_j (sum_m sign_m l_mj) * w_j, theta-shaped.  W: sum_j w_j, theta-shaped.
+    loss_sum: sum_j of the members' losses (perturbed members only, unless all are unperturbed).
+    steps: number of steps each pair took.  finite: whether all its losses were finite.
+    """
+
+    A: PyTree
+    W: PyTree
+    loss_sum: jax.Array
+    steps: jax.Array
+    finite: jax.Array
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name}={value!r} must be an int >= {minimum}")
+    if value < minimum:
+        raise ValueError(f"{name}={value} must be >= {minimum}")
+    return int(value)
+
+
+def check_sigma(sigma: Any) -> float:
+    if isinstance(sigma, bool) or not isinstance(sigma, int | float | np.floating | np.integer):
+        raise TypeError(f"sigma={sigma!r} must be a positive float")
+    if not np.isfinite(sigma) or sigma <= 0:
+        raise ValueError(f"sigma={sigma} must be a finite float > 0")
+    return float(sigma)
+
+
+def check_particles(num_particles: Any, antithetic: bool) -> int:
+    n = check_positive_int("num_particles", num_particles, 2)
+    if antithetic and n % 2:
+        raise ValueError(
+            f"num_particles={n} must be even with antithetic=True (particles come in +/- pairs)"
+        )
+    return n
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name}={value!r} must be True or False")
+    return bool(value)
+
+
+def theta_spec(theta: PyTree) -> tuple:
+    return (
+        jax.tree_util.tree_structure(theta),
+        tuple((jnp.shape(x), jnp.result_type(x)) for x in jax.tree_util.tree_leaves(theta)),
+    )
+
+
+# ----------------------------------------------------------------------------- noise helpers
+
+
+def tree_normal(key: jax.Array, like: PyTree, scale: float) -> PyTree:
+    """Gaussian noise N(0, scale^2 I) with the structure, shapes and dtypes of ``like``."""
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    keys = jax.random.split(key, len(leaves))
+    noise = [scale * jax.random.normal(k, jnp.shape(x), jnp.result_type(x)) for k, x in
+             zip(keys, leaves, strict=True)]
+    return jax.tree_util.tree_unflatten(treedef, noise)
+
+
+def batched_normal(key: jax.Array, num: int, like: PyTree, scale: float) -> PyTree:
+    """[num, ...]-leading Gaussian noise, one independent draw per row."""
+    return jax.vmap(lambda k: tree_normal(k, like, scale))(jax.random.split(key, num))
+
+
+def select(pred: jax.Array, a: PyTree, b: PyTree) -> PyTree:
+    """Per-row ``where``: rows of ``a`` where pred[i] else rows of ``b`` (pred is [P] or [P, M])."""
+
+    def sel(x, y):
+        p = jnp.reshape(pred, pred.shape + (1,) * (x.ndim - pred.ndim))
+        return jnp.where(p, x, y)
+
+    return tmap(sel, a, b)
+
+
+def expand_members(tree: PyTree, num_members: int) -> PyTree:
+    """[P, ...] -> [P, M, ...] by repeating each pair's state for its members."""
+    return tmap(lambda x: jnp.repeat(x[:, None], num_members, axis=1), tree)
+
+
+def init_inner(system: Any, key: jax.Array, num_pairs: int, num_members: int) -> PyTree:
+    """Fresh inner states, one per pair (shared by its members): leaves [P, M, ...]."""
+    fresh = jax.vmap(system.init)(jax.random.split(key, num_pairs))
+    return expand_members(fresh, num_members)
+
+
+def validate_start(system: Any, theta: PyTree, key: jax.Array) -> PyTree:
+    """Checks common to every estimator's ``init``: a System, float theta, scalar loss."""
+    check_system(system)
+    theta = check_theta(theta)
+    check_step_output(system, theta, key)
+    return theta
+
+
+# ----------------------------------------------------------------------------- the window
+
+
+class NoiseHooks:
+    """How a noise carry (leaves [P, ...]) drives the perturbation and the credit of each step.
+
+    All methods act on a whole batch of pairs.
+    perturbation(noise) -> eps [P]: the step is taken at theta + sign * eps.
+    weight(noise, done) -> w [P]: the step's loss difference is credited to w
+        (``done``: [P] bool, this step ends the pair's episode).
+    after_step(noise, done, t, key) -> noise: update after the step
+        (``t``: [P] step index of the next step, ``key``: [P] keys).
+    """
+
+    def perturbation(self, noise):
+        raise NotImplementedError
+
+    def weight(self, noise, done):
+        raise NotImplementedError
+
+    def after_step(self, noise, done, t, key):
+        return noise
+
+
+def window_scan(
+    system: Any,
+    theta: PyTree,
+    inner: PyTree,
+    t: jax.Array,
+    noise: PyTree,
+    key: jax.Array,
+    *,
+    signs: tuple[float, ...],
+    num_steps: int,
+    hooks: NoiseHooks | None,
+    active: jax.Array | None = None,
+) -> tuple[tuple[PyTree, jax.Array, PyTree], WindowStats]:
+    """Advance every pair by ``num_steps`` inner steps (one ``lax.scan``).
+
+    Args:
+      inner: [P, M] inner states; t: [P] step indices; noise: hooks' carry (ignored if hooks
+        is None, in which case every member steps at theta itself and A, W are zeros).
+      key: the window's key; pair p at step j uses fold_in(split(key, P)[p], j), split into
+        (step key, reset key, noise key), the same for every member of the pair.
+      signs: one per member; member m steps at theta + signs[m] * eps.
+      active: optional [P] int; pair p only takes its first active[p] steps (burn-in).
+
+    Returns the new (inner, t, noise) and the window's per-pair WindowStats.
+    """
+    horizon = system.horizon
+    num_pairs = t.shape[0]
+    sign_arr = jnp.asarray(signs, jnp.float32)
+    perturbed = sign_arr != 0
+    loss_mask = perturbed if bool(np.any(np.asarray(signs) != 0)) else jnp.ones_like(perturbed)
+    pair_keys = jax.random.split(key, num_pairs)
+    # Members of a pair share t and every key: vmap over members broadcasts them.
+    member_step = jax.vmap(system.step, in_axes=(0, 0, None, None))
+
+    def step_all(inner, thetas, t, k_step):
+        return jax.vmap(member_step, in_axes=(0, 0, 0, 0))(inner, thetas, t, k_step)
+
+    zeros_theta = tmap(lambda x: jnp.zeros((num_pairs,) + jnp.shape(x), jnp.result_type(x)), theta)
+
+    def body(carry, j):
+        inner, t, noise, stats = carry
+        keys = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, j), 3))(pair_keys)
+        k_step, k_reset, k_noise = keys[:, 0], keys[:, 1], keys[:, 2]
+        if hooks is None:
+            thetas = tmap(lambda th: jnp.broadcast_to(th, (num_pairs, len(signs)) + th.shape),
+                          theta)
+        else:
+            eps = hooks.perturbation(noise)
+            thetas = tmap(
+                lambda th, e: th + sign_arr.reshape((1, -1) + (1,) * th.ndim) * e[:, None],
+                theta, eps,
+            )
+        new_inner, losses = step_all(inner, thetas, t, k_step)  # losses [P, M]
+        act = jnp.ones((num_pairs,), bool) if active is None else j < active
+        t_next = t + 1
+        done = jnp.zeros_like(act) if horizon is None else (t_next >= horizon) & act
+
+        loss_sum = stats.loss_sum + jnp.where(act, jnp.sum(losses * loss_mask, axis=1), 0.0)
+        finite = stats.finite & (~act | jnp.all(jnp.isfinite(losses), axis=1))
+        A, W = stats.A, stats.W
+        if hooks is not None:
+            w = hooks.weight(noise, done)
+            diff = jnp.where(act, jnp.sum(losses * sign_arr, axis=1), 0.0)
+            A = tmap(lambda a, wi: a + diff.reshape((-1,) + (1,) * (wi.ndim - 1)) * wi, A, w)
+            W = tmap(lambda a, wi: a + jnp.where(
+                act.reshape((-1,) + (1,) * (wi.ndim - 1)), wi, 0.0), W, w)
+        stats = WindowStats(A, W, loss_sum, stats.steps + act, finite)
+
+        if active is not None:
+            new_inner = select(act, new_inner, inner)
+        if horizon is not None:
+            # Only run init when some pair actually resets this step (the common case is none).
+            def reset(x):
+                fresh = expand_members(jax.vmap(system.init)(k_reset), len(signs))
+                return select(done, fresh, x)
+
+            new_inner = jax.lax.cond(jnp.any(done), reset, lambda x: x, new_inner)
+            t_next = jnp.where(done, 0, t_next)
+        t_new = jnp.where(act, t_next, t)
+        if hooks is not None:
+            new_noise = hooks.after_step(noise, done, t_new, k_noise)
+            noise = new_noise if active is None else select(act, new_noise, noise)
+        return (new_inner, t_new, noise, stats), None
+
+    stats0 = WindowStats(
+        A=zeros_theta,
+        W=zeros_theta,
+        loss_sum=jnp.zeros((num_pairs,), jnp.float32),
+        steps=jnp.zeros((num_pairs,), jnp.int32),
+        finite=jnp.ones((num_pairs,), bool),
+    )
+    (inner, t, noise, stats), _ = jax.lax.scan(
+        body, (inner, t, noise, stats0), jnp.arange(num_steps, dtype=jnp.int32)
+    )
+    return (inner, t, noise), stats
+
+
+def stagger_offsets(key: jax.Array, num_pairs: int, horizon: int | None, stagger: bool):
+    """Per-pair burn-in lengths: uniform on {0, ..., T-1} when staggering a finite horizon."""
+    if not stagger or horizon is None or horizon == 1:
+        return None
+    return jax.random.randint(key, (num_pairs,), 0, horizon, dtype=jnp.int32)
+
+
+def es_gradient(stats: WindowStats, sigma: float, antithetic: bool, num_steps: int) -> PyTree:
+    """Reduce per-pair window sums to the gradient of the mean per-step loss.
+
+    antithetic: g = mean_p A_p / (2 sigma^2 K), A_p = sum_j (l+_pj - l-_pj) w_pj.
+    plain: g = mean_p (A_p - b_p W_p) / (sigma^2 K) with the leave-one-out baseline
+    b_p = mean_{q != p} of the other pairs' mean window losses, independent of pair p's noise
+    and therefore unbiased.
+    """
+    if antithetic:
+        return tmap(lambda a: jnp.mean(a, 0) / (2 * sigma**2 * num_steps), stats.A)
+    num_pairs = stats.loss_sum.shape[0]
+    mean_loss = stats.loss_sum / num_steps
+    baseline = (jnp.sum(mean_loss) - mean_loss) / (num_pairs - 1)
+
+    def reduce(a, w):
+        b = baseline.reshape((-1,) + (1,) * (a.ndim - 1))
+        return jnp.mean(a - b * w, 0) / (sigma**2 * num_steps)
+
+    return tmap(reduce, stats.A, stats.W)
+
+
+# ----------------------------------------------------------------------------- base classes
+
+
+class TruncatedEstimator:
+    """Public ``init`` / ``estimate`` and the stagger burn-in shared by windowed estimators.
+
+    Subclasses set ``num_pairs`` and define ``_stored_members`` (signs of the members whose
+    states persist), ``init_noise``, ``start_burn_in``/``end_window`` and ``_estimate``.
+    """
+
+    def _setup(self, system, num_particles, truncation_length, stagger):
+        self.horizon = check_system(system)
+        self.system = system
+        self.num_particles = num_particles
+        self.truncation_length = check_positive_int("truncation_length", truncation_length)
+        self.stagger = check_bool("stagger", stagger)
+        self._spec = None
+        self._init_jit = jax.jit(self._init)
+        self._estimate_jit = jax.jit(self._estimate)
+
+    num_pairs: int
+
+    def _stored_members(self) -> tuple[float, ...]:
+        raise NotImplementedError
+
+    def _burn_in_hooks(self) -> NoiseHooks | None:
+        return None
+
+    def init_noise(self, key, theta):
+        return ()
+
+    def start_burn_in(self, noise, key, theta):
+        return noise
+
+    def end_window(self, noise):
+        return noise
+
+    def init(self, key: jax.Array, theta: PyTree) -> ParticleState:
+        """Fresh particles; with ``stagger`` each pair is burned in to a uniform random step
+        of its episode (those steps are reported in the first estimate's inner_steps).
+
+        theta: pytree of float arrays (the same structure must be passed to ``estimate``).
+        """
+        theta = validate_start(self.system, theta, key)
+        self._spec = theta_spec(theta)
+        return self._init_jit(key, theta)
+
+    def estimate(self, state: ParticleState, theta: PyTree, key: jax.Array):
+        """One window of K steps for every particle.
+
+        Returns (grad, new_state, info): grad has theta's structure and estimates the
+        gradient of the mean per-step loss; info is an EstimateInfo.
+        """
+        theta = check_theta(theta)
+        if self._spec is not None and theta_spec(theta) != self._spec:
+            raise ValueError(
+                "theta passed to estimate has a different structure, shape or dtype than at "
+                f"init: {jax.tree_util.tree_map(jnp.shape, theta)}"
+            )
+        return self._estimate_jit(state, theta, key)
+
+    def _init(self, key, theta):
+        k_inner, k_noise, k_off, k_burn, k_burn_noise = jax.random.split(key, 5)
+        members = self._stored_members()
+        inner = init_inner(self.system, k_inner, self.num_pairs, len(members))
+        t = jnp.zeros((self.num_pairs,), jnp.int32)
+        noise = self.init_noise(k_noise, theta)
+        pending = jnp.zeros((), jnp.int32)
+        offsets = stagger_offsets(k_off, self.num_pairs, self.horizon, self.stagger)
+        if offsets is not None:
+            hooks = self._burn_in_hooks()
+            if hooks is not None:
+                noise = self.start_burn_in(noise, k_burn_noise, theta)
+            (inner, t, noise), stats = window_scan(
+                self.system, theta, inner, t, noise, k_burn, signs=members,
+                num_steps=self.horizon - 1, hooks=hooks, active=offsets)
+            if hooks is not None:
+                noise = self.end_window(noise)
+            pending = jnp.sum(stats.steps) * len(members)
+        return ParticleState(inner, t, noise, pending)
+
+    def _estimate(self, state, theta, key):
+        raise NotImplementedError
+
+
+class ESEstimator(TruncatedEstimator, NoiseHooks):
+    """Common shape of the ES family: pairs of perturbed particles, one window per estimate.
+
+    Subclasses define the noise carry through ``init_noise``, ``start_window``,
+    ``end_window`` and the NoiseHooks methods. ``unperturbed_member`` adds a member stepping at
+    theta itself whose final state becomes the pair's stored state (truncated ES).
+    """
+
+    unperturbed_member = False
+
+    def __init__(self, system, *, num_particles, sigma, truncation_length, antithetic=True,
+                 stagger=True):
+        self.antithetic = check_bool("antithetic", antithetic)
+        self.sigma = check_sigma(sigma)
+        self._setup(system, check_particles(num_particles, self.antithetic), truncation_length,
+                    stagger)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(num_particles={self.num_particles}, sigma={self.sigma}, "
+                f"truncation_length={self.truncation_length}, antithetic={self.antithetic}, "
+                f"stagger={self.stagger})")
+
+    @property
+    def num_pairs(self) -> int:
+        return self.num_particles // 2 if self.antithetic else self.num_particles
+
+    @property
+    def signs(self) -> tuple[float, ...]:
+        return (1.0, -1.0) if self.antithetic else (1.0,)
+
+    def start_window(self, noise, key, theta):
+        return noise
+
+    def start_burn_in(self, noise, key, theta):
+        """Noise for the stagger burn-in; by default the burn-in is an ordinary window, whose
+        perturbation and credit the particle keeps."""
+        return self.start_window(noise, key, theta)
+
+    def _stored_members(self):
+        return (0.0,) if self.unperturbed_member else self.signs
+
+    def _burn_in_hooks(self):
+        # Truncated ES stores only the unperturbed state, which needs no noise.
+        return None if self.unperturbed_member else self
+
+    def _estimate(self, state, theta, key):
+        k_noise, k_window = jax.random.split(key)
+        noise = self.start_window(state.noise, k_noise, theta)
+        signs = self.signs + ((0.0,) if self.unperturbed_member else ())
+        inner = state.inner
+        if self.unperturbed_member:
+            inner = expand_members(tmap(lambda x: x[:, 0], inner), len(signs))
+        K = self.truncation_length
+        (inner, t, noise), stats = window_scan(
+            self.system, theta, inner, state.t, noise, k_window, signs=signs, num_steps=K,
+            hooks=self)
+        noise = self.end_window(noise)
+        if self.unperturbed_member:
+            inner = tmap(lambda x: x[:, -1:], inner)
+        grad = es_gradient(stats, self.sigma, self.antithetic, K)
+        info = EstimateInfo(
+            loss=jnp.sum(stats.loss_sum) / (self.num_particles * K),
+            inner_steps=jnp.sum(stats.steps) * len(signs) + state.pending_steps,
+        )
+        return grad, ParticleState(inner, t, noise, jnp.zeros((), jnp.int32)), info

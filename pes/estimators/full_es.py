@@ -1,0 +1,34 @@
+"""Full-episode ES: every estimate is one whole episode from a fresh state.
+
+    g = mean_pairs sum_{t<T} (l+_t - l-_t) eps / (2 sigma^2 T),  eps ~ N(0, sigma^2 I).
+
+Unbiased for the smoothed meta-objective, one estimate per T inner steps per particle. It is
+PES with K = T and all pairs in lockstep: each window starts at t = 0 with an empty accumulator.
+"""
+
+from __future__ import annotations
+
+from pes.estimators.pes import PES
+
+
+class FullES(PES):
+    """ES over whole episodes; the system must have a finite horizon.
+
+    Args:
+      system, num_particles, sigma, antithetic: as for PES.
+    """
+
+    def __init__(self, system, *, num_particles, sigma, antithetic=True):
+        horizon = getattr(system, "horizon", None)
+        if hasattr(system, "horizon") and horizon is None:
+            raise ValueError(
+                "FullES needs a system with a finite horizon; this system never resets "
+                "(horizon=None): use PES or TruncatedES with a truncation_length"
+            )
+        super().__init__(system, num_particles=num_particles, sigma=sigma,
+                         truncation_length=horizon if isinstance(horizon, int) else 1,
+                         antithetic=antithetic, stagger=False)
+
+    def __repr__(self):
+        return (f"FullES(num_particles={self.num_particles}, sigma={self.sigma}, "
+                f"antithetic={self.antithetic})")

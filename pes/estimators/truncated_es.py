@@ -1,0 +1,34 @@
+"""Truncated ES: ES over one window from an unperturbed state (biased).
+
+Each pair keeps a single unperturbed state s. A window copies s into the +/- members, steps
+them K steps at theta +/- eps (eps fresh each window) and credits every step to eps alone:
+
+    g = mean_pairs sum_j (l+_j - l-_j) eps / (2 sigma^2 K).
+
+An extra member advances s itself at the unperturbed theta (K more inner steps per pair), so
+the dependence of s on theta before the window is ignored: short-horizon bias.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from pes.estimators._particles import ESEstimator, batched_normal, tmap
+
+
+class TruncatedES(ESEstimator):
+    """Truncated ES with window length K; arguments as for PES."""
+
+    unperturbed_member = True
+
+    def init_noise(self, key, theta):
+        return tmap(lambda x: jnp.zeros((self.num_pairs,) + x.shape, x.dtype), theta)
+
+    def start_window(self, noise, key, theta):
+        return batched_normal(key, self.num_pairs, theta, self.sigma)
+
+    def perturbation(self, noise):
+        return noise
+
+    def weight(self, noise, done):
+        return noise

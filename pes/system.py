@@ -1,0 +1,216 @@
+"""The System protocol: an unrolled computation graph with outer parameters theta.
+
+A System is any object with
+
+* ``horizon``: ``int`` steps per episode (T), or ``None`` for a system that never resets;
+* ``init(key) -> state``: a fresh inner state s_0 (any pytree of arrays);
+* ``step(state, theta, t, key) -> (state, loss)``: one inner step s_{t+1} = f(s_t, theta, t)
+  and its scalar loss l_t. ``t`` is the step index inside the episode (an int32 scalar) and
+  ``key`` carries all of the step's randomness (minibatches included).
+
+The meta-objective is the mean per-step loss of an episode, L(theta) = mean_t l_t.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+
+@runtime_checkable
+class System(Protocol):
+    """An unrolled computation graph: ``s_{t+1}, l_t = step(s_t, theta, t, key)``."""
+
+    horizon: int | None
+
+    def init(self, key: jax.Array) -> PyTree: ...
+
+    def step(
+        self, state: PyTree, theta: PyTree, t: jax.Array, key: jax.Array
+    ) -> tuple[PyTree, jax.Array]: ...
+
+
+def check_system(system: Any) -> int | None:
+    """Validate the shape of a System object and return its horizon.
+
+    Raises ``TypeError`` naming what is missing, ``ValueError`` for a bad horizon.
+    """
+    missing = [
+        name
+        for name in ("init", "step")
+        if not callable(getattr(system, name, None))
+    ]
+    if not hasattr(system, "horizon"):
+        missing.append("horizon")
+    if missing:
+        raise TypeError(
+            f"system={type(system).__name__!r} is not a pes.System: it lacks "
+            f"{', '.join(missing)} (a System needs `horizon`, `init(key)` and "
+            "`step(state, theta, t, key)`)"
+        )
+    horizon = system.horizon
+    if horizon is None:
+        return None
+    if isinstance(horizon, bool) or not isinstance(horizon, int | np.integer):
+        raise TypeError(
+            f"system.horizon={horizon!r} must be a positive int or None (never resets)"
+        )
+    if horizon < 1:
+        raise ValueError(f"system.horizon={horizon} must be >= 1 (or None for no resets)")
+    return int(horizon)
+
+
+def check_theta(theta: PyTree, name: str = "theta") -> PyTree:
+    """Return theta with every leaf as a floating JAX array; reject integer or empty leaves."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(theta)
+    if not leaves:
+        raise ValueError(f"{name} has no array leaves; it must be a pytree of float arrays")
+    out = []
+    for path, leaf in leaves:
+        where = f"{name}{jax.tree_util.keystr(path)}"
+        if isinstance(leaf, bool | np.bool_) or (
+            hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.bool_)
+        ):
+            raise TypeError(f"{where} is boolean; theta leaves must be float arrays")
+        if isinstance(leaf, int | np.integer) or (
+            hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.integer)
+        ):
+            raise TypeError(
+                f"{where}={leaf!r} has an integer dtype; theta leaves must be float arrays "
+                "(write 1.0, not 1)"
+            )
+        arr = jnp.asarray(leaf)
+        if not jnp.issubdtype(arr.dtype, jnp.floating):
+            raise TypeError(f"{where} has dtype {arr.dtype}; theta leaves must be float arrays")
+        out.append(arr)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def check_step_output(system: Any, theta: PyTree, key: jax.Array) -> None:
+    """Trace ``system.init`` and one ``system.step`` abstractly; reject a non-scalar loss."""
+    state = jax.eval_shape(system.init, key)
+    out = jax.eval_shape(system.step, state, theta, jnp.zeros((), jnp.int32), key)
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise TypeError(
+            f"{type(system).__name__}.step must return (next_state, loss); got {out!r}"
+        )
+    next_state, loss = out
+    if getattr(loss, "shape", None) != ():
+        raise ValueError(
+            f"{type(system).__name__}.step returned loss of shape {getattr(loss, 'shape', loss)}; "
+            "the loss must be a scalar"
+        )
+    if not jnp.issubdtype(loss.dtype, jnp.floating):
+        raise TypeError(
+            f"{type(system).__name__}.step returned loss of dtype {loss.dtype}; it must be float"
+        )
+    s_in = jax.tree_util.tree_structure(state)
+    s_out = jax.tree_util.tree_structure(next_state)
+    if s_in != s_out:
+        raise ValueError(
+            f"{type(system).__name__}.step changed the state's structure from {s_in} to {s_out}"
+        )
+
+
+def tree_shapes_match(a: PyTree, b: PyTree) -> bool:
+    """True when two pytrees have the same structure and leaf shapes."""
+    if jax.tree_util.tree_structure(a) != jax.tree_util.tree_structure(b):
+        return False
+    return all(
+        jnp.shape(x) == jnp.shape(y)
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+    )
+
+
+def step_key(key: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Split a per-episode key into (step key, reset/init key) for step ``t``."""
+    k = jax.random.fold_in(key, t)
+    return tuple(jax.random.split(k))  # type: ignore[return-value]
+
+
+def unroll(
+    system: Any, theta: PyTree, key: jax.Array, num_steps: int, state: PyTree | None = None
+) -> tuple[PyTree, jax.Array]:
+    """Run one unperturbed episode of ``num_steps`` steps from a fresh (or given) state.
+
+    Returns (final_state, losses[num_steps]). Differentiable in theta, so
+    ``jax.grad(lambda th: unroll(system, th, key, T)[1].mean())`` is full backprop.
+    ``t`` restarts at 0 after ``system.horizon`` steps (with a fresh state), as in training.
+    """
+    k_init, k_steps = jax.random.split(key)
+    s0 = system.init(k_init) if state is None else state
+    horizon = system.horizon
+
+    def body(carry, j):
+        s, t = carry
+        k_step, k_reset = step_key(k_steps, j)
+        s, loss = system.step(s, theta, t, k_step)
+        t = t + 1
+        if horizon is not None:
+            done = t >= horizon
+            s = jax.lax.cond(done, lambda: system.init(k_reset), lambda: s)
+            t = jnp.where(done, 0, t)
+        return (s, t), loss
+
+    (s, _), losses = jax.lax.scan(
+        body, (s0, jnp.zeros((), jnp.int32)), jnp.arange(num_steps, dtype=jnp.int32)
+    )
+    return s, losses
+
+
+_EVAL_CACHE: dict[tuple, tuple[Any, Callable]] = {}
+
+
+def evaluate(
+    system: Any,
+    theta: PyTree,
+    key: jax.Array,
+    num_episodes: int = 1,
+    eval_steps: int | None = None,
+) -> jax.Array:
+    """Meta-objective of fresh, unperturbed episodes: mean over episodes and steps of l_t.
+
+    Args:
+      system: a pes.System.
+      theta: outer parameters (pytree of float arrays).
+      key: PRNG key; episode i uses ``split(key, num_episodes)[i]``.
+      num_episodes: number of independent episodes averaged.
+      eval_steps: steps per episode; defaults to ``system.horizon`` and is required when the
+        horizon is None.
+
+    Returns a float scalar.
+    """
+    horizon = check_system(system)
+    if eval_steps is None:
+        if horizon is None:
+            raise ValueError(
+                "eval_steps is required to evaluate a system with horizon=None (it never ends)"
+            )
+        eval_steps = horizon
+    if isinstance(eval_steps, bool) or not isinstance(eval_steps, int) or eval_steps < 1:
+        raise ValueError(f"eval_steps={eval_steps!r} must be a positive int")
+    if isinstance(num_episodes, bool) or not isinstance(num_episodes, int) or num_episodes < 1:
+        raise ValueError(f"num_episodes={num_episodes!r} must be a positive int")
+    theta = check_theta(theta)
+    cache_key = (id(system), num_episodes, eval_steps)
+    hit = _EVAL_CACHE.get(cache_key)
+    if hit is None or hit[0] is not system:
+
+        @jax.jit
+        def run(theta, key):
+            keys = jax.random.split(key, num_episodes)
+            losses = jax.vmap(lambda k: unroll(system, theta, k, eval_steps)[1])(keys)
+            return losses.mean()
+
+        # Holding the system keeps its id from being reused while the entry lives.
+        if len(_EVAL_CACHE) > 64:
+            _EVAL_CACHE.clear()
+        _EVAL_CACHE[cache_key] = (system, run)
+        hit = _EVAL_CACHE[cache_key]
+    return hit[1](theta, key)
