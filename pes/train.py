@@ -99,7 +99,8 @@ def train(
         eval_every = check_positive_int("eval_every", eval_every)
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(
-            f"optimizer={optimizer!r} must be an optax.GradientTransformation, e.g. optax.adam(1e-2)"
+            f"optimizer={optimizer!r} must be an optax.GradientTransformation, "
+            "e.g. optax.adam(1e-2)"
         )
     theta = check_theta(theta)
     if evaluate_fn is None:
