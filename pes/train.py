@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pes.estimators._particles import check_positive_int
+from pes.estimators._particles import check_positive_int, theta_spec
 from pes.system import PyTree, check_theta, evaluate
 
 
@@ -21,12 +21,14 @@ class Record(NamedTuple):
     inner_steps: inner ``system.step`` calls so far, burn-in included.
     loss: the window's mean per-step loss (None at step 0).
     meta_objective: the evaluation at this step, None when not evaluated.
+    nonfinite: particles left out of this step's estimate for a NaN/inf loss (policy 'drop').
     """
 
     step: int
     inner_steps: int
     loss: float | None
     meta_objective: float | None
+    nonfinite: int = 0
 
 
 class History(list):
@@ -47,16 +49,37 @@ class TrainResult(NamedTuple):
     history: History
 
 
-class NonFiniteGradientError(FloatingPointError):
-    """The estimator returned a NaN or inf gradient; theta was not updated with it.
+class TrainState(NamedTuple):
+    """Everything the outer loop needs to continue exactly where it stopped.
 
-    Attributes: step (the outer step that failed, 1-based), theta (the last good theta),
-    loss (that window's loss).
+    theta, opt_state: outer parameters and optimizer state; estimator_state: every particle's
+    inner state and noise; step: outer steps done; inner_steps: inner steps done.
+    The key of outer step i is fold_in(key, i), so (state, key) determines the rest of a run.
     """
 
-    def __init__(self, message: str, step: int, theta: PyTree, loss: float):
+    theta: PyTree
+    opt_state: PyTree
+    estimator_state: PyTree
+    step: int
+    inner_steps: int
+
+
+NONFINITE_POLICIES = ("raise", "drop")
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A NaN or inf loss or gradient; theta was not updated with it.
+
+    Attributes: step (the outer step that failed, 1-based), theta (the last good theta),
+    loss (that window's loss), particle and inner_step (the first particle whose loss was
+    non-finite and the step of its episode, None if the losses were finite), state (the last
+    good TrainState, for a checkpoint).
+    """
+
+    def __init__(self, message, step, theta, loss, particle=None, inner_step=None, state=None):
         super().__init__(message)
         self.step, self.theta, self.loss = step, theta, loss
+        self.particle, self.inner_step, self.state = particle, inner_step, state
 
 
 def _all_finite(tree: PyTree) -> jax.Array:
@@ -75,6 +98,9 @@ def train(
     evaluate_fn: Callable[[PyTree, jax.Array], Any] | None = None,
     eval_episodes: int = 1,
     eval_steps: int | None = None,
+    nonfinite: str = "raise",
+    resume: TrainState | None = None,
+    on_state: Callable[[TrainState], Any] | None = None,
 ) -> TrainResult:
     """Minimise the mean per-step loss: theta <- optimizer(estimator's gradient), num_steps times.
 
@@ -90,9 +116,14 @@ def train(
         stops training early.
       evaluate_fn: ``(theta, key) -> scalar`` used for evaluation; by default
         ``pes.evaluate(estimator.system, theta, key, eval_episodes, eval_steps)``.
+      nonfinite: 'raise' stops at the first NaN/inf loss; 'drop' leaves the particles that
+        produced one out of the estimate (the ES family) and counts them in the record.
+      resume: a TrainState from ``on_state`` of an earlier run with the same key: the run
+        continues from it exactly (the history then holds the steps after it).
+      on_state: called with the TrainState after every outer step (e.g. to checkpoint it).
 
-    Returns TrainResult(theta, history). Raises NonFiniteGradientError (naming the outer step)
-    instead of applying a NaN or inf gradient.
+    Returns TrainResult(theta, history). Raises NonFiniteGradientError (naming the outer step,
+    the particle and its inner step) instead of applying a NaN or inf gradient.
     """
     num_steps = check_positive_int("num_steps", num_steps)
     if eval_every is not None:
@@ -102,6 +133,8 @@ def train(
             f"optimizer={optimizer!r} must be an optax.GradientTransformation, "
             "e.g. optax.adam(1e-2)"
         )
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite={nonfinite!r} must be one of {NONFINITE_POLICIES}")
     theta = check_theta(theta)
     if evaluate_fn is None:
         system = estimator.system
@@ -119,32 +152,46 @@ def train(
                 jax.tree_util.tree_map(keep, new_opt_state, opt_state), finite)
 
     k_init, k_train, k_eval = jax.random.split(key, 3)
-    state = estimator.init(k_init, theta)
-    opt_state = optimizer.init(theta)
+    if resume is None:
+        state = estimator.init(k_init, theta)
+        opt_state = optimizer.init(theta)
+        start, inner_steps = 0, 0
+    else:
+        theta, opt_state, state = resume.theta, resume.opt_state, resume.estimator_state
+        start, inner_steps = int(resume.step), int(resume.inner_steps)
+        if hasattr(estimator, "_spec"):  # lets estimate() check theta as after init
+            estimator._spec = theta_spec(check_theta(theta))
     history = History()
-    inner_steps = 0
 
     def evaluation(step):
         return float(evaluate_fn(theta, jax.random.fold_in(k_eval, step)))
 
-    if eval_every is not None:
+    if eval_every is not None and start == 0:
         history.append(Record(0, 0, None, evaluation(0)))
-    for step in range(1, num_steps + 1):
+    for step in range(start + 1, num_steps + 1):
+        good = TrainState(theta, opt_state, state, step - 1, inner_steps)
         grad, state, info = estimator.estimate(state, theta, jax.random.fold_in(k_train, step))
         theta, opt_state, finite = update(theta, opt_state, grad)
         loss = float(info.loss)
-        if not bool(finite):
+        bad = int(info.num_nonfinite)
+        if not bool(finite) or (bad and nonfinite == "raise"):
+            particle, t = int(info.nonfinite_particle), int(info.nonfinite_step)
+            where = (f"particle {particle} at inner step {t} of its episode produced a "
+                     "non-finite loss" if bad else "the losses were finite")
             raise NonFiniteGradientError(
-                f"non-finite gradient at outer step {step} (window loss {loss}); theta was not "
-                "updated with it and holds the value from the step before",
-                step, theta, loss,
+                f"non-finite {'loss' if bad else 'gradient'} at outer step {step}: {where} "
+                f"({bad} particles affected, window loss {loss}); theta was not updated and "
+                "holds the value from the step before",
+                step, good.theta, loss, particle if bad else None, t if bad else None, good,
             )
         inner_steps += int(info.inner_steps)
         meta = None
         if eval_every is not None and (step % eval_every == 0 or step == num_steps):
             meta = evaluation(step)
-        record = Record(step, inner_steps, loss, meta)
+        record = Record(step, inner_steps, loss, meta, bad)
         history.append(record)
+        if on_state is not None:
+            on_state(TrainState(theta, opt_state, state, step, inner_steps))
         if callback is not None and callback(record, theta) is True:
             break
     return TrainResult(theta, history)

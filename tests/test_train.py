@@ -64,8 +64,52 @@ def test_non_finite_gradient_stops_with_the_outer_step():
         pes.train(est, jnp.array(0.2), optax.sgd(0.05), num_steps=100,
                   key=jax.random.PRNGKey(0), callback=lambda r, th: good.append((r.step, th)))
     assert info.value.step == good[-1][0] + 1 > 1
-    assert f"outer step {info.value.step} " in str(info.value)
+    assert f"outer step {info.value.step}:" in str(info.value)
     assert float(info.value.theta) == float(good[-1][1])  # the last good theta, finite
+    assert info.value.particle is not None and 0 <= info.value.inner_step < 4
+    assert f"particle {info.value.particle} at inner step {info.value.inner_step}" in str(
+        info.value)
+    assert info.value.state.step == info.value.step - 1
+
+
+class ShiftedSqrt(SqrtLoss):
+    def step(self, s, theta, t, key):
+        return s, jnp.sqrt(theta + 0.05)
+
+
+def test_drop_policy_leaves_out_nonfinite_particles():
+    est = pes.PES(ShiftedSqrt(), num_particles=20, sigma=0.1, truncation_length=2)
+    theta, history = pes.train(est, jnp.array(0.0), optax.sgd(0.0), num_steps=5,
+                               key=jax.random.PRNGKey(0), nonfinite="drop")
+    dropped = history.column("nonfinite")
+    assert dropped.sum() > 0 and np.all(dropped < 10)
+    assert np.all(np.isfinite(history.column("loss")))
+    with pytest.raises(pes.NonFiniteGradientError, match="outer step 1: particle"):
+        pes.train(est, jnp.array(0.0), optax.sgd(0.0), num_steps=5, key=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="nonfinite='skip'"):
+        pes.train(est, jnp.array(0.0), optax.sgd(0.0), num_steps=5, key=jax.random.PRNGKey(0),
+                  nonfinite="skip")
+
+
+@pytest.mark.parametrize("make", [
+    lambda s: pes.PES(s, num_particles=8, sigma=0.1, truncation_length=2),
+    lambda s: pes.TBPTT(s, num_particles=2, truncation_length=3),
+])
+def test_resume_from_a_train_state_continues_exactly(make):
+    system = LinearQuadratic(horizon=5)
+    key = jax.random.PRNGKey(3)
+    full_theta, full = pes.train(make(system), theta_dict(), optax.adam(0.01), num_steps=9,
+                                 key=key, eval_every=3)
+    states = []
+    pes.train(make(system), theta_dict(), optax.adam(0.01), num_steps=4, key=key,
+              eval_every=3, on_state=states.append)
+    theta, rest = pes.train(make(system), theta_dict(), optax.adam(0.01), num_steps=9, key=key,
+                            eval_every=3, resume=states[-1])
+    assert [r.step for r in rest] == list(range(5, 10))
+    assert list(rest) == [r for r in full if r.step >= 5]
+    for a, b in zip(jax.tree_util.tree_leaves(theta), jax.tree_util.tree_leaves(full_theta),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_bad_train_arguments():

@@ -26,12 +26,20 @@ tmap = jax.tree_util.tree_map
 class EstimateInfo(NamedTuple):
     """What one ``estimate`` call reports besides the gradient.
 
-    loss: mean per-step loss over the window's perturbed particles, a float scalar.
+    loss: mean per-step loss over the window's perturbed particles, a float scalar (particles
+      whose loss was non-finite are left out).
     inner_steps: inner ``system.step`` calls this estimate consumed (burn-in included), int.
+    num_nonfinite: particles (pairs count as one) with a NaN or inf loss in this window; the ES
+      family leaves them out of the gradient.
+    nonfinite_particle: index of the first such particle, -1 if none.
+    nonfinite_step: the step of its episode (t) at which its loss first was non-finite, or -1.
     """
 
     loss: jax.Array
     inner_steps: jax.Array
+    num_nonfinite: jax.Array = jnp.zeros((), jnp.int32)
+    nonfinite_particle: jax.Array = -jnp.ones((), jnp.int32)
+    nonfinite_step: jax.Array = -jnp.ones((), jnp.int32)
 
 
 class ParticleState(NamedTuple):
@@ -55,6 +63,7 @@ class WindowStats(NamedTuple):
     A: sum_j (sum_m sign_m l_mj) * w_j, theta-shaped.  W: sum_j w_j, theta-shaped.
     loss_sum: sum_j of the members' losses (perturbed members only, unless all are unperturbed).
     steps: number of steps each pair took.  finite: whether all its losses were finite.
+    bad_t: the episode step t of its first non-finite loss, -1 if none.
     """
 
     A: PyTree
@@ -62,6 +71,7 @@ class WindowStats(NamedTuple):
     loss_sum: jax.Array
     steps: jax.Array
     finite: jax.Array
+    bad_t: jax.Array
 
 
 # ----------------------------------------------------------------------------- validation
@@ -233,7 +243,9 @@ def window_scan(
         done = jnp.zeros_like(act) if horizon is None else (t_next >= horizon) & act
 
         loss_sum = stats.loss_sum + jnp.where(act, jnp.sum(losses * loss_mask, axis=1), 0.0)
-        finite = stats.finite & (~act | jnp.all(jnp.isfinite(losses), axis=1))
+        finite_now = ~act | jnp.all(jnp.isfinite(losses), axis=1)
+        bad_t = jnp.where(stats.finite & ~finite_now, t, stats.bad_t)
+        finite = stats.finite & finite_now
         A, W = stats.A, stats.W
         if hooks is not None:
             w = hooks.weight(noise, done)
@@ -241,7 +253,7 @@ def window_scan(
             A = tmap(lambda a, wi: a + diff.reshape((-1,) + (1,) * (wi.ndim - 1)) * wi, A, w)
             W = tmap(lambda a, wi: a + jnp.where(
                 act.reshape((-1,) + (1,) * (wi.ndim - 1)), wi, 0.0), W, w)
-        stats = WindowStats(A, W, loss_sum, stats.steps + act, finite)
+        stats = WindowStats(A, W, loss_sum, stats.steps + act, finite, bad_t)
 
         if active is not None:
             new_inner = select(act, new_inner, inner)
@@ -265,6 +277,7 @@ def window_scan(
         loss_sum=jnp.zeros((num_pairs,), jnp.float32),
         steps=jnp.zeros((num_pairs,), jnp.int32),
         finite=jnp.ones((num_pairs,), bool),
+        bad_t=-jnp.ones((num_pairs,), jnp.int32),
     )
     (inner, t, noise, stats), _ = jax.lax.scan(
         body, (inner, t, noise, stats0), jnp.arange(num_steps, dtype=jnp.int32)
@@ -286,18 +299,42 @@ def es_gradient(stats: WindowStats, sigma: float, antithetic: bool, num_steps: i
     plain: g = mean_p (A_p - b_p W_p) / (sigma^2 K) with the leave-one-out baseline
     b_p = mean_{q != p} of the other pairs' mean window losses, independent of pair p's noise
     and therefore unbiased.
+    Pairs with a non-finite loss are left out (the means run over the finite pairs); with no
+    finite pair the gradient is NaN.
     """
+    ok = stats.finite
+    count = jnp.sum(ok)
+
+    def mean_ok(x):
+        return jnp.sum(jnp.where(ok.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0), 0) / count
+
     if antithetic:
-        return tmap(lambda a: jnp.mean(a, 0) / (2 * sigma**2 * num_steps), stats.A)
-    num_pairs = stats.loss_sum.shape[0]
-    mean_loss = stats.loss_sum / num_steps
-    baseline = (jnp.sum(mean_loss) - mean_loss) / (num_pairs - 1)
+        return tmap(lambda a: mean_ok(a) / (2 * sigma**2 * num_steps), stats.A)
+    mean_loss = jnp.where(ok, stats.loss_sum / num_steps, 0.0)
+    baseline = (jnp.sum(mean_loss) - mean_loss) / jnp.maximum(count - 1, 1)
 
     def reduce(a, w):
         b = baseline.reshape((-1,) + (1,) * (a.ndim - 1))
-        return jnp.mean(a - b * w, 0) / (sigma**2 * num_steps)
+        return mean_ok(a - b * w) / (sigma**2 * num_steps)
 
     return tmap(reduce, stats.A, stats.W)
+
+
+def window_info(stats: WindowStats, members: int, num_steps: int, pending: jax.Array,
+                particles_per_pair: int) -> EstimateInfo:
+    """EstimateInfo of a window: mean loss over finite pairs, steps, the first bad particle."""
+    ok = stats.finite
+    loss = jnp.sum(jnp.where(ok, stats.loss_sum, 0.0)) / (
+        jnp.sum(ok) * particles_per_pair * num_steps)
+    first = jnp.argmin(ok)  # first False, or 0 when all are finite
+    any_bad = ~jnp.all(ok)
+    return EstimateInfo(
+        loss=loss,
+        inner_steps=jnp.sum(stats.steps) * members + pending,
+        num_nonfinite=jnp.sum(~ok).astype(jnp.int32),
+        nonfinite_particle=jnp.where(any_bad, first * particles_per_pair, -1).astype(jnp.int32),
+        nonfinite_step=jnp.where(any_bad, stats.bad_t[first], -1).astype(jnp.int32),
+    )
 
 
 # ----------------------------------------------------------------------------- base classes
@@ -445,8 +482,5 @@ class ESEstimator(TruncatedEstimator, NoiseHooks):
         if self.unperturbed_member:
             inner = tmap(lambda x: x[:, -1:], inner)
         grad = es_gradient(stats, self.sigma, self.antithetic, K)
-        info = EstimateInfo(
-            loss=jnp.sum(stats.loss_sum) / (self.num_particles * K),
-            inner_steps=jnp.sum(stats.steps) * len(signs) + state.pending_steps,
-        )
+        info = window_info(stats, len(signs), K, state.pending_steps, len(self.signs))
         return grad, ParticleState(inner, t, noise, jnp.zeros((), jnp.int32)), info

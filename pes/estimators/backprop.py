@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 
 from pes.estimators._particles import (
-    EstimateInfo,
     ParticleState,
     TruncatedEstimator,
     check_positive_int,
+    window_info,
     window_scan,
 )
 
@@ -59,7 +59,9 @@ class TBPTT(TruncatedEstimator):
             return jnp.sum(stats.loss_sum) / (self.num_particles * K), (inner, t, stats)
 
         (loss, (inner, t, stats)), grad = jax.value_and_grad(mean_loss, has_aux=True)(theta)
-        info = EstimateInfo(loss=loss, inner_steps=jnp.sum(stats.steps) + state.pending_steps)
+        # A non-finite loss poisons the whole backward pass, so nothing is left out here: the
+        # info names the particle and the outer loop refuses the gradient.
+        info = window_info(stats, 1, K, state.pending_steps, 1)._replace(loss=loss)
         return grad, ParticleState(inner, t, (), jnp.zeros((), jnp.int32)), info
 
 
