@@ -102,6 +102,30 @@ def check_particles(num_particles: Any, antithetic: bool) -> int:
     return n
 
 
+def check_mesh(mesh: Any, num_pairs: int) -> jax.sharding.Mesh | None:
+    """A mesh whose devices shard the pair axis; explicit axes are turned into auto ones so
+    that sharding constraints propagate through the window's scan."""
+    if mesh is None:
+        return None
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise TypeError(f"mesh={mesh!r} must be a jax.sharding.Mesh or None")
+    if num_pairs % mesh.size:
+        raise ValueError(
+            f"mesh has {mesh.size} devices, which do not divide the {num_pairs} particle pairs "
+            "(or particles, for estimators without pairs) evenly"
+        )
+    auto = (jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
+    return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
+
+
+def shard_pairs(tree: PyTree, mesh: jax.sharding.Mesh | None) -> PyTree:
+    """Constrain the leading (pair) axis of every array leaf to be split over all mesh axes."""
+    if mesh is None:
+        return tree
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names))
+    return tmap(lambda x: jax.lax.with_sharding_constraint(x, spec) if jnp.ndim(x) else x, tree)
+
+
 def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool | np.bool_):
         raise TypeError(f"{name}={value!r} must be True or False")
@@ -197,6 +221,7 @@ def window_scan(
     num_steps: int,
     hooks: NoiseHooks | None,
     active: jax.Array | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[tuple[PyTree, jax.Array, PyTree], WindowStats]:
     """Advance every pair by ``num_steps`` inner steps (one ``lax.scan``).
 
@@ -207,6 +232,7 @@ def window_scan(
         (step key, reset key, noise key), the same for every member of the pair.
       signs: one per member; member m steps at theta + signs[m] * eps.
       active: optional [P] int; pair p only takes its first active[p] steps (burn-in).
+      mesh: optional device mesh over which the pair axis is sharded.
 
     Returns the new (inner, t, noise) and the window's per-pair WindowStats.
     """
@@ -215,7 +241,8 @@ def window_scan(
     sign_arr = jnp.asarray(signs, jnp.float32)
     perturbed = sign_arr != 0
     loss_mask = perturbed if bool(np.any(np.asarray(signs) != 0)) else jnp.ones_like(perturbed)
-    pair_keys = jax.random.split(key, num_pairs)
+    pair_keys = shard_pairs(jax.random.split(key, num_pairs), mesh)
+    inner, t, noise, active = shard_pairs((inner, t, noise, active), mesh)
     # Members of a pair share t and every key: vmap over members broadcasts them.
     member_step = jax.vmap(system.step, in_axes=(0, 0, None, None))
 
@@ -269,7 +296,7 @@ def window_scan(
         if hooks is not None:
             new_noise = hooks.after_step(noise, done, t_new, k_noise)
             noise = new_noise if active is None else select(act, new_noise, noise)
-        return (new_inner, t_new, noise, stats), None
+        return shard_pairs((new_inner, t_new, noise, stats), mesh), None
 
     stats0 = WindowStats(
         A=zeros_theta,
@@ -347,10 +374,11 @@ class TruncatedEstimator:
     states persist), ``init_noise``, ``start_burn_in``/``end_window`` and ``_estimate``.
     """
 
-    def _setup(self, system, num_particles, truncation_length, stagger):
+    def _setup(self, system, num_particles, truncation_length, stagger, mesh=None):
         self.horizon = check_system(system)
         self.system = system
         self.num_particles = num_particles
+        self.mesh = check_mesh(mesh, self.num_pairs)
         self.truncation_length = check_positive_int("truncation_length", truncation_length)
         self.stagger = check_bool("stagger", stagger)
         self._spec = None
@@ -412,7 +440,7 @@ class TruncatedEstimator:
                 noise = self.start_burn_in(noise, k_burn_noise, theta)
             (inner, t, noise), stats = window_scan(
                 self.system, theta, inner, t, noise, k_burn, signs=members,
-                num_steps=self.horizon - 1, hooks=hooks, active=offsets)
+                num_steps=self.horizon - 1, hooks=hooks, active=offsets, mesh=self.mesh)
             if hooks is not None:
                 noise = self.end_window(noise)
             pending = jnp.sum(stats.steps) * len(members)
@@ -433,11 +461,11 @@ class ESEstimator(TruncatedEstimator, NoiseHooks):
     unperturbed_member = False
 
     def __init__(self, system, *, num_particles, sigma, truncation_length, antithetic=True,
-                 stagger=True):
+                 stagger=True, mesh=None):
         self.antithetic = check_bool("antithetic", antithetic)
         self.sigma = check_sigma(sigma)
-        self._setup(system, check_particles(num_particles, self.antithetic), truncation_length,
-                    stagger)
+        self.num_particles = check_particles(num_particles, self.antithetic)
+        self._setup(system, self.num_particles, truncation_length, stagger, mesh)
 
     def __repr__(self):
         return (f"{type(self).__name__}(num_particles={self.num_particles}, sigma={self.sigma}, "
@@ -477,7 +505,7 @@ class ESEstimator(TruncatedEstimator, NoiseHooks):
         K = self.truncation_length
         (inner, t, noise), stats = window_scan(
             self.system, theta, inner, state.t, noise, k_window, signs=signs, num_steps=K,
-            hooks=self)
+            hooks=self, mesh=self.mesh)
         noise = self.end_window(noise)
         if self.unperturbed_member:
             inner = tmap(lambda x: x[:, -1:], inner)

@@ -31,11 +31,12 @@ class TBPTT(TruncatedEstimator):
       num_particles: independent particles (each its own keys), averaged.
       truncation_length: K.
       stagger: burn particles in to uniform random steps of their episodes (at theta).
+      mesh: optional jax.sharding.Mesh; particles are sharded over all its devices.
     """
 
-    def __init__(self, system, *, num_particles=1, truncation_length, stagger=True):
-        self._setup(system, check_positive_int("num_particles", num_particles), truncation_length,
-                    stagger)
+    def __init__(self, system, *, num_particles=1, truncation_length, stagger=True, mesh=None):
+        self.num_particles = check_positive_int("num_particles", num_particles)
+        self._setup(system, self.num_particles, truncation_length, stagger, mesh)
 
     def __repr__(self):
         return (f"{type(self).__name__}(num_particles={self.num_particles}, "
@@ -55,7 +56,7 @@ class TBPTT(TruncatedEstimator):
         def mean_loss(theta):
             (inner, t, _), stats = window_scan(
                 self.system, theta, inner0, state.t, (), key, signs=(0.0,), num_steps=K,
-                hooks=None)
+                hooks=None, mesh=self.mesh)
             return jnp.sum(stats.loss_sum) / (self.num_particles * K), (inner, t, stats)
 
         (loss, (inner, t, stats)), grad = jax.value_and_grad(mean_loss, has_aux=True)(theta)
@@ -73,7 +74,7 @@ class FullBPTT(TBPTT):
       num_particles: independent episodes averaged per estimate.
     """
 
-    def __init__(self, system, *, num_particles=1):
+    def __init__(self, system, *, num_particles=1, mesh=None):
         horizon = getattr(system, "horizon", None)
         if hasattr(system, "horizon") and horizon is None:
             raise ValueError(
@@ -82,7 +83,7 @@ class FullBPTT(TBPTT):
             )
         super().__init__(system, num_particles=num_particles,
                          truncation_length=horizon if isinstance(horizon, int) else 1,
-                         stagger=False)
+                         stagger=False, mesh=mesh)
 
     def __repr__(self):
         return f"FullBPTT(num_particles={self.num_particles})"

@@ -18,7 +18,7 @@ class FullES(PES):
       system, num_particles, sigma, antithetic: as for PES.
     """
 
-    def __init__(self, system, *, num_particles, sigma, antithetic=True):
+    def __init__(self, system, *, num_particles, sigma, antithetic=True, mesh=None):
         horizon = getattr(system, "horizon", None)
         if hasattr(system, "horizon") and horizon is None:
             raise ValueError(
@@ -27,7 +27,7 @@ class FullES(PES):
             )
         super().__init__(system, num_particles=num_particles, sigma=sigma,
                          truncation_length=horizon if isinstance(horizon, int) else 1,
-                         antithetic=antithetic, stagger=False)
+                         antithetic=antithetic, stagger=False, mesh=mesh)
 
     def __repr__(self):
         return (f"FullES(num_particles={self.num_particles}, sigma={self.sigma}, "

@@ -40,6 +40,7 @@ class PES(ESEstimator):
       truncation_length: K, inner steps per window (per estimate).
       antithetic: +/- pairs sharing keys; otherwise plain Monte Carlo with a leave-one-out
         mean-loss baseline.
+      mesh: optional jax.sharding.Mesh; the pairs are sharded over all its devices.
       stagger: burn each pair in to a uniform random step of its episode, stepping with a
         perturbation that is kept in xi, so that the first estimate is already unbiased.
     """

@@ -1,0 +1,61 @@
+"""Run by test_sharding.py in a process with 4 forced CPU devices: sharded == unsharded."""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from systems import LinearQuadratic, theta_dict  # noqa: E402
+
+import pes  # noqa: E402
+
+
+def run(make, mesh):
+    est = make(mesh)
+    theta = theta_dict()
+    state = est.init(jax.random.PRNGKey(0), theta)
+    out = []
+    for i in range(3):
+        g, state, info = est.estimate(state, theta, jax.random.PRNGKey(i + 1))
+        out.append(np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(g)]))
+        out.append(np.atleast_1d(np.asarray(info.loss)))
+    leaf = jax.tree_util.tree_leaves(state.inner)[0]
+    return np.concatenate(out), leaf.sharding
+
+
+def main():
+    assert len(jax.devices()) == 4, jax.devices()
+    mesh = jax.make_mesh((4,), ("particles",))  # explicit axes, as jax.make_mesh now makes
+    system = LinearQuadratic(horizon=5)
+    kw = dict(num_particles=16, sigma=0.1)
+    makers = {
+        "pes": lambda m: pes.PES(system, truncation_length=2, mesh=m, **kw),
+        "pes-plain": lambda m: pes.PES(system, truncation_length=2, antithetic=False, mesh=m,
+                                       **kw),
+        "tes": lambda m: pes.TruncatedES(system, truncation_length=2, mesh=m, **kw),
+        "nres": lambda m: pes.NRES(system, truncation_length=2, mesh=m, **kw),
+        "full-es": lambda m: pes.FullES(system, mesh=m, **kw),
+        "tbptt": lambda m: pes.TBPTT(system, num_particles=8, truncation_length=2, mesh=m),
+        "full-bptt": lambda m: pes.FullBPTT(system, num_particles=8, mesh=m),
+    }
+    for name, make in makers.items():
+        plain, _ = run(make, None)
+        sharded, sharding = run(make, mesh)
+        np.testing.assert_allclose(sharded, plain, rtol=2e-5, atol=1e-6, err_msg=name)
+        assert len(sharding.device_set) == 4, (name, sharding)
+        print(name, "ok", sharding.spec)
+    try:
+        pes.PES(system, num_particles=6, sigma=0.1, truncation_length=2, mesh=mesh)
+    except ValueError as e:
+        assert "do not divide the 3 particle pairs" in str(e), e
+    else:
+        raise AssertionError("3 pairs on 4 devices were accepted")
+    print("ALL OK")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""Particles sharded over 4 forced CPU devices give the unsharded results."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+from systems import LinearQuadratic
+
+import pes
+
+
+def test_sharded_estimates_equal_unsharded():
+    script = os.path.join(os.path.dirname(__file__), "sharded_check.py")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    out = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "ALL OK" in out.stdout
+
+
+def test_mesh_argument_is_checked():
+    mesh = jax.make_mesh((1,), ("particles",))
+    pes.PES(LinearQuadratic(5), num_particles=6, sigma=0.1, truncation_length=2, mesh=mesh)
+    with pytest.raises(TypeError, match="mesh="):
+        pes.PES(LinearQuadratic(5), num_particles=6, sigma=0.1, truncation_length=2, mesh=4)
