@@ -3,7 +3,9 @@
 from pes.estimators import (
     NRES,
     PES,
+    RTRL,
     TBPTT,
+    UORO,
     EstimateInfo,
     FullBPTT,
     FullES,
@@ -16,6 +18,7 @@ from pes.train import History, NonFiniteGradientError, Record, TrainResult, trai
 __all__ = [
     "System", "evaluate", "unroll",
     "train", "TrainResult", "History", "Record", "NonFiniteGradientError",
-    "PES", "TruncatedES", "FullES", "NRES", "TBPTT", "FullBPTT", "EstimateInfo", "ParticleState",
+    "PES", "TruncatedES", "FullES", "NRES", "TBPTT", "FullBPTT", "RTRL", "UORO", "EstimateInfo",
+    "ParticleState",
 ]
 __version__ = "0.1.0"

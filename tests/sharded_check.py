@@ -41,6 +41,8 @@ def main():
         "full-es": lambda m: pes.FullES(system, mesh=m, **kw),
         "tbptt": lambda m: pes.TBPTT(system, num_particles=8, truncation_length=2, mesh=m),
         "full-bptt": lambda m: pes.FullBPTT(system, num_particles=8, mesh=m),
+        "rtrl": lambda m: pes.RTRL(system, num_particles=4, truncation_length=2, mesh=m),
+        "uoro": lambda m: pes.UORO(system, num_particles=8, truncation_length=2, mesh=m),
     }
     for name, make in makers.items():
         plain, _ = run(make, None)
