@@ -1,0 +1,209 @@
+"""The ``pes`` command line: a thin shell over :mod:`pes.experiments` (parsing and printing).
+
+    pes list
+    pes run TASK --estimator NAME [--seed S] [--num-steps N] [--out DIR] [settings...]
+    pes compare EXPERIMENT [--seeds 0,1,2] [--num-steps N] [--out DIR]
+    pes surface toy-regression [--resolution R] [--runs DIR...] [--out FILE]
+
+A setting a user gets wrong (unknown name, bad value, contradiction, existing run directory)
+is one line on stderr and exit status 2; a run stopped by a non-finite gradient exits 1.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Annotated, NoReturn
+
+import typer
+
+from pes.experiments import (
+    ESTIMATOR_NAMES,
+    ESTIMATORS,
+    EXPERIMENT_NAMES,
+    EXPERIMENTS,
+    TASK_NAMES,
+    TASKS,
+    ConfigError,
+    RunConfig,
+    RunFailed,
+    draw_surface,
+    execute_run,
+    parse_seeds,
+    run_comparison,
+)
+from pes.experiments.surface import surface_tasks
+
+app = typer.Typer(
+    name="pes",
+    help="Persistent Evolution Strategies and its rivals: run, compare and inspect gradient "
+    "estimators on the paper's tasks.",
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _user_errors():
+    try:
+        yield
+    except ConfigError as e:
+        _fail(str(e))
+
+
+def _names(names) -> str:
+    return ", ".join(names)
+
+
+def _version(value: bool) -> None:
+    if value:
+        import pes
+
+        typer.echo(f"pes {pes.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Persistent Evolution Strategies and its rivals on the paper's tasks."""
+
+
+@app.command("list")
+def list_command() -> None:
+    """List the tasks, estimators and experiments, one line each."""
+    typer.echo("tasks (pes run TASK):")
+    width = max(map(len, TASK_NAMES + ESTIMATOR_NAMES + EXPERIMENT_NAMES))
+    for name, entry in TASKS.items():
+        typer.echo(f"  {name:<{width}}  {entry.description}")
+    typer.echo("estimators (pes run TASK --estimator NAME):")
+    for name, est in ESTIMATORS.items():
+        note = "" if est.available() else f" [not available: pes.{est.attr} is missing]"
+        typer.echo(f"  {name:<{width}}  {est.description}{note}")
+    typer.echo("experiments (pes compare EXPERIMENT):")
+    for name, exp in EXPERIMENTS.items():
+        arms = ", ".join(exp.arm_labels())
+        typer.echo(f"  {name:<{width}}  {exp.title}: {arms}")
+
+
+@app.command("run")
+def run_command(
+    task: Annotated[str, typer.Argument(help=f"Task: {_names(TASK_NAMES)}.",
+                                        show_default=False)],
+    estimator: Annotated[str, typer.Option("--estimator", "-e",
+                                           help=f"Estimator: {_names(ESTIMATOR_NAMES)}.",
+                                           show_default=False)],
+    seed: Annotated[int, typer.Option(help="PRNG seed (>= 0).")] = 0,
+    num_steps: Annotated[int | None, typer.Option(
+        help="Outer steps. [default: the task's for this estimator]", show_default=False)] = None,
+    out: Annotated[str | None, typer.Option(
+        help="Run directory. [default: runs/TASK/ESTIMATOR-seedS]", show_default=False)] = None,
+    num_particles: Annotated[int | None, typer.Option(
+        help="Particles N (even for ES estimators). [default: the task's]",
+        show_default=False)] = None,
+    sigma: Annotated[float | None, typer.Option(
+        help="ES perturbation scale. [default: the task's]", show_default=False)] = None,
+    truncation_length: Annotated[int | None, typer.Option(
+        "--truncation-length", "-K", help="Window length K. [default: the task's]",
+        show_default=False)] = None,
+    optimizer: Annotated[str | None, typer.Option(
+        help="Outer optimizer: sgd or adam. [default: the task's]", show_default=False)] = None,
+    lr: Annotated[float | None, typer.Option(
+        help="Outer learning rate. [default: the task's]", show_default=False)] = None,
+    b1: Annotated[float | None, typer.Option(
+        help="Adam's b1. [default: the task's]", show_default=False)] = None,
+    eval_every: Annotated[int | None, typer.Option(
+        help="Evaluate every this many outer steps. [default: num_steps // 100]",
+        show_default=False)] = None,
+    nonfinite: Annotated[str, typer.Option(
+        help="On a NaN/inf loss: raise (stop) or drop (leave those particles out).")]
+    = "raise",
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace the run already in --out.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train theta on TASK with one estimator; writes a run directory and prints a summary."""
+    with _user_errors():
+        config = RunConfig(
+            task=task, estimator=estimator, seed=seed, num_steps=num_steps,
+            num_particles=num_particles, sigma=sigma, truncation_length=truncation_length,
+            optimizer=optimizer, lr=lr, b1=b1, eval_every=eval_every, nonfinite=nonfinite,
+            out=out)
+        try:
+            result = execute_run(config, overwrite=overwrite, progress=progress)
+        except RunFailed as e:
+            if e.result is not None:
+                typer.echo(e.result.summary_line())
+            _fail(str(e), code=1)
+    typer.echo(result.summary_line())
+
+
+@app.command("compare")
+def compare_command(
+    experiment: Annotated[str, typer.Argument(help=f"Experiment: {_names(EXPERIMENT_NAMES)}.",
+                                              show_default=False)],
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds, or a range like 0-4.")]
+    = "0,1,2",
+    out: Annotated[str | None, typer.Option(
+        help="Output directory. [default: runs/compare/EXPERIMENT]", show_default=False)] = None,
+    num_steps: Annotated[int | None, typer.Option(
+        help="Outer steps for every estimator (quick runs). [default: the paper's]",
+        show_default=False)] = None,
+    estimators: Annotated[str | None, typer.Option(
+        help="Comma-separated subset of the experiment's estimators (labels or names). "
+        "[default: all]", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace the comparison already in --out.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Run the paper's comparison EXPERIMENT: every estimator it ran, over several seeds."""
+    with _user_errors():
+        seed_list = parse_seeds(seeds)
+        chosen = [e.strip() for e in estimators.split(",") if e.strip()] if estimators else None
+        result = run_comparison(experiment, seeds=seed_list, out=out, num_steps=num_steps,
+                                estimators=chosen, overwrite=overwrite, progress=progress,
+                                echo=typer.echo)
+    typer.echo(result.table)
+    typer.echo(f"{result.experiment.name}: {len(result.seeds)} seed(s) in "
+               f"{result.wall_time_s:.1f} s; wrote "
+               + ", ".join(str(f) for f in result.files))
+
+
+@app.command("surface")
+def surface_command(
+    task: Annotated[str, typer.Argument(help=f"Task with a 2-D surface: "
+                                        f"{_names(surface_tasks())}.", show_default=False)],
+    more_runs: Annotated[list[str] | None, typer.Argument(
+        metavar="[RUN_DIR]...", help="More run directories (as after --runs).",
+        show_default=False)] = None,
+    resolution: Annotated[int, typer.Option(help="Grid points per axis.")] = 101,
+    runs: Annotated[list[str] | None, typer.Option(
+        "--runs", help="Run directory (or a folder of them, e.g. a comparison) whose theta "
+        "trajectory is drawn; repeatable.", show_default=False)] = None,
+    out: Annotated[str | None, typer.Option(
+        help="PNG file. [default: runs/TASK-surface.png]", show_default=False)] = None,
+) -> None:
+    """Draw the meta-loss heatmap over [-5, 5]^2 with the runs' trajectories over it."""
+    with _user_errors():
+        result = draw_surface(task, resolution=resolution,
+                              runs=list(runs or []) + list(more_runs or []), out=out)
+    typer.echo(f"{task}: {resolution}x{resolution} surface, minimum {result.minimum:.4g} at "
+               f"theta=({result.argmin[0]:.3g}, {result.argmin[1]:.3g}); "
+               f"{len(result.trajectories)} trajectories; wrote {result.path}")
+
+
+def main() -> None:
+    """Entry point of the ``pes`` console script and ``python -m pes``."""
+    app(prog_name="pes")
+
+
+if __name__ == "__main__":
+    main()

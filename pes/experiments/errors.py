@@ -1,0 +1,28 @@
+"""Errors a user of the run layer can cause or meet, each one line that names the culprit."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A setting the user gave is wrong, unknown or contradicts another one.
+
+    ``field`` names the setting (a RunConfig field, a command-line argument or a file) when
+    there is one. The command line prints the message on one line and exits with status 2.
+    """
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+class RunFailed(RuntimeError):
+    """A run stopped before its last outer step (e.g. a non-finite gradient).
+
+    Its run directory is complete up to the failure: config.json, every metrics line written
+    so far, and a summary.json whose ``status`` is ``"failed"`` and whose ``error`` is this
+    message. ``result`` is the RunResult describing it.
+    """
+
+    def __init__(self, message: str, result=None):
+        super().__init__(message)
+        self.result = result

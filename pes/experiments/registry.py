@@ -1,0 +1,193 @@
+"""Tasks and estimators by their command-line names.
+
+A task name maps to a :class:`TaskEntry` (how to make the task, what to plot, the theta it
+should reach); an estimator name maps to an :class:`EstimatorEntry` (which ``pes`` class, which
+constructor settings it takes, what it needs from the task). Estimator classes are looked up
+on the ``pes`` package by name when a run needs them, so an estimator added to ``pes`` later
+(``pes.RTRL``, ``pes.UORO``) plugs in without touching this file.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pes.experiments.errors import ConfigError
+from pes.tasks import InfluenceBalancing, Lorenz, ToyRegression
+
+ESTIMATOR_SETTINGS = ("num_particles", "sigma", "truncation_length")
+
+
+def unknown_name(field_name: str, value: Any, what: str, valid: tuple[str, ...] | list[str]):
+    """The ConfigError for a name that is not one of ``valid``."""
+    return ConfigError(
+        f"{field_name}={value!r} is not a known {what}; valid {what}s: {', '.join(valid)}",
+        field=field_name,
+    )
+
+
+# ----------------------------------------------------------------------------------- tasks
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    """A task on the command line.
+
+    factory: builds the task (a pes.System with ``defaults()`` and ``evaluate(theta, key)``).
+    metric: key of ``task.evaluate(...)`` plotted for a run (the headline ``meta_loss`` is
+      always logged as ``meta_objective``); metric_label: its axis label; log_y: log scale.
+    theta_names: one axis label per component of theta.
+    reference_theta: the theta the task should reach (drawn as a dashed line), or None.
+    has_surface: ``pes surface`` can draw its meta-loss over [-5, 5]^2.
+    """
+
+    name: str
+    factory: Callable[[], Any]
+    description: str
+    metric: str
+    metric_label: str
+    log_y: bool
+    theta_names: tuple[str, ...]
+    reference_theta: Callable[[Any], Any] | None = None
+    has_surface: bool = False
+
+    def make(self) -> Any:
+        return _make_task(self.name)
+
+    def reference(self) -> np.ndarray | None:
+        if self.reference_theta is None:
+            return None
+        return np.atleast_1d(np.asarray(self.reference_theta(self.make()), dtype=float))
+
+
+TASKS: dict[str, TaskEntry] = {
+    "influence-balancing": TaskEntry(
+        name="influence-balancing",
+        factory=InfluenceBalancing,
+        description="Tallec & Ollivier's linear system: short truncations see the wrong sign "
+        "(theta* = -1/6, never resets)",
+        metric="meta_loss",
+        metric_label="500-step loss (last step of a 500-step unroll)",
+        log_y=True,
+        theta_names=("theta",),
+        reference_theta=lambda task: task.optimal_theta(),
+    ),
+    "toy-regression": TaskEntry(
+        name="toy-regression",
+        factory=ToyRegression,
+        description="learning-rate schedule of SGD on a 2-D function with a chaotic "
+        "meta-loss (T = 100)",
+        metric="meta_objective",
+        metric_label="meta-objective (sum of f over T = 100 steps)",
+        log_y=False,
+        theta_names=("theta0 = log initial lr", "theta1 = log final lr"),
+        has_surface=True,
+    ),
+    "lorenz": TaskEntry(
+        name="lorenz",
+        factory=Lorenz,
+        description="identify log a and log r of a chaotic Lorenz system from its z "
+        "trajectory (T = 2000)",
+        metric="meta_loss",
+        metric_label="mean per-step loss (z - z_true)^2 over T = 2000",
+        log_y=True,
+        theta_names=("log a", "log r"),
+        reference_theta=lambda task: task.true_theta(),
+    ),
+}
+TASK_NAMES = tuple(TASKS)
+
+
+@functools.cache
+def _make_task(name: str) -> Any:
+    # One task object per name, so the jitted evaluation and estimators built for it are reused.
+    return TASKS[name].factory()
+
+
+def get_task(name: str, field_name: str = "task") -> TaskEntry:
+    if name not in TASKS:
+        raise unknown_name(field_name, name, "task", TASK_NAMES)
+    return TASKS[name]
+
+
+# ------------------------------------------------------------------------------ estimators
+
+
+@dataclass(frozen=True)
+class EstimatorEntry:
+    """An estimator on the command line.
+
+    attr: the class's name on the ``pes`` package (looked up when needed).
+    params: the constructor settings it takes, among num_particles, sigma, truncation_length.
+    defaults: constructor defaults, written into a resolved configuration when the task's
+      defaults leave them out.
+    needs_horizon: only meaningful on a task whose episodes end (finite horizon).
+    window_within_episode: a truncation_length longer than the horizon is refused.
+    """
+
+    name: str
+    attr: str
+    description: str
+    params: tuple[str, ...]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    needs_horizon: bool = False
+    window_within_episode: bool = False
+
+    def available(self) -> bool:
+        return getattr(importlib.import_module("pes"), self.attr, None) is not None
+
+    def cls(self) -> type:
+        """The estimator class, or a ConfigError saying this installation lacks it."""
+        cls = getattr(importlib.import_module("pes"), self.attr, None)
+        if cls is None:
+            raise ConfigError(
+                f"estimator={self.name!r} needs pes.{self.attr}, which this installation of "
+                f"pes does not have; available estimators: {', '.join(available_estimators())}",
+                field="estimator",
+            )
+        return cls
+
+
+_ES = ("num_particles", "sigma", "truncation_length")
+_BACKPROP = ("num_particles", "truncation_length")
+
+ESTIMATORS: dict[str, EstimatorEntry] = {
+    e.name: e
+    for e in (
+        EstimatorEntry("pes", "PES", "Persistent ES: unbiased ES updating every K steps, "
+                       "crediting each window to the accumulated perturbations", _ES),
+        EstimatorEntry("tes", "TruncatedES", "truncated ES: ES over one K-step window from an "
+                       "unperturbed state (short-horizon bias)", _ES, window_within_episode=True),
+        EstimatorEntry("full-es", "FullES", "ES over whole episodes from a fresh state "
+                       "(unbiased, one update per episode)", ("num_particles", "sigma"),
+                       needs_horizon=True),
+        EstimatorEntry("nres", "NRES", "noise-reuse ES: one perturbation per particle per "
+                       "episode, reused in every window (unbiased)", _ES, needs_horizon=True),
+        EstimatorEntry("tbptt", "TBPTT", "truncated backprop through K-step windows (biased)",
+                       _BACKPROP, {"num_particles": 1}, window_within_episode=True),
+        EstimatorEntry("full-bptt", "FullBPTT", "backprop through whole episodes (exact, "
+                       "memory linear in T)", ("num_particles",), {"num_particles": 1},
+                       needs_horizon=True),
+        EstimatorEntry("rtrl", "RTRL", "real-time recurrent learning: exact forward-mode "
+                       "sensitivity carried online", _BACKPROP, {"num_particles": 1}),
+        EstimatorEntry("uoro", "UORO", "unbiased online recurrent optimisation: a rank-one "
+                       "estimate of RTRL's sensitivity", _BACKPROP, {"num_particles": 1}),
+    )
+}
+ESTIMATOR_NAMES = tuple(ESTIMATORS)
+
+
+def get_estimator(name: str, field_name: str = "estimator") -> EstimatorEntry:
+    if name not in ESTIMATORS:
+        raise unknown_name(field_name, name, "estimator", ESTIMATOR_NAMES)
+    return ESTIMATORS[name]
+
+
+def available_estimators() -> tuple[str, ...]:
+    """The estimator names whose classes this installation of pes has."""
+    return tuple(name for name, e in ESTIMATORS.items() if e.available())
