@@ -133,10 +133,10 @@ def check_bool(name: str, value: Any) -> bool:
 
 
 def theta_spec(theta: PyTree) -> tuple:
-    return (
-        jax.tree_util.tree_structure(theta),
-        tuple((jnp.shape(x), jnp.result_type(x)) for x in jax.tree_util.tree_leaves(theta)),
-    )
+    """(structure, leaf shapes and dtypes); a Python scalar leaf has no dtype and never matches
+    the spec of a checked theta."""
+    leaves, treedef = jax.tree_util.tree_flatten(theta)
+    return treedef, tuple((getattr(x, "shape", None), getattr(x, "dtype", None)) for x in leaves)
 
 
 # ----------------------------------------------------------------------------- noise helpers
@@ -418,6 +418,9 @@ class TruncatedEstimator:
         Returns (grad, new_state, info): grad has theta's structure and estimates the
         gradient of the mean per-step loss; info is an EstimateInfo.
         """
+        # Fast path, taken on every outer step: theta already arrays with the init's spec.
+        if self._spec is not None and theta_spec(theta) == self._spec:
+            return self._estimate_jit(state, theta, key)
         theta = check_theta(theta)
         if self._spec is not None and theta_spec(theta) != self._spec:
             raise ValueError(
