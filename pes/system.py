@@ -141,19 +141,24 @@ def unroll(
 
     Returns (final_state, losses[num_steps]). Differentiable in theta, so
     ``jax.grad(lambda th: unroll(system, th, key, T)[1].mean())`` is full backprop.
-    ``t`` restarts at 0 after ``system.horizon`` steps (with a fresh state), as in training.
+    When num_steps exceeds ``system.horizon``, ``t`` restarts at 0 after each episode with a
+    fresh state, as in training; the final state is that of the last step taken.
     """
     k_init, k_steps = jax.random.split(key)
     s0 = system.init(k_init) if state is None else state
     horizon = system.horizon
+
+    # Resets only where a later step needs the fresh state: a single episode never resets
+    # (so the final state is the trained one), and no init runs on every step under vmap.
+    resets = horizon is not None and num_steps > horizon
 
     def body(carry, j):
         s, t = carry
         k_step, k_reset = step_key(k_steps, j)
         s, loss = system.step(s, theta, t, k_step)
         t = t + 1
-        if horizon is not None:
-            done = t >= horizon
+        if resets:
+            done = (t >= horizon) & (j < num_steps - 1)
             s = jax.lax.cond(done, lambda: system.init(k_reset), lambda: s)
             t = jnp.where(done, 0, t)
         return (s, t), loss

@@ -8,13 +8,21 @@ Every task has ``horizon``, ``init(key)``, ``step(state, theta, t, key)``, ``def
 from pes.tasks.base import ESTIMATOR_NAMES, OptimizerSpec, TaskDefaults
 from pes.tasks.influence_balancing import InfluenceBalancing
 from pes.tasks.lorenz import Lorenz, LorenzState
+from pes.tasks.many_hyperparameters import ManyHyperparameters
+from pes.tasks.mlp import Hyperparameters, MLPState, MLPSystem
+from pes.tasks.mnist_lr_schedule import MnistLRSchedule
 from pes.tasks.toy_regression import ToyRegression, inner_loss
 
 __all__ = [
     "ESTIMATOR_NAMES",
+    "Hyperparameters",
     "InfluenceBalancing",
     "Lorenz",
     "LorenzState",
+    "MLPState",
+    "MLPSystem",
+    "ManyHyperparameters",
+    "MnistLRSchedule",
     "OptimizerSpec",
     "TaskDefaults",
     "ToyRegression",
