@@ -11,6 +11,7 @@ from pes.tasks.lorenz import Lorenz, LorenzState
 from pes.tasks.many_hyperparameters import ManyHyperparameters
 from pes.tasks.mlp import Hyperparameters, MLPState, MLPSystem
 from pes.tasks.mnist_lr_schedule import MnistLRSchedule
+from pes.tasks.text_lstm import TextLSTM
 from pes.tasks.toy_regression import ToyRegression, inner_loss
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "MnistLRSchedule",
     "OptimizerSpec",
     "TaskDefaults",
+    "TextLSTM",
     "ToyRegression",
     "inner_loss",
 ]
