@@ -14,6 +14,8 @@ with ``num_particles=N`` runs N/2 (+eps, -eps) pairs (the PES paper's convention
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,23 +30,72 @@ OPTIMIZER_NAMES = ("sgd", "adam")
 @dataclass(frozen=True)
 class OptimizerSpec:
     """Outer optimizer: ``name`` in {'sgd', 'adam'}, ``learning_rate``, and Adam's ``b1``
-    (None means the optimizer's own default, 0.9 for optax.adam; ignored for SGD)."""
+    (None means the optimizer's own default, 0.9 for optax.adam; ignored for SGD).
+
+    ``schedule``: an optional piecewise-constant learning rate, ``((boundary, scale), ...)``
+    with strictly increasing positive integer boundaries and positive scales: from outer step
+    ``boundary`` on (counting applied updates from 0) the rate is multiplied by ``scale``, as in
+    ``optax.piecewise_constant_schedule(learning_rate, dict(schedule))`` (the follow-up's
+    ``PIECEWISE_CONSTANT1e-5(1000,0.1)`` is ``OptimizerSpec('sgd', 1e-5, schedule=((1000,
+    0.1),))``). Empty (the default) means a constant ``learning_rate``.
+    """
 
     name: str
     learning_rate: float
     b1: float | None = None
+    schedule: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZER_NAMES:
             raise ValueError(f"optimizer name={self.name!r} must be one of {OPTIMIZER_NAMES}")
         if not self.learning_rate > 0:
             raise ValueError(f"optimizer learning_rate={self.learning_rate!r} must be > 0")
+        object.__setattr__(self, "schedule", _check_schedule(self.schedule))
+
+    def boundaries_and_scales(self) -> dict[int, float]:
+        """The schedule as optax.piecewise_constant_schedule's ``boundaries_and_scales``."""
+        return dict(self.schedule)
+
+    def learning_rate_at(self, step: int) -> float:
+        """The rate of the update applied at outer step ``step`` (0-based)."""
+        lr = self.learning_rate
+        for boundary, scale in self.schedule:
+            if step >= boundary:
+                lr *= scale
+        return lr
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "learning_rate": self.learning_rate}
         if self.b1 is not None:
             out["b1"] = self.b1
+        if self.schedule:
+            out["schedule"] = [list(pair) for pair in self.schedule]
         return out
+
+
+def _check_schedule(schedule: Any) -> tuple[tuple[int, float], ...]:
+    """``schedule`` as a tuple of (int boundary, float scale), or a ValueError."""
+    try:
+        pairs = [tuple(pair) for pair in schedule]
+    except TypeError:
+        raise ValueError(f"optimizer schedule={schedule!r} must be a sequence of "
+                         "(boundary, scale) pairs") from None
+    out: list[tuple[int, float]] = []
+    for pair in pairs:
+        if len(pair) != 2:
+            raise ValueError(f"optimizer schedule entry {pair!r} must be a (boundary, scale) "
+                             "pair")
+        boundary, scale = pair
+        if isinstance(boundary, bool) or not isinstance(boundary, numbers.Integral) or boundary < 1:
+            raise ValueError(f"optimizer schedule boundary {boundary!r} must be an int >= 1")
+        if (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+                or not (math.isfinite(scale) and scale > 0)):
+            raise ValueError(f"optimizer schedule scale {scale!r} must be a finite number > 0")
+        if out and boundary <= out[-1][0]:
+            raise ValueError(f"optimizer schedule boundaries must increase strictly, got "
+                             f"{boundary} after {out[-1][0]}")
+        out.append((int(boundary), float(scale)))
+    return tuple(out)
 
 
 @dataclass(frozen=True)

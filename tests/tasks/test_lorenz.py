@@ -75,3 +75,50 @@ def test_defaults():
     assert hash(TASK) == hash(Lorenz())
     with pytest.raises(ValueError, match="unknown estimator"):
         type(d)(theta0=0.0, num_steps=1, optimizer=d.optimizer, estimators={"pes2": {}})
+
+
+def test_pes_learning_rate_follows_the_follow_up_schedule():
+    import optax
+
+    from pes.tasks import OptimizerSpec
+
+    spec = TASK.defaults().optimizer_for("pes")
+    assert spec == OptimizerSpec("sgd", 1e-5, schedule=((1000, 0.1),))
+    assert spec.learning_rate_at(999) == 1e-5
+    np.testing.assert_allclose(spec.learning_rate_at(1000), 1e-6)
+    assert TASK.defaults().optimizer_for("nres").schedule == ()
+    assert TASK.defaults().to_dict()["optimizer_overrides"]["pes"]["schedule"] == [[1000, 0.1]]
+    sched = optax.piecewise_constant_schedule(spec.learning_rate, spec.boundaries_and_scales())
+    for step in (0, 999, 1000, 5000):
+        np.testing.assert_allclose(float(sched(step)), spec.learning_rate_at(step), rtol=1e-6)
+    hash(spec)
+
+
+def test_optimizer_schedule_is_checked_and_backward_compatible():
+    from pes.tasks import OptimizerSpec
+
+    plain = OptimizerSpec("sgd", 1e-4)
+    assert plain.schedule == () and "schedule" not in plain.to_dict()
+    assert plain.learning_rate_at(10**6) == 1e-4
+    listed = OptimizerSpec("adam", 1e-2, schedule=[[2500, 0.1], (4000, 0.1)])
+    assert listed.schedule == ((2500, 0.1), (4000, 0.1))
+    np.testing.assert_allclose(listed.learning_rate_at(4000), 1e-4)
+    for bad in ([(0, 0.1)], [(10, 0.0)], [(10, 0.1), (10, 0.1)], [(10,)], [(1.5, 0.1)], 3):
+        with pytest.raises(ValueError, match="schedule"):
+            OptimizerSpec("sgd", 1e-4, schedule=bad)
+
+
+def test_landscape_minimum_is_the_truth_with_a_sloppy_valley():
+    """The raw meta-objective on a grid around the truth (what the docstring reports)."""
+    meta = jax.jit(jax.vmap(lambda th: TASK.evaluate(th, KEY)["meta_loss"]))
+    truth = np.asarray(TASK.true_theta())
+    da, dr = np.meshgrid(np.arange(-4, 7) * 0.025, np.arange(-5, 4) * 0.02, indexing="ij")
+    grid = np.stack([da.ravel(), dr.ravel()], 1)
+    losses = np.asarray(meta(jnp.asarray(truth + grid, jnp.float32)))
+    # (vmapped, exp may round differently from the target's path: ~1e-5 instead of 0)
+    assert np.argmin(losses) == np.flatnonzero((grid == 0).all(1))[0] and losses.min() < 1e-3
+    # Along the valley toward larger a and smaller r the loss stays small; across it, it is not.
+    valley, across = [(0.035, -0.007), (0.068, -0.021)], [(0.0, 0.01), (0.0, -0.01)]
+    low, high = (np.asarray(meta(jnp.asarray(truth + np.array(p), jnp.float32)))
+                 for p in (valley, across))
+    assert low.max() < 4.0 and high.min() > 20.0
