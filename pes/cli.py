@@ -2,11 +2,14 @@
 
     pes list
     pes run TASK --estimator NAME [--seed S] [--num-steps N] [--out DIR] [settings...]
+    pes run --config FILE [settings...]
+    pes run --resume RUN_DIR [--num-steps N]
     pes compare EXPERIMENT [--seeds 0,1,2] [--num-steps N] [--out DIR]
     pes surface toy-regression [--resolution R] [--runs DIR...] [--out FILE]
 
 A setting a user gets wrong (unknown name, bad value, contradiction, existing run directory)
-is one line on stderr and exit status 2; a run stopped by a non-finite gradient exits 1.
+is one line on stderr and exit status 2; a run stopped by a non-finite gradient exits 1, one
+stopped by SIGINT or SIGTERM 130 or 143 (both after checkpointing; ``--resume`` continues).
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ from pes.experiments import (
     ConfigError,
     RunConfig,
     RunFailed,
+    RunInterrupted,
     draw_surface,
     execute_run,
     parse_seeds,
+    resume_run,
     run_comparison,
 )
 from pes.experiments.surface import surface_tasks
@@ -96,14 +101,17 @@ def list_command() -> None:
 
 @app.command("run")
 def run_command(
-    task: Annotated[str, typer.Argument(help=f"Task: {_names(TASK_NAMES)}.",
-                                        show_default=False)],
-    estimator: Annotated[str, typer.Option("--estimator", "-e",
-                                           help=f"Estimator: {_names(ESTIMATOR_NAMES)}.",
-                                           show_default=False)],
-    seed: Annotated[int, typer.Option(help="PRNG seed (>= 0).")] = 0,
+    task: Annotated[str | None, typer.Argument(
+        help=f"Task: {_names(TASK_NAMES)}. [default: from --config or --resume]",
+        show_default=False)] = None,
+    estimator: Annotated[str | None, typer.Option(
+        "--estimator", "-e", help=f"Estimator: {_names(ESTIMATOR_NAMES)}.",
+        show_default=False)] = None,
+    seed: Annotated[int | None, typer.Option(help="PRNG seed (>= 0). [default: 0]",
+                                             show_default=False)] = None,
     num_steps: Annotated[int | None, typer.Option(
-        help="Outer steps. [default: the task's for this estimator]", show_default=False)] = None,
+        help="Outer steps (with --resume: may extend the run). [default: the task's for this "
+        "estimator]", show_default=False)] = None,
     out: Annotated[str | None, typer.Option(
         help="Run directory. [default: runs/TASK/ESTIMATOR-seedS]", show_default=False)] = None,
     num_particles: Annotated[int | None, typer.Option(
@@ -123,27 +131,81 @@ def run_command(
     eval_every: Annotated[int | None, typer.Option(
         help="Evaluate every this many outer steps. [default: num_steps // 100]",
         show_default=False)] = None,
-    nonfinite: Annotated[str, typer.Option(
-        help="On a NaN/inf loss: raise (stop) or drop (leave those particles out).")]
-    = "raise",
+    theta0: Annotated[str | None, typer.Option(
+        help="Initial theta: one number per component, comma-separated (e.g. --theta0=-1,2). "
+        "[default: the task's]", show_default=False)] = None,
+    nonfinite: Annotated[str | None, typer.Option(
+        help="On a NaN/inf loss: raise (checkpoint the last good state and stop) or drop "
+        "(leave those particles out and count them). [default: raise]",
+        show_default=False)] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(
+        help="Checkpoint the run state every this many outer steps (also after the last, and "
+        "on SIGINT/SIGTERM). [default: every 5 minutes]", show_default=False)] = None,
+    config: Annotated[str | None, typer.Option(
+        "--config", help="YAML or JSON file of settings (the names above with underscores, "
+        "e.g. num_particles: 10); flags override it.", show_default=False)] = None,
+    resume: Annotated[str | None, typer.Option(
+        "--resume", metavar="RUN_DIR", help="Continue the run in RUN_DIR from its latest "
+        "checkpoint, with its config.json (only --num-steps, --checkpoint-every and "
+        "--nonfinite may change).", show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace the run already in --out.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Train theta on TASK with one estimator; writes a run directory and prints a summary."""
+    """Train theta on TASK with one estimator; writes a run directory and prints a summary.
+
+    Exit status: 0 done; 1 stopped by a non-finite loss (checkpointed: --resume continues);
+    2 a bad setting; 130/143 stopped by SIGINT/SIGTERM (checkpointed: --resume continues).
+    """
     with _user_errors():
-        config = RunConfig(
+        flags = dict(
             task=task, estimator=estimator, seed=seed, num_steps=num_steps,
             num_particles=num_particles, sigma=sigma, truncation_length=truncation_length,
             optimizer=optimizer, lr=lr, b1=b1, eval_every=eval_every, nonfinite=nonfinite,
-            out=out)
+            out=out, theta0=parse_theta0(theta0), checkpoint_every=checkpoint_every)
         try:
-            result = execute_run(config, overwrite=overwrite, progress=progress)
+            if resume is not None:
+                for name, given in (("--config", config is not None),
+                                    ("--overwrite", overwrite)):
+                    if given:
+                        _fail(f"{name} cannot be combined with --resume: a resumed run keeps "
+                              "its directory and its config.json")
+                result = resume_run(resume, flags, progress=progress)
+            else:
+                if config is not None:
+                    run_config = RunConfig.from_file(config, flags)
+                else:
+                    if task is None:
+                        _fail("missing TASK: pes run TASK --estimator NAME (or --config FILE, "
+                              f"or --resume RUN_DIR); tasks: {_names(TASK_NAMES)}")
+                    if estimator is None:
+                        _fail("missing --estimator NAME; estimators: "
+                              f"{_names(ESTIMATOR_NAMES)}")
+                    run_config = RunConfig.from_dict(
+                        {k: v for k, v in flags.items() if v is not None}, source="flags")
+                result = execute_run(run_config, overwrite=overwrite, progress=progress)
         except RunFailed as e:
             if e.result is not None:
                 typer.echo(e.result.summary_line())
             _fail(str(e), code=1)
+        except RunInterrupted as e:
+            if e.result is not None:
+                typer.echo(e.result.summary_line())
+            _fail(str(e), code=e.exit_code)
     typer.echo(result.summary_line())
+
+
+def parse_theta0(text: str | None) -> float | list[float] | None:
+    """``--theta0`` text: one number, or comma-separated numbers (a list)."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"theta0={text!r} must be a number or comma-separated numbers, "
+                          "e.g. --theta0=-1,2", field="theta0") from None
+    return values if len(values) > 1 or "," in text else values[0]
 
 
 @app.command("compare")
@@ -168,9 +230,12 @@ def compare_command(
     with _user_errors():
         seed_list = parse_seeds(seeds)
         chosen = [e.strip() for e in estimators.split(",") if e.strip()] if estimators else None
-        result = run_comparison(experiment, seeds=seed_list, out=out, num_steps=num_steps,
-                                estimators=chosen, overwrite=overwrite, progress=progress,
-                                echo=typer.echo)
+        try:
+            result = run_comparison(experiment, seeds=seed_list, out=out, num_steps=num_steps,
+                                    estimators=chosen, overwrite=overwrite, progress=progress,
+                                    echo=typer.echo)
+        except RunInterrupted as e:
+            _fail(str(e), code=e.exit_code)
     typer.echo(result.table)
     typer.echo(f"{result.experiment.name}: {len(result.seeds)} seed(s) in "
                f"{result.wall_time_s:.1f} s; wrote "

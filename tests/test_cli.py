@@ -63,7 +63,8 @@ def test_run_writes_complete_run_directory(tmp_path, task, estimator, extra, the
     assert result.exit_code == 0, output(result)
     assert f"wrote {out}" in result.output
     assert {p.name for p in out.iterdir()} >= {"config.json", "metrics.jsonl", "summary.json",
-                                               "meta_objective.png", "theta.png"}
+                                               "meta_objective.png", "theta.png",
+                                               "timing.jsonl", "checkpoints"}
     summary = json.loads((out / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
     assert summary["status"] == "completed" and summary["outer_steps"] == 5
@@ -74,7 +75,11 @@ def test_run_writes_complete_run_directory(tmp_path, task, estimator, extra, the
     assert len(lines) == len(records) == 6  # step 0 (evaluation of theta0) and steps 1..5
     assert [r["step"] for r in records] == list(range(6))
     assert [r["step"] for r in records if "meta_objective" in r] == [0, 2, 4, 5]
-    assert all({"step", "inner_steps", "theta", "wall_time_s"} <= set(r) for r in records)
+    assert all({"step", "inner_steps", "theta"} <= set(r) for r in records)
+    assert not any("wall_time_s" in r for r in records)  # timing lives in timing.jsonl
+    timing = [json.loads(line) for line in (out / "timing.jsonl").read_text().splitlines()]
+    assert [t["step"] for t in timing] == list(range(6))
+    assert all(t["wall_time_s"] >= 0 for t in timing)
     assert all("loss" in r for r in records[1:])
     assert records[-1]["inner_steps"] == summary["inner_steps"]
     assert records[-1]["meta_objective"] == summary["final_meta_loss"]
@@ -90,11 +95,14 @@ def test_existing_run_directory_is_not_overwritten(tmp_path):
     args = ["run", "influence-balancing", "-e", "tbptt", "--num-steps", 3, "--out", out,
             "--no-progress"]
     assert cli(*args).exit_code == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    def contents():
+        return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    before = contents()
     refused = cli(*args)
     assert refused.exit_code == 2
     assert "--overwrite" in output(refused) and "Traceback" not in output(refused)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert contents() == before
 
     # Not a run directory: refused even with --overwrite.
     other = tmp_path / "other"

@@ -5,7 +5,8 @@ defaults. Constructing one checks every field on its own (type, range, known nam
 :meth:`RunConfig.resolve` then fills each unset field from the task's ``defaults()`` and refuses
 settings that contradict each other or the task. A resolved configuration has every field that
 applies set explicitly: it is what a run directory's ``config.json`` holds, and
-``RunConfig.from_dict(json.load(...))`` reads it back.
+``RunConfig.from_dict(json.load(...))`` reads it back. :func:`load_config_file` reads the same
+settings from a YAML or JSON file (``pes run --config FILE``).
 
 :func:`build` turns a configuration into a :class:`Setup`: the task, the estimator, the optax
 optimizer and the initial theta.
@@ -14,15 +15,20 @@ optimizer and the initial theta.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
+import yaml
 
 from pes.experiments.errors import ConfigError
 from pes.experiments.registry import (
@@ -92,9 +98,17 @@ class RunConfig:
     optimizer ('sgd' or 'adam'), lr, b1 (Adam only): the outer optimizer; None: the default.
     eval_every: evaluate the task's metric every this many outer steps (and before the first
       and after the last); None: num_steps // 100 (at least 1).
-    nonfinite: what a NaN/inf loss does: 'raise' stops the run, 'drop' leaves the particles
-      that produced it out of the estimate (ES estimators) and counts them in the metrics.
+    nonfinite: what a NaN/inf loss does: 'raise' stops the run (after checkpointing the last
+      good state), 'drop' leaves the particles that produced it out of the estimate (ES
+      estimators) and counts them in the metrics.
     out: the run directory; None: ``runs/<task>/<estimator>-seed<seed>``.
+    theta0: the initial theta, a number (scalar-theta tasks) or a list with one number per
+      component; None: the task's default.
+    checkpoint_every: checkpoint the complete run state every this many outer steps; None
+      (also once resolved): every 5 minutes of running instead (an orbax write costs tens of
+      milliseconds, too much to pay every few steps of a fast task). Whatever this is, the run
+      is also checkpointed after its last step, when interrupted (SIGINT/SIGTERM) and when a
+      non-finite loss stops it.
     """
 
     task: str
@@ -110,6 +124,8 @@ class RunConfig:
     eval_every: int | None = None
     nonfinite: str = "raise"
     out: str | None = None
+    theta0: float | tuple[float, ...] | None = None
+    checkpoint_every: int | None = None
 
     def __post_init__(self) -> None:
         checked: dict[str, Any] = {
@@ -130,6 +146,8 @@ class RunConfig:
                                          high_open=True),
             "eval_every": lambda v: check_int("eval_every", v, 1),
             "out": _check_out,
+            "theta0": _check_theta0,
+            "checkpoint_every": lambda v: check_int("checkpoint_every", v, 1),
         }
         for name, check in optional.items():
             value = getattr(self, name)
@@ -160,13 +178,26 @@ class RunConfig:
                               field=missing[0])
         return cls(**dict(data))
 
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, overrides: Mapping[str, Any] | None = None
+                  ) -> RunConfig:
+        """Settings from a YAML or JSON file (see :func:`load_config_file`), with
+        ``overrides`` (non-None values, e.g. command-line flags) taking precedence; resolved
+        (:meth:`resolve`)."""
+        data = load_config_file(path)
+        return config_with_overrides(data, str(path), overrides or {})
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if isinstance(self.theta0, tuple):
+            data["theta0"] = list(self.theta0)
+        return data
 
     # --------------------------------------------------------------------------- resolve
 
     def resolve(self) -> RunConfig:
-        """Every applicable field set from the task's defaults, or a ConfigError.
+        """Every applicable field set from the task's defaults, or a ConfigError
+        (checkpoint_every may stay None: checkpoints by time).
 
         Refuses: settings the estimator does not take, full-episode estimators (and NRES) on a
         task that never resets, a truncation longer than the horizon for TES/TBPTT, estimators
@@ -223,9 +254,10 @@ class RunConfig:
         eval_every = self.eval_every or max(1, num_steps // 100)
         seed = self.seed
         out = self.out or f"runs/{self.task}/{est.name}-seed{seed}"
+        theta0 = _resolve_theta0(self.theta0, defaults.theta0, task_entry)
         return dataclasses.replace(
             self, num_steps=num_steps, optimizer=optimizer, lr=lr, b1=b1,
-            eval_every=eval_every, out=out,
+            eval_every=eval_every, out=out, theta0=theta0,
             **{name: settings.get(name) for name in ESTIMATOR_SETTINGS if name in est.params},
         )
 
@@ -249,6 +281,45 @@ class RunConfig:
         if self.num_steps is not None:
             parts.append(f"{self.num_steps} steps")
         return ", ".join(parts)
+
+
+def _check_theta0(value: Any) -> float | tuple[float, ...]:
+    """A finite number, or a non-empty list of finite numbers (stored as a tuple)."""
+    values = list(value) if isinstance(value, list | tuple) else [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int | float | np.integer | np.floating):
+            raise ConfigError(f"theta0={_plain(value)!r} must be a number or a list of numbers",
+                              field="theta0")
+        if not math.isfinite(float(v)):
+            raise ConfigError(f"theta0={_plain(value)!r} must hold finite numbers",
+                              field="theta0")
+    if isinstance(value, list | tuple):
+        if not values:
+            raise ConfigError("theta0=[] must hold at least one number", field="theta0")
+        return tuple(float(v) for v in values)
+    return float(value)
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _resolve_theta0(value: Any, default: Any, entry: Any) -> float | tuple[float, ...]:
+    """``value`` (or the task's default) in the shape of the task's theta."""
+    if value is None:
+        return default if isinstance(default, float | int) and not isinstance(default, bool) \
+            else tuple(float(v) for v in default)
+    want = 1 if not isinstance(default, tuple | list) else len(default)
+    got = len(value) if isinstance(value, tuple) else 1
+    if got != want:
+        shape = "a single number" if not isinstance(default, tuple | list) else \
+            f"{want} numbers ({', '.join(entry.theta_names)})"
+        raise ConfigError(
+            f"theta0={_plain(value)!r} has {got} value{'s' * (got != 1)}, but task="
+            f"{entry.name!r} takes {shape}", field="theta0")
+    if not isinstance(default, tuple | list):
+        return value[0] if isinstance(value, tuple) else value
+    return tuple(value)
 
 
 def _check_out(value: Any) -> str:
@@ -310,7 +381,8 @@ def build_setup(config: RunConfig) -> Setup:
     task = entry.make()
     estimator = _construct(get_estimator(config.estimator), task, config.estimator_kwargs())
     optimizer = make_optimizer(config.optimizer, config.lr, config.b1)
-    theta0 = task.defaults().initial_theta()
+    default = task.defaults().initial_theta()
+    theta0 = jnp.asarray(config.theta0, default.dtype).reshape(default.shape)
     return Setup(config, task, estimator, optimizer, theta0)
 
 
@@ -326,3 +398,115 @@ def build(task: str, estimator: str, **overrides: Any) -> Setup:
     config = RunConfig.from_dict({"task": task, "estimator": estimator, **overrides},
                                  source="settings")
     return build_setup(config)
+
+
+# --------------------------------------------------------------------------- config files
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` as a float as YAML 1.2 and JSON do (PyYAML's
+    YAML 1.1 resolver wants a dot, ``1.0e-3``, and would return the string '1e-3')."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The settings mapping of a YAML (or, for a ``.json`` name, JSON) config file.
+
+    Keys are RunConfig fields, e.g.::
+
+        task: toy-regression
+        estimator: pes
+        num_particles: 10
+        sigma: 0.3
+        theta0: [-1.0, -1.0]
+
+    A missing file, a syntax error or anything but a mapping is a one-line ConfigError
+    naming the file (and the line, for a syntax error).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist", field="config")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} is not a file", field="config")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be read as text: {e}",
+                          field="config") from None
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column "
+                              f"{e.colno}", field="config") from None
+    else:
+        try:
+            data = yaml.load(text, Loader=_YamlLoader)
+        except yaml.YAMLError as e:
+            where = ""
+            mark = getattr(e, "problem_mark", None)
+            if mark is not None:
+                where = f" at line {mark.line + 1}, column {mark.column + 1}"
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{path} is not valid YAML: {problem}{where}",
+                              field="config") from None
+    if data is None:
+        raise ConfigError(f"{path} is empty: it must hold settings such as 'task: "
+                          "toy-regression' and 'estimator: pes'", field="config")
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path} must hold a mapping of settings (name: value), not a "
+                          f"{type(data).__name__}", field="config")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"{path} has a setting named {bad[0]!r}; setting names are words "
+                          f"such as {', '.join(RunConfig.fields()[:3])}", field="config")
+    return dict(data)
+
+
+def config_with_overrides(data: Mapping[str, Any], source: str,
+                          overrides: Mapping[str, Any]) -> RunConfig:
+    """The resolved RunConfig of ``data`` (read from ``source``) with the non-None
+    ``overrides``; an error in a value that came from the file names the file."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    merged = {**data, **given}
+    try:
+        return RunConfig.from_dict(merged, source=source).resolve()
+    except ConfigError as e:
+        if e.field in data and e.field not in given and not str(e).startswith(source):
+            raise ConfigError(f"{source}: {e}", field=e.field) from None
+        raise
+
+
+# Settings a resumed run may change: they do not alter the steps already taken.
+RESUMABLE_SETTINGS = ("num_steps", "checkpoint_every", "nonfinite")
+
+
+def resumed_config(stored: RunConfig, source: str, overrides: Mapping[str, Any]
+                   ) -> RunConfig:
+    """The configuration of a resumed run: ``stored`` (a run directory's config.json, named
+    ``source``) with the RESUMABLE_SETTINGS among ``overrides`` applied; any other
+    non-None override must equal the stored value (else a ConfigError naming it)."""
+    unknown = [k for k in overrides if k not in RunConfig.fields()]
+    if unknown:
+        raise ConfigError(f"unknown setting {unknown[0]!r}", field=unknown[0])
+    for name, value in overrides.items():
+        if value is None or name in RESUMABLE_SETTINGS or name == "out":
+            continue
+        wanted = getattr(dataclasses.replace(stored, **{name: value}), name)
+        have = getattr(stored, name)
+        if wanted != have:
+            raise ConfigError(
+                f"{name}={_plain(wanted)!r} contradicts {source} ({name}={_plain(have)!r}): a "
+                f"resumed run keeps its configuration; only "
+                f"{', '.join(RESUMABLE_SETTINGS)} may change", field=name)
+    changes = {k: overrides[k] for k in RESUMABLE_SETTINGS if overrides.get(k) is not None}
+    return dataclasses.replace(stored, **changes).resolve()

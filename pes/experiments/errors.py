@@ -26,3 +26,20 @@ class RunFailed(RuntimeError):
     def __init__(self, message: str, result=None):
         super().__init__(message)
         self.result = result
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT or SIGTERM (or a KeyboardInterrupt) before its last step.
+
+    The run checkpointed its last complete outer step, wrote summary.json (``status``
+    ``"interrupted"``) and its plots; ``pes run --resume RUN_DIR`` continues it. ``result`` is
+    the RunResult, ``signal`` the signal number (SIGINT for a KeyboardInterrupt) and
+    ``exit_code`` the shell's convention for it, 128 + signal (130 for SIGINT, 143 for
+    SIGTERM). A KeyboardInterrupt, so code that stops on Ctrl-C stops on it too.
+    """
+
+    def __init__(self, message: str, result=None, signal: int | None = None):
+        super().__init__(message)
+        self.result = result
+        self.signal = int(signal) if signal is not None else 2
+        self.exit_code = 128 + self.signal

@@ -25,8 +25,9 @@ ESTIMATOR_SETTINGS = ("num_particles", "sigma", "truncation_length")
 
 def unknown_name(field_name: str, value: Any, what: str, valid: tuple[str, ...] | list[str]):
     """The ConfigError for a name that is not one of ``valid``."""
+    plural = what[:-1] + "ies" if what.endswith("y") else what + "s"
     return ConfigError(
-        f"{field_name}={value!r} is not a known {what}; valid {what}s: {', '.join(valid)}",
+        f"{field_name}={value!r} is not a known {what}; valid {plural}: {', '.join(valid)}",
         field=field_name,
     )
 

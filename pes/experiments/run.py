@@ -7,27 +7,44 @@ A run directory holds
   ``step``, ``inner_steps`` (so far, burn-in included), ``loss`` (the window's mean per-step
   loss; absent at step 0), ``meta_objective`` (the task's headline ``meta_loss``) and ``eval``
   (every metric of ``task.evaluate``) on evaluated steps, ``nonfinite`` (particles left out
-  for a NaN/inf loss, policy 'drop'; only when > 0), ``theta`` (when it has at most
-  16 numbers) and ``wall_time_s`` (seconds since the run started). Step 0 is the evaluation of
-  the initial theta. Non-finite numbers are written as null (the files are strict JSON);
+  for a NaN/inf loss, policy 'drop'; only when > 0) and ``theta`` (when it has at most
+  16 numbers). Step 0 is the evaluation of the initial theta. Non-finite numbers are written
+  as null (the files are strict JSON). Nothing in it depends on timing: the same
+  configuration on the same machine gives the same file, byte for byte, resumed or not;
+* ``timing.jsonl``: ``{"step", "wall_time_s"}`` per metrics line (seconds of running since
+  the run started, summed over its sessions);
+* ``checkpoints/``: the last few checkpoints of the complete run state (:mod:`pes.checkpoint`),
+  written every ``checkpoint_every`` outer steps (or every CHECKPOINT_INTERVAL_S seconds when
+  it is None), after the last one, on SIGINT/SIGTERM and before a non-finite loss stops the
+  run; each records how far metrics.jsonl had got;
 * ``summary.json``: ``status`` ('completed', 'failed' or 'interrupted'), ``error``,
   ``final_theta``, ``final_meta_loss``, ``final_metrics``, ``inner_steps``, ``wall_time_s``,
-  ``outer_steps`` and more, written when the run ends for any reason;
+  ``outer_steps``, ``checkpoint_step`` and more, written when the run ends for any reason;
 * ``meta_objective.png`` (the task's metric against inner steps) and ``theta.png``.
 
 An existing non-empty directory is refused unless ``overwrite=True``, and even then only a
 pes run directory (one with a config.json or metrics.jsonl) is cleared, and only of the
 files a run writes.
+
+:func:`resume_run` continues a run from its latest checkpoint: metrics.jsonl is cut back to
+the line the checkpoint recorded and continued, and the theta trajectory is exactly the one an
+uninterrupted run takes (the state, the key and the step fix everything after them).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,20 +52,28 @@ from typing import Any
 import jax
 import numpy as np
 
+from pes.checkpoint import Checkpointer, abstract_state
 from pes.experiments import plots
-from pes.experiments.config import RunConfig, Setup, build_setup
-from pes.experiments.errors import ConfigError, RunFailed
+from pes.experiments.config import RunConfig, Setup, build_setup, resumed_config
+from pes.experiments.errors import ConfigError, RunFailed, RunInterrupted
 from pes.experiments.registry import TaskEntry, get_task
-from pes.train import NonFiniteGradientError, train
+from pes.train import NonFiniteGradientError, TrainState, train
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
+TIMING_FILE = "timing.jsonl"
 SUMMARY_FILE = "summary.json"
 METRIC_PLOT = "meta_objective.png"
 THETA_PLOT = "theta.png"
-# What a run writes; --overwrite removes exactly these (checkpoints/ is for resumable runs).
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, METRIC_PLOT, THETA_PLOT, "checkpoints")
+CHECKPOINT_DIR = "checkpoints"
+# What a run writes; --overwrite removes exactly these.
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, TIMING_FILE, SUMMARY_FILE, METRIC_PLOT, THETA_PLOT,
+             CHECKPOINT_DIR)
 MAX_LOGGED_THETA = 16
+KEEP_CHECKPOINTS = 3
+# Without checkpoint_every, a run checkpoints after this many seconds since the last one.
+CHECKPOINT_INTERVAL_S = 300.0
+CHECKPOINT_FORMAT = 1
 
 
 # ------------------------------------------------------------------------------- JSON files
@@ -116,15 +141,26 @@ def read_config(run_dir: Path) -> RunConfig:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to metrics.jsonl, flushed line by line."""
+    """Appends one JSON object per line to metrics.jsonl, flushed line by line.
 
-    def __init__(self, path: Path, mode: str = "w"):
+    ``lines``: lines in the file (those there before, in mode 'a', included).
+    """
+
+    def __init__(self, path: Path, mode: str = "w", lines: int = 0):
         self.path = Path(path)
         self._file = open(self.path, mode)
+        self.lines = lines if mode == "a" else 0
 
     def write(self, obj: dict[str, Any]) -> None:
         self._file.write(json.dumps(jsonable(obj), allow_nan=False) + "\n")
         self._file.flush()
+        self.lines += 1
+
+    def sync(self) -> int:
+        """Flush to disk (fsync); returns the file's size in bytes."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        return os.fstat(self._file.fileno()).st_size
 
     def close(self) -> None:
         if not self._file.closed:
@@ -197,8 +233,9 @@ class RunResult:
     def summary_line(self) -> str:
         s = self.summary
         head = f"{s['task']} {s['estimator']} seed {s['seed']}"
-        status = ("" if s["status"] == "completed" else f" {s['status'].upper()} at step "
-                  f"{s['outer_steps'] + 1}:")
+        status = {"completed": "",
+                  "interrupted": f" INTERRUPTED after step {s['outer_steps']}:"}.get(
+            s["status"], f" {s['status'].upper()} at step {s['outer_steps'] + 1}:")
         metric = get_task(s["task"]).metric
         first = (s.get("initial_metrics") or {}).get(metric)
         last = (s.get("final_metrics") or {}).get(metric)
@@ -247,9 +284,13 @@ def execute_run(
     """Run ``config`` to the end, recording it in its run directory (``config.out``).
 
     Settings are resolved and checked (ConfigError) before anything is written. Shows a tqdm
-    progress bar with the current meta-objective when ``progress``. Raises RunFailed when a
-    non-finite gradient stops the run (its directory is complete up to there); a
-    KeyboardInterrupt still writes summary.json ('interrupted') and the plots, then propagates.
+    progress bar with the current meta-objective when ``progress``. Checkpoints the run every
+    ``checkpoint_every`` outer steps (or CHECKPOINT_INTERVAL_S seconds) and at the end. Raises
+    RunFailed when a non-finite loss or gradient stops the run (its directory is complete up
+    to there, with a checkpoint of the last good state), and RunInterrupted after SIGINT or
+    SIGTERM (caught while the run goes on: it stops after the current outer step,
+    checkpointed) or a KeyboardInterrupt; summary.json and the plots are written in every
+    case.
     """
     setup = build_setup(config)
     cfg = setup.config
@@ -259,30 +300,206 @@ def execute_run(
     return _Recorder(setup, entry, run_dir, progress, desc, leave).run()
 
 
+@dataclass
+class _Resumed:
+    """Where a resumed run starts: its checkpointed state and the metrics lines kept."""
+
+    state: TrainState
+    records: list[dict[str, Any]]
+    elapsed_s: float
+    checkpointer: Checkpointer
+
+
+def resume_run(
+    run_dir: Path | str,
+    overrides: dict[str, Any] | None = None,
+    *,
+    progress: bool = True,
+    desc: str | None = None,
+    leave: bool = True,
+) -> RunResult:
+    """Continue the run in ``run_dir`` from its latest checkpoint, to ``num_steps``.
+
+    The configuration is the run's config.json; ``overrides`` (RunConfig fields, None meaning
+    not given) may change num_steps (e.g. to extend a finished run), checkpoint_every and
+    nonfinite, and must otherwise agree with it (ConfigError). metrics.jsonl and
+    timing.jsonl are cut back to the lines the checkpoint recorded and continued, so every
+    step appears once; the theta trajectory is exactly that of an uninterrupted run.
+    Raises like :func:`execute_run`.
+    """
+    run_dir = Path(run_dir)
+    where = f"--resume {run_dir}"
+    if not run_dir.exists():
+        raise ConfigError(f"{where}: the directory does not exist", field="resume")
+    if not run_dir.is_dir():
+        raise ConfigError(f"{where}: not a directory", field="resume")
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise ConfigError(f"{where}: not a pes run directory (it has no {CONFIG_FILE})",
+                          field="resume")
+    overrides = dict(overrides or {})
+    out = overrides.pop("out", None)
+    if out is not None and Path(out).resolve() != run_dir.resolve():
+        raise ConfigError(f"out={str(out)!r} contradicts {where}: a resumed run stays in its "
+                          "directory", field="out")
+    stored = read_config(run_dir)
+    cfg = resumed_config(stored, str(run_dir / CONFIG_FILE), overrides)
+    if Path(cfg.out).resolve() != run_dir.resolve():  # the directory moved, or another cwd
+        cfg = dataclasses.replace(cfg, out=str(run_dir))
+    ckpt_dir = run_dir / CHECKPOINT_DIR
+    if not ckpt_dir.is_dir():
+        raise ConfigError(f"{where}: the run has no checkpoint ({ckpt_dir} does not exist); "
+                          "start it again with --overwrite", field="resume")
+    setup = build_setup(cfg)
+    checkpointer = Checkpointer(ckpt_dir, max_to_keep=KEEP_CHECKPOINTS)
+    try:
+        step = checkpointer.latest_step()
+        if step is None:
+            raise ConfigError(f"{where}: the run has no complete checkpoint in {ckpt_dir}; "
+                              "start it again with --overwrite", field="resume")
+        if cfg.num_steps < step:
+            raise ConfigError(f"num_steps={cfg.num_steps} is less than the {step} outer steps "
+                              f"the checkpoint in {ckpt_dir} has already taken",
+                              field="num_steps")
+        try:
+            like = abstract_state(setup.estimator, setup.optimizer, setup.theta0)
+            state, key_data, meta = checkpointer.restore(like, step)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}", field="resume") from None
+        expected = np.asarray(jax.random.PRNGKey(cfg.seed))
+        if meta.get("seed") != cfg.seed or not np.array_equal(np.asarray(key_data), expected):
+            raise ConfigError(f"{where}: the checkpoint of step {step} was written with seed "
+                              f"{meta.get('seed')}, but {CONFIG_FILE} says seed={cfg.seed}",
+                              field="seed")
+        records = _cut_log(run_dir / METRICS_FILE, meta, step)
+        _cut_timing(run_dir / TIMING_FILE, step)
+    except BaseException:
+        checkpointer.close()
+        raise
+    if cfg != stored:
+        write_json(run_dir / CONFIG_FILE, cfg.to_dict())
+    resumed = _Resumed(state, records, float(meta.get("elapsed_s", 0.0)), checkpointer)
+    return _Recorder(setup, get_task(cfg.task), run_dir, progress, desc, leave,
+                     resumed).run()
+
+
+def _cut_log(path: Path, meta: dict[str, Any], step: int) -> list[dict[str, Any]]:
+    """Cut metrics.jsonl back to the ``metrics_lines`` lines (``metrics_bytes`` bytes) it had
+    when the checkpoint of ``step`` was written; returns their records."""
+    lines, size = int(meta["metrics_lines"]), int(meta["metrics_bytes"])
+    data = path.read_bytes() if path.is_file() else b""
+    mismatch = (f"{path} does not hold what it held when the checkpoint of step {step} was "
+                f"written ({lines} lines, {size} bytes)")
+    if len(data) < size:
+        raise ConfigError(f"{mismatch}: it is shorter, so continuing it would leave a gap",
+                          field=str(path))
+    head = data[:size]
+    try:
+        texts = head.decode().split("\n")
+        records = [json.loads(t) for t in texts[:-1]]
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ConfigError(f"{mismatch}: it was edited", field=str(path)) from None
+    if texts[-1] != "" or len(records) != lines or (records and records[-1].get("step") != step):
+        raise ConfigError(f"{mismatch}: it was edited", field=str(path))
+    if len(data) > size:
+        with open(path, "r+b") as f:
+            f.truncate(size)
+            f.flush()
+            os.fsync(f.fileno())
+    return records
+
+
+def _cut_timing(path: Path, step: int) -> None:
+    """Keep timing.jsonl's lines up to ``step`` (the rest came after the checkpoint)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().split("\n"):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if not isinstance(obj, dict) or not isinstance(obj.get("step"), int) or \
+                obj["step"] > step:
+            break
+        kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def _stop_on_signals(recorder: _Recorder) -> Iterator[None]:
+    """While the run goes on, SIGINT and SIGTERM ask it to stop after the current outer step
+    (checkpointed); a second one stops it at once (KeyboardInterrupt). Only in the main
+    thread, where Python delivers signals; the previous handlers are restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if recorder.signal is not None:
+            recorder.forced = True
+            raise KeyboardInterrupt
+        recorder.signal = signum
+        recorder.notice(f"{signal.Signals(signum).name}: stopping after this outer step "
+                        "with a checkpoint (send it again to stop at once)")
+
+    previous = {}
+    try:
+        for sig in _SIGNALS:
+            previous[sig] = signal.signal(sig, handler)
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 class _Recorder:
     """Drives pes.train and writes the run directory as it goes."""
 
     def __init__(self, setup: Setup, entry: TaskEntry, run_dir: Path, progress: bool,
-                 desc: str | None, leave: bool):
+                 desc: str | None, leave: bool, resumed: _Resumed | None = None):
         from tqdm import tqdm
 
         self.setup, self.entry, self.run_dir = setup, entry, run_dir
         cfg = setup.config
+        self.resumed = resumed
+        self.key = jax.random.PRNGKey(cfg.seed)
         self.evaluator = task_evaluator(setup.task)
         self.log_theta = int(np.size(setup.theta0)) <= MAX_LOGGED_THETA
-        self.records: list[dict[str, Any]] = []
-        self.theta = setup.theta0
-        self.outer_steps = 0
-        self.inner_steps = 0
+        self.records: list[dict[str, Any]] = list(resumed.records) if resumed else []
+        self.theta = resumed.state.theta if resumed else setup.theta0
+        self.outer_steps = resumed.state.step if resumed else 0
+        self.inner_steps = resumed.state.inner_steps if resumed else 0
         self.pending_eval: dict[str, float] | None = None
-        self.evaluations = 0
-        self.nonfinite_total = 0
-        self.bar = tqdm(total=cfg.num_steps, desc=desc or f"{cfg.task} {cfg.estimator}",
+        self.nonfinite_total = sum(int(r.get("nonfinite") or 0) for r in self.records)
+        # The TrainState of the step being recorded, and of the last step fully recorded.
+        self.pending_state: TrainState | None = None
+        self.last_state: TrainState | None = resumed.state if resumed else None
+        self.checkpoint_step: int | None = resumed.state.step if resumed else None
+        self.signal: int | None = None
+        self.forced = False
+        self.bar = tqdm(total=cfg.num_steps, initial=self.outer_steps,
+                        desc=desc or f"{cfg.task} {cfg.estimator}",
                         # None: only on a terminal (no carriage-return noise in logs).
                         disable=None if progress else True, leave=leave, dynamic_ncols=True,
                         unit="step")
-        self.start = time.perf_counter()
-        self.metrics = MetricsWriter(run_dir / METRICS_FILE)
+        self.start = time.perf_counter() - (resumed.elapsed_s if resumed else 0.0)
+        self.checkpoint_time = time.perf_counter()
+        mode = "a" if resumed else "w"
+        self.metrics = MetricsWriter(run_dir / METRICS_FILE, mode, len(self.records))
+        self.timing = MetricsWriter(run_dir / TIMING_FILE, mode)
+        self.checkpointer = resumed.checkpointer if resumed else Checkpointer(
+            run_dir / CHECKPOINT_DIR, max_to_keep=KEEP_CHECKPOINTS)
+
+    def notice(self, text: str) -> None:
+        self.bar.write(text, file=sys.stderr)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
 
     def _write(self, step: int, inner_steps: int, loss: float | None, theta: Any,
                evals: dict[str, float] | None, nonfinite: int = 0) -> None:
@@ -297,17 +514,16 @@ class _Recorder:
             obj["eval"] = evals
         if self.log_theta:
             obj["theta"] = _theta_value(theta)
-        obj["wall_time_s"] = round(time.perf_counter() - self.start, 4)
         obj = jsonable(obj)
         self.metrics.write(obj)
+        self.timing.write({"step": step, "wall_time_s": round(self.elapsed(), 4)})
         self.records.append(obj)
 
     def evaluate(self, theta: Any, key: jax.Array) -> float:
         evals = {k: float(v) for k, v in self.evaluator(theta, key).items()}
-        if self.evaluations == 0 and self.outer_steps == 0:
+        if not self.records and self.outer_steps == 0:
             self._write(0, 0, None, theta, evals)
             self._show(evals)
-        self.evaluations += 1
         self.pending_eval = evals
         return evals["meta_loss"]
 
@@ -318,7 +534,10 @@ class _Recorder:
             text += f" theta={fmt_theta(_theta_value(self.theta), 3)}"
         self.bar.set_postfix_str(text, refresh=False)
 
-    def callback(self, record: Any, theta: Any) -> None:
+    def on_state(self, state: TrainState) -> None:
+        self.pending_state = state
+
+    def callback(self, record: Any, theta: Any) -> bool:
         evals = self.pending_eval if record.meta_objective is not None else None
         self.pending_eval = None
         self.theta = theta
@@ -328,36 +547,102 @@ class _Recorder:
         if evals is not None:
             self._show(evals)
         self.bar.update(1)
+        state = self.pending_state
+        if state is not None and state.step == record.step:
+            self.last_state = state
+            if self.signal is not None or self._checkpoint_due(record.step):
+                self.checkpoint(state)
+        return self.signal is not None
+
+    def _checkpoint_due(self, step: int) -> bool:
+        cfg = self.setup.config
+        if step == cfg.num_steps:
+            return True
+        if cfg.checkpoint_every is not None:
+            return step % cfg.checkpoint_every == 0
+        return time.perf_counter() - self.checkpoint_time >= CHECKPOINT_INTERVAL_S
+
+    def checkpoint(self, state: TrainState) -> None:
+        """Checkpoint ``state``, whose metrics line is the last one written."""
+        if self.checkpoint_step is not None and state.step <= self.checkpoint_step:
+            return
+        if not self.records or self.records[-1]["step"] != state.step:
+            raise RuntimeError(f"the last metrics line is not that of outer step {state.step}")
+        size = self.metrics.sync()
+        self.checkpointer.save(state, self.key, {
+            "format": CHECKPOINT_FORMAT, "seed": self.setup.config.seed,
+            "metrics_lines": self.metrics.lines, "metrics_bytes": size,
+            "elapsed_s": round(self.elapsed(), 4)})
+        self.checkpoint_step = state.step
+        self.checkpoint_time = time.perf_counter()
+
+    def _try_checkpoint(self, state: TrainState | None) -> str:
+        """Checkpoint ``state`` after the run stopped; a few words on what happened."""
+        if state is None:
+            return "no checkpoint was written (the run stopped before its first outer step)"
+        try:
+            self.checkpoint(state)
+            return (f"checkpointed at outer step {state.step}; continue with: pes run "
+                    f"--resume {self.run_dir}")
+        except Exception as e:  # the run's record matters more than this checkpoint
+            return f"its checkpoint could not be written ({type(e).__name__}: {e})"
 
     def run(self) -> RunResult:
         cfg = self.setup.config
-        status, error = "completed", None
+        status, error, signum = "completed", None, None
         try:
-            result = train(self.setup.estimator, self.setup.theta0, self.setup.optimizer,
-                           num_steps=cfg.num_steps, key=jax.random.PRNGKey(cfg.seed),
-                           eval_every=cfg.eval_every, callback=self.callback,
-                           evaluate_fn=self.evaluate, nonfinite=cfg.nonfinite)
-            self.theta = result.theta
-        except NonFiniteGradientError as e:
-            status, error, self.theta = "failed", str(e), e.theta
+            with _stop_on_signals(self):
+                try:
+                    result = train(
+                        self.setup.estimator, self.setup.theta0, self.setup.optimizer,
+                        num_steps=cfg.num_steps, key=self.key, eval_every=cfg.eval_every,
+                        callback=self.callback, evaluate_fn=self.evaluate,
+                        nonfinite=cfg.nonfinite, on_state=self.on_state,
+                        resume=self.resumed.state if self.resumed else None)
+                    self.theta = result.theta
+                    if self.signal is not None and self.outer_steps < cfg.num_steps:
+                        signum = self.signal
+                        status = "interrupted"
+                        error = (f"interrupted by {signal.Signals(signum).name} after outer "
+                                 f"step {self.outer_steps}; "
+                                 + self._try_checkpoint(self.last_state))
+                except NonFiniteGradientError as e:
+                    status, self.theta = "failed", e.theta
+                    good = e.state if e.state is not None else self.last_state
+                    error = f"{e}; " + self._try_checkpoint(good).replace(
+                        "continue with: pes run",
+                        "continue (e.g. with --nonfinite drop or another setting) with: pes "
+                        "run")
         except KeyboardInterrupt:
-            status, error = "interrupted", "interrupted (KeyboardInterrupt)"
-            raise
+            status, signum = "interrupted", signal.SIGINT
+            error = "interrupted (KeyboardInterrupt)"
+            if not self.forced:
+                error += "; " + self._try_checkpoint(self.last_state)
         except BaseException as e:
             status, error = "failed", f"{type(e).__name__}: {e}"
             raise
         finally:
             self.bar.close()
+            try:
+                self.checkpointer.close()
+            except Exception as e:
+                warnings.warn(f"checkpoint writes in {self.run_dir} did not finish: {e}",
+                              stacklevel=2)
             self.metrics.close()
+            self.timing.close()
             run_result = self._finish(status, error)
         if status == "failed":
             raise RunFailed(f"{cfg.task} {cfg.estimator} seed {cfg.seed}: {error}", run_result)
+        if status == "interrupted":
+            raise RunInterrupted(error, run_result, signum)
         return run_result
 
     def _final_metrics(self) -> dict[str, float] | None:
         last = self.records[-1] if self.records else None
         if last is not None and last["step"] == self.outer_steps and "eval" in last:
             return last["eval"]
+        if self.forced:
+            return None
         try:  # the run stopped between evaluations: evaluate where it stopped
             key = jax.random.fold_in(jax.random.PRNGKey(self.setup.config.seed), 2**31 - 1)
             return jsonable({k: float(v) for k, v in self.evaluator(self.theta, key).items()})
@@ -380,7 +665,9 @@ class _Recorder:
             "outer_steps": self.outer_steps,
             "inner_steps": self.inner_steps,
             "nonfinite_dropped": self.nonfinite_total,
-            "wall_time_s": round(time.perf_counter() - self.start, 3),
+            "wall_time_s": round(self.elapsed(), 3),
+            "checkpoint_step": self.checkpoint_step,
+            "resumed_from_step": self.resumed.state.step if self.resumed else None,
             "initial_theta": _theta_value(self.setup.theta0),
             "final_theta": _theta_value(self.theta),
             "initial_meta_loss": None if initial is None else initial.get("meta_loss"),
@@ -396,8 +683,6 @@ class _Recorder:
         try:
             plot_run(self.run_dir, self.records, self.entry, cfg)
         except Exception as e:  # a plot must never cost the run its summary
-            import warnings
-
             warnings.warn(f"could not plot {self.run_dir}: {e}", stacklevel=2)
         return result
 
