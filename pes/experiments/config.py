@@ -40,7 +40,7 @@ from pes.experiments.registry import (
     get_task,
     unknown_name,
 )
-from pes.tasks.base import OPTIMIZER_NAMES
+from pes.tasks.base import OPTIMIZER_NAMES, OptimizerSpec
 from pes.train import NONFINITE_POLICIES
 
 MAX_SEED = 2**31 - 1
@@ -96,6 +96,9 @@ class RunConfig:
     num_particles, sigma, truncation_length: the estimator's settings; None: the task's
       default. Settings the estimator does not take must stay None.
     optimizer ('sgd' or 'adam'), lr, b1 (Adam only): the outer optimizer; None: the default.
+    lr_schedule: [[boundary, scale], ...], a piecewise-constant learning rate (x scale from
+      outer step boundary on); [] is constant; None: the task's schedule when optimizer and lr
+      are the task's defaults, else constant.
     eval_every: evaluate the task's metric every this many outer steps (and before the first
       and after the last); None: num_steps // 100 (at least 1).
     nonfinite: what a NaN/inf loss does: 'raise' stops the run (after checkpointing the last
@@ -121,6 +124,7 @@ class RunConfig:
     optimizer: str | None = None
     lr: float | None = None
     b1: float | None = None
+    lr_schedule: tuple[tuple[int, float], ...] | None = None
     eval_every: int | None = None
     nonfinite: str = "raise"
     out: str | None = None
@@ -144,6 +148,7 @@ class RunConfig:
             "lr": lambda v: _check_float("lr", v, low=0.0),
             "b1": lambda v: _check_float("b1", v, low=0.0, high=1.0, low_open=False,
                                          high_open=True),
+            "lr_schedule": _check_lr_schedule,
             "eval_every": lambda v: check_int("eval_every", v, 1),
             "out": _check_out,
             "theta0": _check_theta0,
@@ -191,6 +196,8 @@ class RunConfig:
         data = dataclasses.asdict(self)
         if isinstance(self.theta0, tuple):
             data["theta0"] = list(self.theta0)
+        if self.lr_schedule is not None:
+            data["lr_schedule"] = [list(pair) for pair in self.lr_schedule]
         return data
 
     # --------------------------------------------------------------------------- resolve
@@ -250,6 +257,12 @@ class RunConfig:
                               "momentum; SGD takes none", field="b1")
         else:
             b1 = None
+        if self.lr_schedule is not None:
+            lr_schedule = self.lr_schedule
+        elif self.lr is None and optimizer == opt.name:
+            lr_schedule = opt.schedule  # the task's schedule goes with its learning rate only
+        else:
+            lr_schedule = ()
         num_steps = self.num_steps or defaults.num_steps_for(est.name)
         eval_every = self.eval_every or max(1, num_steps // 100)
         seed = self.seed
@@ -257,6 +270,7 @@ class RunConfig:
         theta0 = _resolve_theta0(self.theta0, defaults.theta0, task_entry)
         return dataclasses.replace(
             self, num_steps=num_steps, optimizer=optimizer, lr=lr, b1=b1,
+            lr_schedule=lr_schedule,
             eval_every=eval_every, out=out, theta0=theta0,
             **{name: settings.get(name) for name in ESTIMATOR_SETTINGS if name in est.params},
         )
@@ -277,10 +291,20 @@ class RunConfig:
         opt = f"{self.optimizer} lr={self.lr:g}"
         if self.b1 is not None:
             opt += f" b1={self.b1:g}"
+        for boundary, scale in self.lr_schedule or ():
+            opt += f" x{scale:g}@{boundary}"
         parts.append(opt)
         if self.num_steps is not None:
             parts.append(f"{self.num_steps} steps")
         return ", ".join(parts)
+
+
+def _check_lr_schedule(value: Any) -> tuple[tuple[int, float], ...]:
+    """A list of [boundary, scale] pairs (OptimizerSpec's rules), stored as a tuple."""
+    try:
+        return OptimizerSpec("sgd", 1.0, schedule=value).schedule
+    except ValueError as e:
+        raise ConfigError(f"lr_schedule={_plain(value)!r}: {e}", field="lr_schedule") from None
 
 
 def _check_theta0(value: Any) -> float | tuple[float, ...]:
@@ -347,11 +371,14 @@ class Setup:
 _ESTIMATOR_CACHE: dict[tuple, Any] = {}
 
 
-def make_optimizer(name: str, lr: float, b1: float | None = None) -> optax.GradientTransformation:
+def make_optimizer(name: str, lr: float, b1: float | None = None,
+                   schedule: Any = ()) -> optax.GradientTransformation:
+    """``schedule``: ((boundary, scale), ...) of a piecewise-constant rate; () is constant."""
+    rate = optax.piecewise_constant_schedule(lr, dict(schedule)) if schedule else lr
     if name == "sgd":
-        return optax.sgd(lr)
+        return optax.sgd(rate)
     if name == "adam":
-        return optax.adam(lr) if b1 is None else optax.adam(lr, b1=b1)
+        return optax.adam(rate) if b1 is None else optax.adam(rate, b1=b1)
     raise unknown_name("optimizer", name, "optimizer", OPTIMIZER_NAMES)
 
 
@@ -380,7 +407,7 @@ def build_setup(config: RunConfig) -> Setup:
     entry = get_task(config.task)
     task = entry.make()
     estimator = _construct(get_estimator(config.estimator), task, config.estimator_kwargs())
-    optimizer = make_optimizer(config.optimizer, config.lr, config.b1)
+    optimizer = make_optimizer(config.optimizer, config.lr, config.b1, config.lr_schedule or ())
     default = task.defaults().initial_theta()
     theta0 = jnp.asarray(config.theta0, default.dtype).reshape(default.shape)
     return Setup(config, task, estimator, optimizer, theta0)
