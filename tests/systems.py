@@ -79,3 +79,20 @@ def z_scores(rows, exact):
     mean = rows.mean(0)
     se = rows.std(0, ddof=1) / np.sqrt(rows.shape[0])
     return (mean - flat(exact)) / se
+
+
+UNBIASED_Z = 4.5
+BIASED_Z = 6.0
+
+
+def check_unbiased(rows, exact):
+    """Every component within 4.5 standard errors of exact, and a 10% error would be seen."""
+    z = z_scores(rows, exact)
+    assert np.abs(z).max() < UNBIASED_Z, f"estimates are biased: z = {np.round(z, 2)}"
+    shifted = jax.tree_util.tree_map(lambda g: 1.1 * g, exact)
+    assert np.abs(z_scores(rows, shifted)).max() > BIASED_Z
+
+
+def check_biased(rows, exact):
+    z = z_scores(rows, exact)
+    assert np.abs(z).max() > BIASED_Z, f"a biased estimator passed: z = {np.round(z, 2)}"

@@ -453,6 +453,26 @@ class TruncatedEstimator:
         raise NotImplementedError
 
 
+class IndependentParticles(TruncatedEstimator):
+    """Estimators whose particles are independent and unperturbed (backprop, RTRL, UORO):
+    one member per particle, each with its own keys."""
+
+    def __init__(self, system, *, num_particles=1, truncation_length, stagger=True, mesh=None):
+        self.num_particles = check_positive_int("num_particles", num_particles)
+        self._setup(system, self.num_particles, truncation_length, stagger, mesh)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(num_particles={self.num_particles}, "
+                f"truncation_length={self.truncation_length}, stagger={self.stagger})")
+
+    @property
+    def num_pairs(self) -> int:
+        return self.num_particles
+
+    def _stored_members(self):
+        return (0.0,)
+
+
 class ESEstimator(TruncatedEstimator, NoiseHooks):
     """Common shape of the ES family: pairs of perturbed particles, one window per estimate.
 

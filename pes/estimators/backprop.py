@@ -15,15 +15,14 @@ import jax
 import jax.numpy as jnp
 
 from pes.estimators._particles import (
+    IndependentParticles,
     ParticleState,
-    TruncatedEstimator,
-    check_positive_int,
     window_info,
     window_scan,
 )
 
 
-class TBPTT(TruncatedEstimator):
+class TBPTT(IndependentParticles):
     """Truncated backprop with window length K over ``num_particles`` independent particles.
 
     Args:
@@ -33,21 +32,6 @@ class TBPTT(TruncatedEstimator):
       stagger: burn particles in to uniform random steps of their episodes (at theta).
       mesh: optional jax.sharding.Mesh; particles are sharded over all its devices.
     """
-
-    def __init__(self, system, *, num_particles=1, truncation_length, stagger=True, mesh=None):
-        self.num_particles = check_positive_int("num_particles", num_particles)
-        self._setup(system, self.num_particles, truncation_length, stagger, mesh)
-
-    def __repr__(self):
-        return (f"{type(self).__name__}(num_particles={self.num_particles}, "
-                f"truncation_length={self.truncation_length}, stagger={self.stagger})")
-
-    @property
-    def num_pairs(self) -> int:
-        return self.num_particles
-
-    def _stored_members(self):
-        return (0.0,)
 
     def _estimate(self, state, theta, key):
         K = self.truncation_length

@@ -19,10 +19,9 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from pes.estimators._particles import (
+    IndependentParticles,
     ParticleState,
-    TruncatedEstimator,
     WindowStats,
-    check_positive_int,
     expand_members,
     init_inner,
     select,
@@ -33,7 +32,7 @@ from pes.estimators._particles import (
 )
 
 
-class SensitivityEstimator(TruncatedEstimator):
+class SensitivityEstimator(IndependentParticles):
     """Particles carrying (state, sensitivity), stepped online at theta itself.
 
     ``ParticleState.inner`` has leaves [P, 1, ...] (one member per particle) and ``noise`` is
@@ -44,16 +43,8 @@ class SensitivityEstimator(TruncatedEstimator):
     """
 
     def __init__(self, system, *, num_particles=1, truncation_length=1, stagger=True, mesh=None):
-        self.num_particles = check_positive_int("num_particles", num_particles)
-        self._setup(system, self.num_particles, truncation_length, stagger, mesh)
-
-    def __repr__(self):
-        return (f"{type(self).__name__}(num_particles={self.num_particles}, "
-                f"truncation_length={self.truncation_length}, stagger={self.stagger})")
-
-    @property
-    def num_pairs(self) -> int:
-        return self.num_particles
+        super().__init__(system, num_particles=num_particles,
+                         truncation_length=truncation_length, stagger=stagger, mesh=mesh)
 
     def fresh_sensitivity(self, sens):
         """Sensitivity of a fresh episode's state: zero."""
