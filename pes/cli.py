@@ -6,6 +6,8 @@
     pes run --resume RUN_DIR [--num-steps N]
     pes compare EXPERIMENT [--seeds 0,1,2] [--num-steps N] [--out DIR]
     pes surface toy-regression [--resolution R] [--runs DIR...] [--out FILE]
+    pes diagnose TASK --estimators pes,tes,... [--truncation-lengths 1,10,100] [--replicates R]
+    pes compare variance [--size default|paper|tiny]
 
 A setting a user gets wrong (unknown name, bad value, contradiction, existing run directory)
 is one line on stderr and exit status 2; a run stopped by a non-finite gradient exits 1, one
@@ -15,6 +17,7 @@ stopped by SIGINT or SIGTERM 130 or 143 (both after checkpointing; ``--resume`` 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
@@ -99,6 +102,20 @@ def list_command() -> None:
         typer.echo(f"  {name:<{width}}  {exp.title}: {arms}")
 
 
+# Options of the image tasks (mnist-lr-schedule, many-hyperparameters), on run and compare.
+_DATA_DIR = dict(metavar="DIR", show_default=False,
+                 help="Image tasks: folder searched first for the dataset's IDX files (then "
+                 "$PES_DATA_DIR, /usr/share/datasets/fashion-mnist, the download cache).")
+_DATASET = dict(show_default=False,
+                help="Image tasks: fashion-mnist or mnist. [default: fashion-mnist]")
+_SIZE = dict(show_default=False,
+             help="Image tasks: cpu (minutes on 2 cores), paper (the paper's) or tiny "
+             "(seconds; tests). [default: cpu]")
+_OBJECTIVE = dict(show_default=False,
+                  help="mnist-lr-schedule: loss (mean training loss) or accuracy (minus "
+                  "validation accuracy). [default: loss; pes compare: both]")
+
+
 @app.command("run")
 def run_command(
     task: Annotated[str | None, typer.Argument(
@@ -151,6 +168,10 @@ def run_command(
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace the run already in --out.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    data_dir: Annotated[str | None, typer.Option("--data-dir", **_DATA_DIR)] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", **_DATASET)] = None,
+    size: Annotated[str | None, typer.Option("--size", **_SIZE)] = None,
+    objective: Annotated[str | None, typer.Option("--objective", **_OBJECTIVE)] = None,
 ) -> None:
     """Train theta on TASK with one estimator; writes a run directory and prints a summary.
 
@@ -162,7 +183,8 @@ def run_command(
             task=task, estimator=estimator, seed=seed, num_steps=num_steps,
             num_particles=num_particles, sigma=sigma, truncation_length=truncation_length,
             optimizer=optimizer, lr=lr, b1=b1, eval_every=eval_every, nonfinite=nonfinite,
-            out=out, theta0=parse_theta0(theta0), checkpoint_every=checkpoint_every)
+            out=out, theta0=parse_theta0(theta0), checkpoint_every=checkpoint_every,
+            data_dir=data_dir, dataset=dataset, size=size, objective=objective)
         try:
             if resume is not None:
                 for name, given in (("--config", config is not None),
@@ -212,8 +234,9 @@ def parse_theta0(text: str | None) -> float | list[float] | None:
 def compare_command(
     experiment: Annotated[str, typer.Argument(help=f"Experiment: {_names(EXPERIMENT_NAMES)}.",
                                               show_default=False)],
-    seeds: Annotated[str, typer.Option(help="Comma-separated seeds, or a range like 0-4.")]
-    = "0,1,2",
+    seeds: Annotated[str | None, typer.Option(
+        help="Comma-separated seeds, or a range like 0-4. [default: 0,1,2; mnist-lr-schedule: "
+        "0]", show_default=False)] = None,
     out: Annotated[str | None, typer.Option(
         help="Output directory. [default: runs/compare/EXPERIMENT]", show_default=False)] = None,
     num_steps: Annotated[int | None, typer.Option(
@@ -225,8 +248,42 @@ def compare_command(
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace the comparison already in --out.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    data_dir: Annotated[str | None, typer.Option("--data-dir", **_DATA_DIR)] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", **_DATASET)] = None,
+    size: Annotated[str | None, typer.Option("--size", **_SIZE)] = None,
+    objective: Annotated[str | None, typer.Option("--objective", **_OBJECTIVE)] = None,
+    heatmap_points: Annotated[int | None, typer.Option(
+        help="mnist-lr-schedule: heatmap grid points per axis. [default: the size's]",
+        show_default=False)] = None,
 ) -> None:
-    """Run the paper's comparison EXPERIMENT: every estimator it ran, over several seeds."""
+    """Run the paper's comparison EXPERIMENT: every estimator it ran, over several seeds.
+
+    mnist-lr-schedule and many-hyperparameters take --dataset, --data-dir, --size (and
+    --objective, --heatmap-points for mnist-lr-schedule); their default seeds are 0 and 0,1,2
+    (what fits 30 minutes on 2 cores at --size cpu).
+    """
+    from pes.experiments import images
+
+    if experiment == "variance":  # the variance study: not a comparison of training runs
+        _variance_compare(size=size, out=out, overwrite=overwrite, given={
+            "--seeds": seeds, "--num-steps": num_steps, "--estimators": estimators,
+            "--data-dir": data_dir, "--dataset": dataset, "--objective": objective,
+            "--heatmap-points": heatmap_points})
+        return
+    if experiment in images.IMAGE_COMPARISONS:
+        _image_compare(experiment, seeds=seeds, out=out, num_steps=num_steps,
+                       estimators=estimators, overwrite=overwrite, progress=progress,
+                       data_dir=data_dir, dataset=dataset, size=size, objective=objective,
+                       heatmap_points=heatmap_points)
+        return
+    given = [f"--{n.replace('_', '-')}" for n, v in (
+        ("data_dir", data_dir), ("dataset", dataset), ("size", size),
+        ("objective", objective), ("heatmap_points", heatmap_points)) if v is not None]
+    if given:
+        _fail(f"{given[0]} applies only to pes compare "
+              f"{' and '.join(images.IMAGE_COMPARISONS)}, not {experiment}")
+    if seeds is None:
+        seeds = "0,1,2"
     with _user_errors():
         seed_list = parse_seeds(seeds)
         chosen = [e.strip() for e in estimators.split(",") if e.strip()] if estimators else None
@@ -240,6 +297,42 @@ def compare_command(
     typer.echo(f"{result.experiment.name}: {len(result.seeds)} seed(s) in "
                f"{result.wall_time_s:.1f} s; wrote "
                + ", ".join(str(f) for f in result.files))
+
+
+def _image_compare(experiment: str, *, seeds: str | None, out: str | None,
+                   num_steps: int | None, estimators: str | None, overwrite: bool,
+                   progress: bool, data_dir: str | None, dataset: str | None,
+                   size: str | None, objective: str | None,
+                   heatmap_points: int | None) -> None:
+    """pes compare mnist-lr-schedule | many-hyperparameters (pes.experiments.images)."""
+    from pes.experiments import images
+
+    if estimators is not None:
+        _fail(f"--estimators does not apply to pes compare {experiment}: it always runs PES "
+              "and TES" + (" and random search" if experiment != "mnist-lr-schedule" else ""))
+    lr = experiment == "mnist-lr-schedule"
+    for flag, value in (("--objective", objective), ("--heatmap-points", heatmap_points)):
+        if value is not None and not lr:
+            _fail(f"{flag} applies only to pes compare mnist-lr-schedule")
+    with _user_errors():
+        seed_list = parse_seeds(seeds if seeds is not None else images.DEFAULT_SEEDS[experiment])
+        common = dict(seeds=seed_list, out=out, dataset=dataset, data_dir=data_dir, size=size,
+                      num_steps=num_steps, overwrite=overwrite, progress=progress,
+                      echo=typer.echo)
+        try:
+            if lr:
+                result = images.run_lr_schedule_comparison(
+                    objectives=(objective,) if objective else images.LR_OBJECTIVES,
+                    heatmap_points=heatmap_points, **common)
+            else:
+                result = images.run_many_hyperparameters_comparison(**common)
+        except RunInterrupted as e:
+            _fail(str(e), code=e.exit_code)
+    for line in Path(result["files"][-1]).read_text().splitlines():
+        if line.startswith(("* ", "Finding")):
+            typer.echo(line)
+    typer.echo(f"{experiment}: {len(seed_list)} seed(s) in {result['wall_time_s']:.1f} s; "
+               "wrote " + ", ".join(str(f) for f in result["files"]))
 
 
 @app.command("surface")
@@ -263,6 +356,131 @@ def surface_command(
     typer.echo(f"{task}: {resolution}x{resolution} surface, minimum {result.minimum:.4g} at "
                f"theta=({result.argmin[0]:.3g}, {result.argmin[1]:.3g}); "
                f"{len(result.trajectories)} trajectories; wrote {result.path}")
+
+
+data_app = typer.Typer(help="Datasets of the image tasks: download them into the cache.",
+                       no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("download")
+def data_download_command(
+    name: Annotated[str, typer.Argument(help="Dataset: mnist or fashion-mnist.",
+                                        show_default=False)],
+    cache_dir: Annotated[str | None, typer.Option(
+        "--cache-dir", metavar="DIR", help="Folder to fetch into. [default: the cache the "
+        "image tasks search: $PES_CACHE_DIR/NAME, $XDG_CACHE_HOME/pes/NAME or "
+        "~/.cache/pes/NAME]", show_default=False)] = None,
+    base_url: Annotated[str | None, typer.Option(
+        "--base-url", metavar="URL", help="Fetch URL/FILE.gz instead of the canonical "
+        "mirrors.", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Fetch again even files already "
+                                        "there and verified.")] = False,
+) -> None:
+    """Fetch the four IDX .gz files of a dataset, each checked against its SHA-256.
+
+    Exit status: 0 done; 1 a download failed or a checksum did not match (nothing written
+    for that file); 2 a bad argument.
+    """
+    from pes import data as pes_data
+
+    if name not in pes_data.DATASET_NAMES:
+        _fail(f"dataset={name!r} is not known; known datasets: "
+              f"{_names(pes_data.DATASET_NAMES)}")
+    try:
+        target = pes_data.download(name, cache_dir, base_url, force=force,
+                                   progress=typer.echo)
+    except OSError as e:
+        _fail(str(e), code=1)
+    typer.echo(f"{name}: the four files are in {target}")
+
+
+def _variance_compare(*, size: str | None, out: str | None, overwrite: bool,
+                      given: dict[str, object]) -> None:
+    """pes compare variance [--size default|paper|tiny] (pes.experiments.variance_compare)."""
+    from pes.experiments.variance_compare import run_variance_comparison
+
+    for flag, value in given.items():
+        if value is not None:
+            _fail(f"{flag} does not apply to pes compare variance; it takes --size "
+                  "(default, paper or tiny), --out and --overwrite")
+    with _user_errors():
+        res = run_variance_comparison(size=size, out=out, overwrite=overwrite,
+                                      echo=typer.echo)
+    for c in res["claims"]:
+        typer.echo(f"[{'holds' if c.holds else 'FAILS'}] {c.claim}: {c.detail}")
+    typer.echo(f"variance: {res['wall_time_s']:.1f} s; wrote "
+               + ", ".join(str(f) for f in res["files"]))
+
+
+def _csv(text: str | None) -> list[str] | None:
+    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+
+@app.command("diagnose")
+def diagnose_command(
+    task: Annotated[str, typer.Argument(help=f"Task: {_names(TASK_NAMES)}.",
+                                        show_default=False)],
+    estimators: Annotated[str, typer.Option(
+        "--estimators", "-e", help="Comma-separated estimators, e.g. pes,tes,nres.",
+        show_default=False)],
+    truncation_lengths: Annotated[str | None, typer.Option(
+        "--truncation-lengths", "-k", help="Comma-separated K values, e.g. 1,10,100; each "
+        "must divide the episode length. Not for full-es and full-bptt (one row each). "
+        "[default: each estimator's K on the task]", show_default=False)] = None,
+    replicates: Annotated[int, typer.Option(
+        "--replicates", "-r", help="Independent estimates per row.")] = 32,
+    num_particles: Annotated[int | None, typer.Option(
+        help="Particles per estimate. [default: the task's]", show_default=False)] = None,
+    sigma: Annotated[float | None, typer.Option(
+        help="ES perturbation scale, also the reference's smoothing. [default: the task's]",
+        show_default=False)] = None,
+    reference: Annotated[str, typer.Option(
+        help="Reference gradient: autodiff (backprop averaged over perturbations) or es "
+        "(full-episode ES).")] = "autodiff",
+    reference_samples: Annotated[int, typer.Option(
+        help="Antithetic pairs averaged by the reference.")] = 128,
+    episode_length: Annotated[int | None, typer.Option(
+        help="Episode length T for a task that never resets (influence-balancing). "
+        "[default: the smallest multiple of every K that is >= 100]",
+        show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Seed of every key.")] = 0,
+    out: Annotated[str | None, typer.Option(
+        help="Output directory. [default: runs/diagnose/TASK]", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace the diagnosis already in --out.")] = False,
+) -> None:
+    """Bias, normalised variance and cost of estimators on TASK at its initial theta.
+
+    Each estimate is the mean of the T/K windows of one episode; the reference is the
+    gradient of the Gaussian-smoothed episode loss at the estimator's sigma. Prints the table
+    and writes diagnose.json, diagnose.md and diagnose.png.
+    """
+    from pes.experiments.diagnose import DiagnoseConfig, format_table, run_diagnose
+
+    with _user_errors():
+        ks = _csv(truncation_lengths)
+        try:
+            k_values = None if ks is None else tuple(int(k) for k in ks)
+        except ValueError:
+            raise ConfigError(f"truncation_lengths={truncation_lengths!r} must be comma-"
+                              "separated ints, e.g. 1,10,100",
+                              field="truncation_lengths") from None
+        config = DiagnoseConfig(
+            task=task, estimators=tuple(_csv(estimators) or ()), truncation_lengths=k_values,
+            num_replicates=replicates, num_particles=num_particles, sigma=sigma,
+            reference=reference, reference_samples=reference_samples,
+            episode_length=episode_length, seed=seed, out=out, overwrite=overwrite)
+        try:
+            result = run_diagnose(config, echo=typer.echo)
+        except ConfigError:
+            raise
+        except ValueError as e:  # e.g. a zero reference gradient
+            _fail(str(e), code=1)
+    typer.echo("")
+    typer.echo(format_table(result))
+    typer.echo(f"{task}: {len(result.rows)} rows in {result.wall_time_s:.1f} s; wrote "
+               + ", ".join(str(f) for f in result.files))
 
 
 def main() -> None:

@@ -423,7 +423,10 @@ def summarize(estimates: np.ndarray, reference: Reference, *, inner_steps: np.nd
     bias_norm = float(np.linalg.norm(bias))
     floor = float(np.sqrt(np.sum(se**2)))
     norm_se = float(np.sqrt(np.sum(bias**2 * se**2)) / bias_norm) if bias_norm > 0 else floor
-    z = np.abs(bias) / np.where(se > 0, se, np.inf)
+    # A bias with no noise at all (an exact estimator against an exact reference) is
+    # infinitely significant; no bias and no noise is z = 0.
+    z = np.where(se > 0, np.abs(bias) / np.where(se > 0, se, 1.0),
+                 np.where(bias != 0, np.inf, 0.0))
     d = np.sum((G - ref) ** 2, axis=1) / ref_norm2
     return Diagnosis(
         estimator=name,

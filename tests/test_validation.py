@@ -67,6 +67,26 @@ BAD_INPUTS = [
     (["influence-balancing", "-e", "full-bptt"],
      "estimator='full-bptt' needs episodes that end (it unrolls whole episodes), but "
      "task='influence-balancing' never resets"),
+    # image-task options (checked before any data is read) and a dataset that is not there
+    (["toy-regression", "-e", "pes", "--dataset", "mnist"],
+     "dataset='mnist' does not apply to task='toy-regression'; only mnist-lr-schedule, "
+     "many-hyperparameters take it"),
+    (["many-hyperparameters", "-e", "pes", "--objective", "accuracy"],
+     "objective='accuracy' does not apply to task='many-hyperparameters'; only "
+     "mnist-lr-schedule takes it"),
+    (["mnist-lr-schedule", "-e", "pes", "--dataset", "kmnist"],
+     "dataset='kmnist' is not a known dataset; valid datasets: fashion-mnist, mnist"),
+    (["mnist-lr-schedule", "-e", "pes", "--size", "huge"],
+     "size='huge' is not a known size; valid sizes: cpu, paper, tiny"),
+    (["mnist-lr-schedule", "-e", "pes", "--objective", "valid"],
+     "objective='valid' is not a known objective; valid objectives: loss, accuracy"),
+    (["mnist-lr-schedule", "-e", "rtrl", "--size", "tiny"],
+     "task='mnist-lr-schedule' has no settings for estimator='rtrl'"),
+    (["mnist-lr-schedule", "-e", "pes", "--dataset", "mnist", "--data-dir", "{tmp}"],
+     "dataset 'mnist' not found. Searched, in order: {tmp}/mnist (no such folder); {tmp} "
+     "(none of the 4 files);"),
+    (["mnist-lr-schedule", "-e", "pes", "--dataset", "mnist", "--data-dir", "{tmp}"],
+     "To get it: run `pes data download mnist`"),
     # paths
     (["toy-regression", "-e", "pes", "--out", "{cfg}/type.yaml"],
      "type.yaml' exists and is not a directory"),

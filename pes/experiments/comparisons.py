@@ -116,6 +116,48 @@ EXPERIMENTS: dict[str, Experiment] = {
         ),
     )
 }
+# The image-data comparisons: `pes compare` runs them with pes.experiments.images (heatmap,
+# best-so-far against random search); these entries name them for `pes list`.
+EXPERIMENTS["mnist-lr-schedule"] = Experiment(
+    name="mnist-lr-schedule",
+    task="mnist-lr-schedule",
+    title="Learning-rate schedule of an MLP on (Fashion-)MNIST (PES paper, experiment 3)",
+    description="PES and TES on theta = (log lr0, log decay) for the training-loss and the "
+    "validation-accuracy objectives, drawn on a heatmap of full runs",
+    arms=(Arm("pes", "pes"), Arm("tes", "tes")),
+    log_y=False,
+    plot_theta=True,
+    expected="TES settles at a larger decay than PES (short-horizon bias); PES reaches the "
+    "good region of the heatmap, for both objectives.",
+)
+EXPERIMENTS["many-hyperparameters"] = Experiment(
+    name="many-hyperparameters",
+    task="many-hyperparameters",
+    title="29 hyperparameters of an MLP on (Fashion-)MNIST (PES paper, experiment 4), "
+    "against random search",
+    description="PES, TES and random search (PES's inner steps) from random theta: "
+    "best-so-far validation loss against inner steps",
+    arms=(Arm("pes", "pes"), Arm("tes", "tes")),
+    log_y=False,
+    plot_theta=False,
+    expected="PES's best-so-far is at or below random search's at equal inner steps.",
+)
+# The variance study (PES paper, experiment 7): not training runs, so `pes compare variance`
+# runs it with pes.experiments.variance_compare; this entry names it for `pes list`.
+EXPERIMENTS["variance"] = Experiment(
+    name="variance",
+    task="text-lstm",
+    title="Gradient variance against the number of unrolls T/K on a character LSTM (PES "
+    "paper, variance study; --size default|paper|tiny)",
+    description="normalised variance of full-episode PES, NRES and TES estimates made of T/K "
+    "windows, on real text, random tokens and one repeated token",
+    arms=(Arm("pes", "pes"), Arm("nres", "nres"), Arm("tes", "tes")),
+    log_y=True,
+    plot_theta=False,
+    expected="PES's variance grows > 10x from 1 to 1000 unrolls on random tokens and stays "
+    "within 2x on the repeated token; NRES stays within 2x; TES is biased where the sequence "
+    "has memory.",
+)
 EXPERIMENT_NAMES = tuple(EXPERIMENTS)
 
 

@@ -35,6 +35,7 @@ from pes.experiments.registry import (
     ESTIMATOR_NAMES,
     ESTIMATOR_SETTINGS,
     TASK_NAMES,
+    TASK_OPTIONS,
     EstimatorEntry,
     get_estimator,
     get_task,
@@ -112,6 +113,10 @@ class RunConfig:
       milliseconds, too much to pay every few steps of a fast task). Whatever this is, the run
       is also checkpointed after its last step, when interrupted (SIGINT/SIGTERM) and when a
       non-finite loss stops it.
+    dataset ('fashion-mnist' or 'mnist'), data_dir (a folder searched first), size ('cpu',
+      'paper' or 'tiny') and objective ('loss' or 'accuracy'): options of the image tasks
+      (mnist-lr-schedule; many-hyperparameters takes all but objective); None: the task's
+      default, and must stay None for a task that does not take them.
     """
 
     task: str
@@ -130,6 +135,10 @@ class RunConfig:
     out: str | None = None
     theta0: float | tuple[float, ...] | None = None
     checkpoint_every: int | None = None
+    dataset: str | None = None
+    data_dir: str | None = None
+    size: str | None = None
+    objective: str | None = None
 
     def __post_init__(self) -> None:
         checked: dict[str, Any] = {
@@ -153,6 +162,10 @@ class RunConfig:
             "out": _check_out,
             "theta0": _check_theta0,
             "checkpoint_every": lambda v: check_int("checkpoint_every", v, 1),
+            "dataset": lambda v: _check_name("dataset", v, "dataset", DATASET_NAMES),
+            "data_dir": _check_data_dir,
+            "size": lambda v: _check_name("size", v, "size", TASK_SIZES),
+            "objective": lambda v: _check_name("objective", v, "objective", OBJECTIVES),
         }
         for name, check in optional.items():
             value = getattr(self, name)
@@ -212,7 +225,8 @@ class RunConfig:
         """
         task_entry = get_task(self.task)
         est = get_estimator(self.estimator)
-        task = task_entry.make()
+        options = self.task_options()
+        task = make_task(self.task, options)
         horizon = task.horizon
         for name in ESTIMATOR_SETTINGS:
             if getattr(self, name) is not None and name not in est.params:
@@ -273,7 +287,22 @@ class RunConfig:
             lr_schedule=lr_schedule,
             eval_every=eval_every, out=out, theta0=theta0,
             **{name: settings.get(name) for name in ESTIMATOR_SETTINGS if name in est.params},
+            **options,
         )
+
+    def task_options(self) -> dict[str, Any]:
+        """The task's options (TASK_OPTIONS) with its defaults filled in; a ConfigError for an
+        option the task does not take."""
+        entry = get_task(self.task)
+        for name in TASK_OPTIONS:
+            value = getattr(self, name)
+            if value is not None and name not in entry.options:
+                takers = [t for t in TASK_NAMES if name in get_task(t).options]
+                raise ConfigError(
+                    f"{name}={value!r} does not apply to task={self.task!r}; only "
+                    f"{', '.join(takers)} take{'s' * (len(takers) == 1)} it", field=name)
+        return {name: (getattr(self, name) if getattr(self, name) is not None else default)
+                for name, default in entry.options.items()}
 
     def estimator_kwargs(self) -> dict[str, Any]:
         """Constructor keyword arguments of the estimator (from a resolved config)."""
@@ -346,6 +375,39 @@ def _resolve_theta0(value: Any, default: Any, entry: Any) -> float | tuple[float
     return tuple(value)
 
 
+DATASET_NAMES = ("fashion-mnist", "mnist")
+TASK_SIZES = ("cpu", "paper", "tiny")
+OBJECTIVES = ("loss", "accuracy")
+
+
+def _check_data_dir(value: Any) -> str:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"data_dir={value!r} must be a non-empty folder path",
+                          field="data_dir")
+    return value
+
+
+def make_task(name: str, options: Mapping[str, Any] | None = None) -> Any:
+    """``get_task(name).make(**options)``; a dataset that cannot be found or read is a
+    one-line ConfigError saying how to get it."""
+    from pes import data as pes_data
+
+    try:
+        return get_task(name).make(**dict(options or {}))
+    except pes_data.DatasetNotFoundError as e:
+        lines = [line.strip() for line in str(e).splitlines()]
+        # One line: the searched folders joined by "; " (the message has one per line).
+        text = lines[0] if len(lines) < 3 else (
+            f"{lines[0]} {'; '.join(lines[1:-1]).replace(':;', ':', 1)}. {lines[-1]}")
+        raise ConfigError(f"task={name!r}: {text}", field="dataset") from None
+    except pes_data.CorruptFileError as e:
+        raise ConfigError(f"task={name!r}: {e}", field="data_dir") from None
+    except ValueError as e:  # e.g. a dataset too small for its validation split
+        raise ConfigError(f"task={name!r}: {e}", field="dataset") from None
+
+
 def _check_out(value: Any) -> str:
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
@@ -404,8 +466,7 @@ def _construct(est: EstimatorEntry, task: Any, kwargs: dict[str, Any]) -> Any:
 def build_setup(config: RunConfig) -> Setup:
     """Resolve ``config`` and build its task, estimator, optimizer and initial theta."""
     config = config.resolve()
-    entry = get_task(config.task)
-    task = entry.make()
+    task = make_task(config.task, config.task_options())
     estimator = _construct(get_estimator(config.estimator), task, config.estimator_kwargs())
     optimizer = make_optimizer(config.optimizer, config.lr, config.b1, config.lr_schedule or ())
     default = task.defaults().initial_theta()

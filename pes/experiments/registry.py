@@ -56,9 +56,12 @@ class TaskEntry:
     theta_names: tuple[str, ...]
     reference_theta: Callable[[Any], Any] | None = None
     has_surface: bool = False
+    # Task options (TASK_OPTIONS) the factory takes as keyword arguments, with their defaults.
+    options: dict[str, Any] = field(default_factory=dict, hash=False)
 
-    def make(self) -> Any:
-        return _make_task(self.name)
+    def make(self, **options: Any) -> Any:
+        """The task object (one per name and options); ``options``: some of ``self.options``."""
+        return _make_task(self.name, tuple(sorted(options.items())))
 
     def reference(self) -> np.ndarray | None:
         if self.reference_theta is None:
@@ -101,13 +104,81 @@ TASKS: dict[str, TaskEntry] = {
         reference_theta=lambda task: task.true_theta(),
     ),
 }
+
+
+def _mnist_lr_schedule(**options: Any) -> Any:
+    from pes.tasks.mnist_lr_schedule import MnistLRSchedule
+
+    return MnistLRSchedule(**options)
+
+
+def _many_hyperparameters(**options: Any) -> Any:
+    from pes.tasks.many_hyperparameters import ManyHyperparameters
+
+    return ManyHyperparameters(**options)
+
+
+# Options of the image tasks (RunConfig fields; --dataset, --data-dir, --size, --objective).
+TASK_OPTIONS = ("dataset", "data_dir", "size", "objective")
+_IMAGE_OPTIONS = {"dataset": "fashion-mnist", "data_dir": None, "size": "cpu"}
+
+TASKS["mnist-lr-schedule"] = TaskEntry(
+    name="mnist-lr-schedule",
+    factory=_mnist_lr_schedule,
+    description="learning-rate schedule lr0 / (1 + t/T)^decay of an MLP on (Fashion-)MNIST; "
+    "--objective loss (mean training loss) or accuracy (minus validation accuracy)",
+    metric="meta_loss",
+    metric_label="meta-objective (mean training loss, or minus validation accuracy)",
+    log_y=False,
+    theta_names=("log lr0", "log decay"),
+    options={**_IMAGE_OPTIONS, "objective": "loss"},
+)
+TASKS["many-hyperparameters"] = TaskEntry(
+    name="many-hyperparameters",
+    factory=_many_hyperparameters,
+    description="29 hyperparameters of a 5-hidden-layer MLP on (Fashion-)MNIST: per-tensor "
+    "log lr and momentum, per-layer dropout keep (mean validation loss)",
+    metric="meta_loss",
+    metric_label="meta-objective (mean validation loss over the run)",
+    log_y=False,
+    theta_names=tuple(f"theta[{i}]" for i in range(29)),
+    options=dict(_IMAGE_OPTIONS),
+)
+
+
+def _text_lstm(variant: str) -> Callable[[], Any]:
+    def factory() -> Any:
+        from pes.tasks.text_lstm import TextLSTM
+
+        return TextLSTM(variant)
+
+    return factory
+
+
+# The variance study's character LSTM (5 units, T = 1000), one task name per sequence.
+_TEXT_LSTM_DIM = 1238  # 4H(V + H + 1) + (H + 1)V for H = 5 units, V = 43 characters
+for _suffix, _variant, _what in (("", "text", "the opening of Pride and Prejudice"),
+                                 ("-random", "random", "uniformly random tokens"),
+                                 ("-repeat", "repeat", "one repeated token")):
+    TASKS[f"text-lstm{_suffix}"] = TaskEntry(
+        name=f"text-lstm{_suffix}",
+        factory=_text_lstm(_variant),
+        description=f"character LSTM (5 units, 1238 weights) predicting {_what} "
+        "(T = 1000; the variance study's task)",
+        metric="meta_loss",
+        metric_label="mean cross-entropy per character (nats)",
+        log_y=False,
+        theta_names=tuple(f"theta[{i}]" for i in range(_TEXT_LSTM_DIM)),
+    )
+
 TASK_NAMES = tuple(TASKS)
 
 
 @functools.cache
-def _make_task(name: str) -> Any:
-    # One task object per name, so the jitted evaluation and estimators built for it are reused.
-    return TASKS[name].factory()
+def _make_task(name: str, options: tuple[tuple[str, Any], ...] = ()) -> Any:
+    # One task object per name (and options), so the jitted evaluation and estimators built
+    # for it are reused.
+    return TASKS[name].factory(**dict(options))
 
 
 def get_task(name: str, field_name: str = "task") -> TaskEntry:

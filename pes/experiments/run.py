@@ -70,6 +70,7 @@ CHECKPOINT_DIR = "checkpoints"
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, TIMING_FILE, SUMMARY_FILE, METRIC_PLOT, THETA_PLOT,
              CHECKPOINT_DIR)
 MAX_LOGGED_THETA = 16
+MAX_PRINTED_THETA = 64  # a longer theta is printed as its first numbers and its size
 KEEP_CHECKPOINTS = 3
 # Without checkpoint_every, a run checkpoints after this many seconds since the last one.
 CHECKPOINT_INTERVAL_S = 300.0
@@ -253,6 +254,9 @@ def fmt_num(x: Any, digits: int = 4) -> str:
 
 
 def fmt_theta(theta: Any, digits: int = 4) -> str:
+    if isinstance(theta, list) and len(theta) > MAX_PRINTED_THETA:  # e.g. an LSTM's weights
+        head = ", ".join(fmt_theta(t, digits) for t in theta[:3])
+        return f"({head}, ... {len(theta)} numbers)"
     if isinstance(theta, list):
         return "(" + ", ".join(fmt_theta(t, digits) for t in theta) + ")"
     return fmt_num(theta, digits)

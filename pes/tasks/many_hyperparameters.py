@@ -72,6 +72,9 @@ SIZES = {
                   sigma=0.3, truncation_length=10, outer_learning_rate=1e-2, num_steps=5000),
     "cpu": Size(hidden_sizes=(100,) * 5, batch_size=100, horizon=500, num_particles=10,
                 sigma=0.3, truncation_length=10, outer_learning_rate=1e-2, num_steps=600),
+    # For tests and smoke runs (seconds): 2 hidden layers of 8 (theta: 14 numbers).
+    "tiny": Size(hidden_sizes=(8, 8), batch_size=10, horizon=20, num_particles=4, sigma=0.3,
+                 truncation_length=5, outer_learning_rate=1e-2, num_steps=4),
 }
 
 

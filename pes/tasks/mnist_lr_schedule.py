@@ -69,6 +69,9 @@ SIZES = {
     "cpu": Size(hidden_sizes=(100, 100), batch_size=100, horizon=1000, num_particles=20,
                 sigma=0.1, truncation_length=10, outer_learning_rate=3e-2, num_steps=300,
                 heatmap_points=12),
+    # For tests and smoke runs (seconds): a small network and short episodes.
+    "tiny": Size(hidden_sizes=(16,), batch_size=10, horizon=20, num_particles=4, sigma=0.1,
+                 truncation_length=5, outer_learning_rate=3e-2, num_steps=4, heatmap_points=3),
 }
 
 
