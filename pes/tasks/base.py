@@ -107,6 +107,8 @@ class TaskDefaults:
     optimizer: the outer optimizer; ``optimizer_overrides`` replaces it for named estimators.
     estimators: estimator name -> constructor settings (num_particles, sigma,
       truncation_length); only the estimators the source ran or that make sense on the task.
+    theta_shape: the shape of theta when it is not that of theta0 (a matrix theta, e.g. a
+      policy's weights, whose theta0 lists its entries in row-major order); None: theta0's.
     """
 
     theta0: float | tuple[float, ...]
@@ -116,6 +118,7 @@ class TaskDefaults:
     estimators: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
     optimizer_overrides: Mapping[str, OptimizerSpec] = field(default_factory=dict, hash=False)
     num_steps_overrides: Mapping[str, int] = field(default_factory=dict, hash=False)
+    theta_shape: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         for what in ("estimators", "optimizer_overrides", "num_steps_overrides"):
@@ -127,8 +130,10 @@ class TaskDefaults:
                 )
 
     def initial_theta(self) -> jax.Array:
-        """theta0 as a float32 array: shape () for a float, (len,) for a tuple."""
-        return jnp.asarray(self.theta0, dtype=jnp.float32)
+        """theta0 as a float32 array: shape () for a float, (len,) for a tuple, or
+        ``theta_shape`` when set."""
+        theta = jnp.asarray(self.theta0, dtype=jnp.float32)
+        return theta if self.theta_shape is None else theta.reshape(self.theta_shape)
 
     def estimator_settings(self, name: str) -> dict[str, Any]:
         """A fresh copy of the constructor settings for estimator ``name``."""
@@ -154,4 +159,5 @@ class TaskDefaults:
             "estimators": {k: dict(v) for k, v in self.estimators.items()},
             "optimizer_overrides": {k: v.to_dict() for k, v in self.optimizer_overrides.items()},
             "num_steps_overrides": dict(self.num_steps_overrides),
+            **({"theta_shape": list(self.theta_shape)} if self.theta_shape is not None else {}),
         }
