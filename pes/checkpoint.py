@@ -89,7 +89,13 @@ class Checkpointer:
                  asynchronous: bool = True):
         ocp = _ocp()
         self.directory = Path(directory).absolute()
-        self.removed = remove_partial_writes(self.directory)
+        # Several processes (a distributed run) share the folder: one cleans it, all wait.
+        self.removed = remove_partial_writes(self.directory) if jax.process_index() == 0 \
+            else []
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"pes-checkpointer-open:{self.directory}")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=False, enable_async_checkpointing=asynchronous)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
@@ -123,8 +129,8 @@ class Checkpointer:
             raise ValueError(f"cannot checkpoint outer step {step}: {self.directory} already "
                              f"holds a later checkpoint (step {latest})")
         self.directory.mkdir(parents=True, exist_ok=True)
-        arrays = {"theta": state.theta, "opt_state": state.opt_state,
-                  "estimator_state": state.estimator_state, "key": _key_data(key)}
+        arrays = _global({"theta": state.theta, "opt_state": state.opt_state,
+                          "estimator_state": state.estimator_state, "key": _key_data(key)})
         meta = {**(extra or {}), "step": step, "inner_steps": int(state.inner_steps),
                 "arrays": _signature(arrays)}
         saved = self._manager.save(
@@ -171,7 +177,10 @@ class Checkpointer:
             "key": jax.ShapeDtypeStruct((2,), np.uint32),
         }
         target = jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), target)
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype,
+                                           sharding=getattr(x, "sharding", None)), target)
+        if like_key_sharding := _replicated_like(like):
+            target["key"] = jax.ShapeDtypeStruct((2,), np.uint32, sharding=like_key_sharding)
         try:
             saved = self._manager.restore(
                 step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
@@ -195,6 +204,64 @@ class Checkpointer:
         state = TrainState(arrays["theta"], arrays["opt_state"], arrays["estimator_state"],
                            int(meta["step"]), int(meta["inner_steps"]))
         return state, arrays["key"], meta
+
+
+def _global(arrays: PyTree) -> PyTree:
+    """In a multi-process run, every array that lives in this process alone (the run's key,
+    a fresh init's leaves) as the replicated global array orbax can write: each process holds
+    the same value, so process 0's copy is the one written."""
+    if jax.process_count() == 1:
+        return arrays
+    everywhere = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.array(jax.devices()), ("all",)), jax.sharding.PartitionSpec())
+
+    def lift(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return x
+        return jax.make_array_from_process_local_data(everywhere, np.asarray(x))
+
+    return jax.tree_util.tree_map(lift, arrays)
+
+
+def on_mesh(like: TrainState, mesh: jax.sharding.Mesh | None) -> TrainState:
+    """``like`` with a sharding on every leaf, for restoring into a run on ``mesh``.
+
+    The estimator state's leaves are split along their leading (particle) axis over all of
+    the mesh's devices when it divides evenly, and replicated otherwise; theta and the
+    optimizer state are replicated. With no mesh, everything goes to this process's first
+    device. The shardings do not depend on the devices or processes that wrote the
+    checkpoint, so a run on any number of them can restore it.
+    """
+    if mesh is None:
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        replicated = split = one
+        size = 1
+    else:
+        size = mesh.size
+        P = jax.sharding.PartitionSpec
+        replicated = jax.sharding.NamedSharding(mesh, P())
+        split = jax.sharding.NamedSharding(mesh, P(mesh.axis_names))
+
+    def place(x, by_particle):
+        shape = np.shape(x)
+        sharding = split if by_particle and shape and shape[0] % size == 0 \
+            else replicated
+        return jax.ShapeDtypeStruct(shape, x.dtype, sharding=sharding)
+
+    return TrainState(
+        jax.tree_util.tree_map(lambda x: place(x, False), like.theta),
+        jax.tree_util.tree_map(lambda x: place(x, False), like.opt_state),
+        jax.tree_util.tree_map(lambda x: place(x, True), like.estimator_state),
+        like.step, like.inner_steps)
+
+
+def _replicated_like(like: TrainState) -> jax.sharding.Sharding | None:
+    """The sharding of theta's first leaf with every axis replicated (where the key goes)."""
+    leaves = jax.tree_util.tree_leaves(like.theta)
+    sharding = getattr(leaves[0], "sharding", None) if leaves else None
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return sharding
 
 
 def remove_partial_writes(directory: str | os.PathLike) -> list[str]:

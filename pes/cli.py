@@ -4,6 +4,8 @@
     pes run TASK --estimator NAME [--seed S] [--num-steps N] [--out DIR] [settings...]
     pes run --config FILE [settings...]
     pes run --resume RUN_DIR [--num-steps N]
+    pes run ... [--devices N] [--distributed [--coordinator-address H:P --num-processes N
+                                              --process-id I]]
     pes compare EXPERIMENT [--seeds 0,1,2] [--num-steps N] [--out DIR]
     pes surface toy-regression [--resolution R] [--runs DIR...] [--out FILE]
     pes diagnose TASK --estimators pes,tes,... [--truncation-lengths 1,10,100] [--replicates R]
@@ -172,6 +174,23 @@ def run_command(
     dataset: Annotated[str | None, typer.Option("--dataset", **_DATASET)] = None,
     size: Annotated[str | None, typer.Option("--size", **_SIZE)] = None,
     objective: Annotated[str | None, typer.Option("--objective", **_OBJECTIVE)] = None,
+    devices: Annotated[int | None, typer.Option(
+        help="Split the particles over this many devices (on CPU: start with XLA_FLAGS="
+        "--xla_force_host_platform_device_count=N). [default: 1; --distributed: all devices "
+        "of all processes]", show_default=False)] = None,
+    distributed: Annotated[bool, typer.Option(
+        "--distributed", help="One of several processes (e.g. one per host) sharing the "
+        "particles: jax.distributed with the three flags below, or $PES_COORDINATOR_ADDRESS, "
+        "$PES_NUM_PROCESSES, $PES_PROCESS_ID, or what JAX detects (SLURM, Open MPI). Process 0 "
+        "writes the files; --out must be on a filesystem every process sees.")] = False,
+    coordinator_address: Annotated[str | None, typer.Option(
+        metavar="HOST:PORT", help="--distributed: process 0's address and a free port.",
+        show_default=False)] = None,
+    num_processes: Annotated[int | None, typer.Option(
+        help="--distributed: how many processes.", show_default=False)] = None,
+    process_id: Annotated[int | None, typer.Option(
+        help="--distributed: this process's index, 0 to num_processes - 1.",
+        show_default=False)] = None,
 ) -> None:
     """Train theta on TASK with one estimator; writes a run directory and prints a summary.
 
@@ -179,12 +198,14 @@ def run_command(
     2 a bad setting; 130/143 stopped by SIGINT/SIGTERM (checkpointed: --resume continues).
     """
     with _user_errors():
+        _start_processes(distributed, coordinator_address, num_processes, process_id)
         flags = dict(
             task=task, estimator=estimator, seed=seed, num_steps=num_steps,
             num_particles=num_particles, sigma=sigma, truncation_length=truncation_length,
             optimizer=optimizer, lr=lr, b1=b1, eval_every=eval_every, nonfinite=nonfinite,
             out=out, theta0=parse_theta0(theta0), checkpoint_every=checkpoint_every,
-            data_dir=data_dir, dataset=dataset, size=size, objective=objective)
+            data_dir=data_dir, dataset=dataset, size=size, objective=objective,
+            devices=devices)
         try:
             if resume is not None:
                 for name, given in (("--config", config is not None),
@@ -207,14 +228,36 @@ def run_command(
                         {k: v for k, v in flags.items() if v is not None}, source="flags")
                 result = execute_run(run_config, overwrite=overwrite, progress=progress)
         except RunFailed as e:
-            if e.result is not None:
+            if e.result is not None and _primary():
                 typer.echo(e.result.summary_line())
             _fail(str(e), code=1)
         except RunInterrupted as e:
-            if e.result is not None:
+            if e.result is not None and _primary():
                 typer.echo(e.result.summary_line())
             _fail(str(e), code=e.exit_code)
-    typer.echo(result.summary_line())
+    if _primary():
+        typer.echo(result.summary_line())
+
+
+def _start_processes(distributed: bool, coordinator_address: str | None,
+                     num_processes: int | None, process_id: int | None) -> None:
+    """--distributed: join the other processes before JAX computes anything."""
+    given = [f"--{n.replace('_', '-')}" for n, v in (
+        ("coordinator_address", coordinator_address), ("num_processes", num_processes),
+        ("process_id", process_id)) if v is not None]
+    if not distributed:
+        if given:
+            _fail(f"{given[0]} applies only with --distributed")
+        return
+    from pes.experiments.distributed import initialize
+
+    initialize(coordinator_address, num_processes, process_id)
+
+
+def _primary() -> bool:
+    from pes.experiments.distributed import is_primary
+
+    return is_primary()
 
 
 def parse_theta0(text: str | None) -> float | list[float] | None:

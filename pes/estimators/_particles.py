@@ -37,9 +37,11 @@ class EstimateInfo(NamedTuple):
 
     loss: jax.Array
     inner_steps: jax.Array
-    num_nonfinite: jax.Array = jnp.zeros((), jnp.int32)
-    nonfinite_particle: jax.Array = -jnp.ones((), jnp.int32)
-    nonfinite_step: jax.Array = -jnp.ones((), jnp.int32)
+    # numpy defaults: jnp ones would start JAX's backend at import, before a multi-process
+    # run can call jax.distributed.initialize.
+    num_nonfinite: jax.Array = np.zeros((), np.int32)
+    nonfinite_particle: jax.Array = -np.ones((), np.int32)
+    nonfinite_step: jax.Array = -np.ones((), np.int32)
 
 
 class ParticleState(NamedTuple):

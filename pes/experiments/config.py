@@ -117,6 +117,10 @@ class RunConfig:
       'paper' or 'tiny') and objective ('loss' or 'accuracy'): options of the image tasks
       (mnist-lr-schedule; many-hyperparameters takes all but objective); None: the task's
       default, and must stay None for a task that does not take them.
+    devices: split the particles over this many devices (a 1-D mesh; the pairs of antithetic
+      estimators must divide evenly); None: one device, or every device of every process in a
+      distributed run (:mod:`pes.experiments.distributed`). It changes where the particles
+      are computed, not the result (to float tolerance), so a resumed run may change it.
     """
 
     task: str
@@ -139,6 +143,7 @@ class RunConfig:
     data_dir: str | None = None
     size: str | None = None
     objective: str | None = None
+    devices: int | None = None
 
     def __post_init__(self) -> None:
         checked: dict[str, Any] = {
@@ -166,6 +171,7 @@ class RunConfig:
             "data_dir": _check_data_dir,
             "size": lambda v: _check_name("size", v, "size", TASK_SIZES),
             "objective": lambda v: _check_name("objective", v, "objective", OBJECTIVES),
+            "devices": lambda v: check_int("devices", v, 1),
         }
         for name, check in optional.items():
             value = getattr(self, name)
@@ -464,13 +470,36 @@ def _construct(est: EstimatorEntry, task: Any, kwargs: dict[str, Any]) -> Any:
 
 
 def build_setup(config: RunConfig) -> Setup:
-    """Resolve ``config`` and build its task, estimator, optimizer and initial theta."""
+    """Resolve ``config`` and build its task, estimator (on the mesh of ``config.devices``),
+    optimizer and initial theta."""
+    from pes.experiments.distributed import particle_mesh
+
     config = config.resolve()
     task = make_task(config.task, config.task_options())
-    estimator = _construct(get_estimator(config.estimator), task, config.estimator_kwargs())
+    entry = get_estimator(config.estimator)
+    kwargs = config.estimator_kwargs()
+    estimator = _construct(entry, task, kwargs)
+    mesh = particle_mesh(config.devices)
+    if mesh is not None:
+        pairs = getattr(estimator, "num_pairs", None) or getattr(estimator, "num_particles", 1)
+        if pairs % mesh.size:
+            per = "antithetic pairs" if pairs != getattr(estimator, "num_particles", pairs) \
+                else "particles"
+            raise ConfigError(
+                f"devices={mesh.size} does not divide the {pairs} {per} of num_particles="
+                f"{getattr(estimator, 'num_particles', pairs)} evenly: each device must hold "
+                f"the same number; choose num_particles a multiple of "
+                f"{mesh.size * (getattr(estimator, 'num_particles', pairs) // pairs)} or "
+                "another device count", field="devices")
+        estimator = _construct(entry, task, {**kwargs, "mesh": mesh})
     optimizer = make_optimizer(config.optimizer, config.lr, config.b1, config.lr_schedule or ())
     default = task.defaults().initial_theta()
     theta0 = jnp.asarray(config.theta0, default.dtype).reshape(default.shape)
+    if mesh is not None:
+        # theta replicated on the mesh from the start, as every later theta is: the first
+        # outer step then compiles the same programs as the rest.
+        everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        theta0 = jax.make_array_from_process_local_data(everywhere, np.asarray(theta0))
     return Setup(config, task, estimator, optimizer, theta0)
 
 
@@ -575,7 +604,7 @@ def config_with_overrides(data: Mapping[str, Any], source: str,
 
 
 # Settings a resumed run may change: they do not alter the steps already taken.
-RESUMABLE_SETTINGS = ("num_steps", "checkpoint_every", "nonfinite")
+RESUMABLE_SETTINGS = ("num_steps", "checkpoint_every", "nonfinite", "devices")
 
 
 def resumed_config(stored: RunConfig, source: str, overrides: Mapping[str, Any]

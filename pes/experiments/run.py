@@ -52,9 +52,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from pes.checkpoint import Checkpointer, abstract_state
+from pes.checkpoint import Checkpointer, abstract_state, on_mesh
 from pes.experiments import plots
 from pes.experiments.config import RunConfig, Setup, build_setup, resumed_config
+from pes.experiments.distributed import barrier, is_primary, max_over_processes, multiprocess
 from pes.experiments.errors import ConfigError, RunFailed, RunInterrupted
 from pes.experiments.registry import TaskEntry, get_task
 from pes.train import NonFiniteGradientError, TrainState, train
@@ -170,6 +171,25 @@ class MetricsWriter:
             self._file.close()
 
 
+class CountingWriter:
+    """A MetricsWriter that writes nothing: it counts the lines and bytes the file would get
+    (the processes of a distributed run other than process 0, which alone writes files, and
+    which record the same numbers in their checkpoints)."""
+
+    def __init__(self, lines: int = 0, size: int = 0):
+        self.lines, self.size = lines, size
+
+    def write(self, obj: dict[str, Any]) -> None:
+        self.size += len((json.dumps(jsonable(obj), allow_nan=False) + "\n").encode())
+        self.lines += 1
+
+    def sync(self) -> int:
+        return self.size
+
+    def close(self) -> None:
+        pass
+
+
 # ------------------------------------------------------------------------------ run folders
 
 
@@ -180,6 +200,21 @@ def is_run_dir(path: Path) -> bool:
 
 def prepare_run_dir(path: Path | str, overwrite: bool = False) -> Path:
     """An empty (or new) directory for a run; never destroys anything not made by a run."""
+    path = check_run_dir(path, overwrite)
+    if path.is_dir() and any(path.iterdir()):
+        for name in RUN_FILES:
+            target = path / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def check_run_dir(path: Path | str, overwrite: bool = False) -> Path:
+    """The ConfigError :func:`prepare_run_dir` would raise, if any, without changing
+    anything."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"out={str(path)!r} exists and is not a directory", field="out")
@@ -194,13 +229,6 @@ def prepare_run_dir(path: Path | str, overwrite: bool = False) -> Path:
                 f"out={str(path)!r} is not empty and is not a pes run directory (no "
                 f"{CONFIG_FILE}); refusing to delete anything in it, even with --overwrite",
                 field="out")
-        for name in RUN_FILES:
-            target = path / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    path.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -299,8 +327,14 @@ def execute_run(
     setup = build_setup(config)
     cfg = setup.config
     entry = get_task(cfg.task)
-    run_dir = prepare_run_dir(cfg.out, overwrite)
-    write_json(run_dir / CONFIG_FILE, cfg.to_dict())
+    # In a distributed run every process checks (so all stop on a bad --out), then process 0
+    # alone prepares the directory while the others wait.
+    run_dir = check_run_dir(cfg.out, overwrite)
+    barrier("pes-run-dir-checked")
+    if is_primary():
+        run_dir = prepare_run_dir(cfg.out, overwrite)
+        write_json(run_dir / CONFIG_FILE, cfg.to_dict())
+    barrier("pes-run-dir-ready")
     return _Recorder(setup, entry, run_dir, progress, desc, leave).run()
 
 
@@ -312,6 +346,7 @@ class _Resumed:
     records: list[dict[str, Any]]
     elapsed_s: float
     checkpointer: Checkpointer
+    metrics_bytes: int = 0
 
 
 def resume_run(
@@ -365,7 +400,9 @@ def resume_run(
                               f"the checkpoint in {ckpt_dir} has already taken",
                               field="num_steps")
         try:
-            like = abstract_state(setup.estimator, setup.optimizer, setup.theta0)
+            # Restored onto this run's devices, whichever devices and processes wrote it.
+            like = on_mesh(abstract_state(setup.estimator, setup.optimizer, setup.theta0),
+                           getattr(setup.estimator, "mesh", None))
             state, key_data, meta = checkpointer.restore(like, step)
         except ValueError as e:
             raise ConfigError(f"{where}: {e}", field="resume") from None
@@ -374,21 +411,26 @@ def resume_run(
             raise ConfigError(f"{where}: the checkpoint of step {step} was written with seed "
                               f"{meta.get('seed')}, but {CONFIG_FILE} says seed={cfg.seed}",
                               field="seed")
-        records = _cut_log(run_dir / METRICS_FILE, meta, step)
-        _cut_timing(run_dir / TIMING_FILE, step)
+        primary = is_primary()
+        records = _cut_log(run_dir / METRICS_FILE, meta, step, truncate=primary)
+        if primary:
+            _cut_timing(run_dir / TIMING_FILE, step)
     except BaseException:
         checkpointer.close()
         raise
-    if cfg != stored:
+    if cfg != stored and primary:
         write_json(run_dir / CONFIG_FILE, cfg.to_dict())
-    resumed = _Resumed(state, records, float(meta.get("elapsed_s", 0.0)), checkpointer)
+    resumed = _Resumed(state, records, float(meta.get("elapsed_s", 0.0)), checkpointer,
+                       int(meta["metrics_bytes"]))
     return _Recorder(setup, get_task(cfg.task), run_dir, progress, desc, leave,
                      resumed).run()
 
 
-def _cut_log(path: Path, meta: dict[str, Any], step: int) -> list[dict[str, Any]]:
+def _cut_log(path: Path, meta: dict[str, Any], step: int, truncate: bool = True
+             ) -> list[dict[str, Any]]:
     """Cut metrics.jsonl back to the ``metrics_lines`` lines (``metrics_bytes`` bytes) it had
-    when the checkpoint of ``step`` was written; returns their records."""
+    when the checkpoint of ``step`` was written (only read them unless ``truncate``);
+    returns their records."""
     lines, size = int(meta["metrics_lines"]), int(meta["metrics_bytes"])
     data = path.read_bytes() if path.is_file() else b""
     mismatch = (f"{path} does not hold what it held when the checkpoint of step {step} was "
@@ -404,7 +446,7 @@ def _cut_log(path: Path, meta: dict[str, Any], step: int) -> list[dict[str, Any]
         raise ConfigError(f"{mismatch}: it was edited", field=str(path)) from None
     if texts[-1] != "" or len(records) != lines or (records and records[-1].get("step") != step):
         raise ConfigError(f"{mismatch}: it was edited", field=str(path))
-    if len(data) > size:
+    if len(data) > size and truncate:
         with open(path, "r+b") as f:
             f.truncate(size)
             f.flush()
@@ -485,22 +527,32 @@ class _Recorder:
         self.last_state: TrainState | None = resumed.state if resumed else None
         self.checkpoint_step: int | None = resumed.state.step if resumed else None
         self.signal: int | None = None
+        # The signal every process agreed to stop on (a distributed run's processes must stop
+        # after the same outer step: each checkpoint is written by all of them together).
+        self.stop_signal: int | None = None
         self.forced = False
+        self.primary, self.multiprocess = is_primary(), multiprocess()
         self.bar = tqdm(total=cfg.num_steps, initial=self.outer_steps,
                         desc=desc or f"{cfg.task} {cfg.estimator}",
                         # None: only on a terminal (no carriage-return noise in logs).
-                        disable=None if progress else True, leave=leave, dynamic_ncols=True,
-                        unit="step")
+                        disable=None if progress and self.primary else True, leave=leave,
+                        dynamic_ncols=True, unit="step")
         self.start = time.perf_counter() - (resumed.elapsed_s if resumed else 0.0)
         self.checkpoint_time = time.perf_counter()
         mode = "a" if resumed else "w"
-        self.metrics = MetricsWriter(run_dir / METRICS_FILE, mode, len(self.records))
-        self.timing = MetricsWriter(run_dir / TIMING_FILE, mode)
+        if self.primary:
+            self.metrics = MetricsWriter(run_dir / METRICS_FILE, mode, len(self.records))
+            self.timing = MetricsWriter(run_dir / TIMING_FILE, mode)
+        else:
+            self.metrics = CountingWriter(len(self.records),
+                                          resumed.metrics_bytes if resumed else 0)
+            self.timing = CountingWriter()
         self.checkpointer = resumed.checkpointer if resumed else Checkpointer(
             run_dir / CHECKPOINT_DIR, max_to_keep=KEEP_CHECKPOINTS)
 
     def notice(self, text: str) -> None:
-        self.bar.write(text, file=sys.stderr)
+        if self.primary:
+            self.bar.write(text, file=sys.stderr)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -552,11 +604,17 @@ class _Recorder:
             self._show(evals)
         self.bar.update(1)
         state = self.pending_state
+        stop = self.signal
         if state is not None and state.step == record.step:
             self.last_state = state
-            if self.signal is not None or self._checkpoint_due(record.step):
+            due = self._checkpoint_due(record.step)
+            if self.multiprocess:  # one decision for all: a signal or a clock anywhere
+                agreed, due = max_over_processes([stop or 0, int(due)])
+                stop = agreed or None
+            if stop is not None or due:
                 self.checkpoint(state)
-        return self.signal is not None
+        self.stop_signal = stop
+        return stop is not None
 
     def _checkpoint_due(self, step: int) -> bool:
         cfg = self.setup.config
@@ -604,8 +662,8 @@ class _Recorder:
                         nonfinite=cfg.nonfinite, on_state=self.on_state,
                         resume=self.resumed.state if self.resumed else None)
                     self.theta = result.theta
-                    if self.signal is not None and self.outer_steps < cfg.num_steps:
-                        signum = self.signal
+                    if self.stop_signal is not None and self.outer_steps < cfg.num_steps:
+                        signum = self.stop_signal
                         status = "interrupted"
                         error = (f"interrupted by {signal.Signals(signum).name} after outer "
                                  f"step {self.outer_steps}; "
@@ -681,9 +739,13 @@ class _Recorder:
             "estimator_repr": repr(self.setup.estimator),
             "versions": {"pes": _pes_version(), "jax": jax.__version__},
             "backend": jax.default_backend(),
+            "devices": int(getattr(getattr(self.setup.estimator, "mesh", None), "size", 1)),
+            "processes": jax.process_count(),
         }
-        write_json(self.run_dir / SUMMARY_FILE, summary)
         result = RunResult(cfg, self.run_dir, jsonable(summary), self.records)
+        if not self.primary:  # process 0 writes the run's files
+            return result
+        write_json(self.run_dir / SUMMARY_FILE, summary)
         try:
             plot_run(self.run_dir, self.records, self.entry, cfg)
         except Exception as e:  # a plot must never cost the run its summary
