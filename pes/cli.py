@@ -313,6 +313,13 @@ def compare_command(
             "--data-dir": data_dir, "--dataset": dataset, "--objective": objective,
             "--heatmap-points": heatmap_points})
         return
+    if experiment == "learned-optimizer":
+        _learned_optimizer_compare(seeds=seeds, out=out, num_steps=num_steps,
+                                   overwrite=overwrite, progress=progress, data_dir=data_dir,
+                                   dataset=dataset, size=size, given={
+                                       "--estimators": estimators, "--objective": objective,
+                                       "--heatmap-points": heatmap_points})
+        return
     if experiment in images.IMAGE_COMPARISONS:
         _image_compare(experiment, seeds=seeds, out=out, num_steps=num_steps,
                        estimators=estimators, overwrite=overwrite, progress=progress,
@@ -436,6 +443,32 @@ def data_download_command(
     except OSError as e:
         _fail(str(e), code=1)
     typer.echo(f"{name}: the four files are in {target}")
+
+
+def _learned_optimizer_compare(*, seeds: str | None, out: str | None, num_steps: int | None,
+                               overwrite: bool, progress: bool, data_dir: str | None,
+                               dataset: str | None, size: str | None,
+                               given: dict[str, object]) -> None:
+    """pes compare learned-optimizer (pes.experiments.learned_optimizer)."""
+    from pes.experiments import learned_optimizer as lopt
+
+    for flag, value in given.items():
+        if value is not None:
+            _fail(f"{flag} does not apply to pes compare learned-optimizer; it takes --seeds, "
+                  "--num-steps, --size, --dataset, --data-dir, --out")
+    with _user_errors():
+        seed_list = parse_seeds(seeds if seeds is not None else lopt.DEFAULT_SEEDS)
+        try:
+            result = lopt.run_learned_optimizer_comparison(
+                seeds=seed_list, out=out, dataset=dataset, data_dir=data_dir, size=size,
+                num_steps=num_steps, overwrite=overwrite, progress=progress, echo=typer.echo)
+        except RunInterrupted as e:
+            _fail(str(e), code=e.exit_code)
+    for line in Path(result["files"][-1]).read_text().splitlines():
+        if line.startswith("* "):
+            typer.echo(line)
+    typer.echo(f"learned-optimizer: {len(seed_list)} seed(s) in {result['wall_time_s']:.1f} s; "
+               "wrote " + ", ".join(str(f) for f in result["files"]))
 
 
 def _variance_compare(*, size: str | None, out: str | None, overwrite: bool,

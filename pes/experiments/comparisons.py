@@ -142,6 +142,38 @@ EXPERIMENTS["many-hyperparameters"] = Experiment(
     plot_theta=False,
     expected="PES's best-so-far is at or below random search's at equal inner steps.",
 )
+# The learned optimizer (PES paper, experiment 5): `pes compare` runs it with
+# pes.experiments.learned_optimizer (meta-test losses, tuned SGD); this entry names it.
+EXPERIMENTS["learned-optimizer"] = Experiment(
+    name="learned-optimizer",
+    task="learned-optimizer",
+    title="Meta-training a learned optimizer on MLP classifiers (PES paper, experiment 5; "
+    "--size cpu|paper|full|tiny)",
+    description="PES, TES, full ES (at PES's inner steps) and NRES meta-train a per-parameter "
+    "MLP optimizer; meta-test loss on held-out inner problems, against tuned SGD",
+    arms=(Arm("pes", "pes"), Arm("tes", "tes"), Arm("full-es", "full-es"),
+          Arm("nres", "nres")),
+    log_y=False,
+    plot_theta=False,
+    expected="PES reaches a lower meta-test loss than TES in most seeds, with a smaller "
+    "spread across seeds than full ES at equal inner steps, and beats tuned SGD.",
+)
+# The variance study (PES paper, experiment 7): not training runs, so `pes compare variance`
+# runs it with pes.experiments.variance_compare; this entry names it for `pes list`.
+EXPERIMENTS["variance"] = Experiment(
+    name="variance",
+    task="text-lstm",
+    title="Gradient variance against the number of unrolls T/K on a character LSTM (PES "
+    "paper, variance study; --size default|paper|tiny)",
+    description="normalised variance of full-episode PES, NRES and TES estimates made of T/K "
+    "windows, on real text, random tokens and one repeated token",
+    arms=(Arm("pes", "pes"), Arm("nres", "nres"), Arm("tes", "tes")),
+    log_y=True,
+    plot_theta=False,
+    expected="PES's variance grows > 10x from 1 to 1000 unrolls on random tokens and stays "
+    "within 2x on the repeated token; NRES stays within 2x; TES is biased where the sequence "
+    "has memory.",
+)
 # The variance study (PES paper, experiment 7): not training runs, so `pes compare variance`
 # runs it with pes.experiments.variance_compare; this entry names it for `pes list`.
 EXPERIMENTS["variance"] = Experiment(

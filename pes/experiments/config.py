@@ -382,7 +382,7 @@ def _resolve_theta0(value: Any, default: Any, entry: Any) -> float | tuple[float
 
 
 DATASET_NAMES = ("fashion-mnist", "mnist")
-TASK_SIZES = ("cpu", "paper", "tiny")
+TASK_SIZES = ("cpu", "paper", "tiny", "full")
 OBJECTIVES = ("loss", "accuracy")
 
 

@@ -56,6 +56,9 @@ class TaskEntry:
     theta_names: tuple[str, ...]
     reference_theta: Callable[[Any], Any] | None = None
     has_surface: bool = False
+    # Writes files a run leaves besides the standard ones, from its final theta:
+    # ``export(task, theta, run_dir) -> path`` (e.g. the learned optimizer's file).
+    export: Callable[[Any, Any, Any], Any] | None = None
     # Task options (TASK_OPTIONS) the factory takes as keyword arguments, with their defaults.
     options: dict[str, Any] = field(default_factory=dict, hash=False)
 
@@ -143,6 +146,32 @@ TASKS["many-hyperparameters"] = TaskEntry(
     log_y=False,
     theta_names=tuple(f"theta[{i}]" for i in range(29)),
     options=dict(_IMAGE_OPTIONS),
+)
+
+
+def _learned_optimizer(**options: Any) -> Any:
+    from pes.tasks.learned_optimizer import LearnedOptimizerTask
+
+    return LearnedOptimizerTask(**options)
+
+
+def _export_learned_optimizer(task: Any, theta: Any, run_dir: Any) -> Any:
+    from pes.tasks.learned_optimizer import export_run
+
+    return export_run(task, theta, run_dir)
+
+
+TASKS["learned-optimizer"] = TaskEntry(
+    name="learned-optimizer",
+    factory=_learned_optimizer,
+    description="meta-train a per-parameter MLP optimizer on MLP classifiers on "
+    "(Fashion-)MNIST, 8x8 (--size full: 28x28); writes learned_optimizer.npz",
+    metric="meta_loss",
+    metric_label="meta-test loss (mean training loss over T steps, fresh inner problems)",
+    log_y=False,
+    theta_names=("learned-optimizer weights",),
+    options=dict(_IMAGE_OPTIONS),
+    export=_export_learned_optimizer,
 )
 
 

@@ -67,9 +67,10 @@ SUMMARY_FILE = "summary.json"
 METRIC_PLOT = "meta_objective.png"
 THETA_PLOT = "theta.png"
 CHECKPOINT_DIR = "checkpoints"
+LEARNED_OPTIMIZER_FILE = "learned_optimizer.npz"  # the learned-optimizer task's export
 # What a run writes; --overwrite removes exactly these.
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, TIMING_FILE, SUMMARY_FILE, METRIC_PLOT, THETA_PLOT,
-             CHECKPOINT_DIR)
+             CHECKPOINT_DIR, LEARNED_OPTIMIZER_FILE)
 MAX_LOGGED_THETA = 16
 MAX_PRINTED_THETA = 64  # a longer theta is printed as its first numbers and its size
 KEEP_CHECKPOINTS = 3
@@ -714,6 +715,11 @@ class _Recorder:
     def _finish(self, status: str, error: str | None) -> RunResult:
         cfg = self.setup.config
         final = self._final_metrics()
+        if self.entry.export is not None and getattr(self, "primary", True):
+            try:  # files the task writes from the final theta (the learned optimizer's)
+                self.entry.export(self.setup.task, self.theta, self.run_dir)
+            except Exception as e:  # never cost the run its summary
+                warnings.warn(f"could not export from {self.run_dir}: {e}", stacklevel=2)
         initial = self.records[0].get("eval") if self.records and self.records[0]["step"] == 0 \
             else None
         summary = {
