@@ -174,22 +174,6 @@ EXPERIMENTS["variance"] = Experiment(
     "within 2x on the repeated token; NRES stays within 2x; TES is biased where the sequence "
     "has memory.",
 )
-# The variance study (PES paper, experiment 7): not training runs, so `pes compare variance`
-# runs it with pes.experiments.variance_compare; this entry names it for `pes list`.
-EXPERIMENTS["variance"] = Experiment(
-    name="variance",
-    task="text-lstm",
-    title="Gradient variance against the number of unrolls T/K on a character LSTM (PES "
-    "paper, variance study; --size default|paper|tiny)",
-    description="normalised variance of full-episode PES, NRES and TES estimates made of T/K "
-    "windows, on real text, random tokens and one repeated token",
-    arms=(Arm("pes", "pes"), Arm("nres", "nres"), Arm("tes", "tes")),
-    log_y=True,
-    plot_theta=False,
-    expected="PES's variance grows > 10x from 1 to 1000 unrolls on random tokens and stays "
-    "within 2x on the repeated token; NRES stays within 2x; TES is biased where the sequence "
-    "has memory.",
-)
 EXPERIMENT_NAMES = tuple(EXPERIMENTS)
 
 
