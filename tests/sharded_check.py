@@ -40,6 +40,8 @@ def main():
         "nres": lambda m: pes.NRES(system, truncation_length=2, mesh=m, **kw),
         "full-es": lambda m: pes.FullES(system, mesh=m, **kw),
         "tbptt": lambda m: pes.TBPTT(system, num_particles=8, truncation_length=2, mesh=m),
+        "tbptt-deep": lambda m: pes.TBPTT(system, num_particles=8, truncation_length=2,
+                                          backprop_depth=7, mesh=m),
         "full-bptt": lambda m: pes.FullBPTT(system, num_particles=8, mesh=m),
         "rtrl": lambda m: pes.RTRL(system, num_particles=4, truncation_length=2, mesh=m),
         "uoro": lambda m: pes.UORO(system, num_particles=8, truncation_length=2, mesh=m),

@@ -223,14 +223,14 @@ def test_compare_writes_plots_and_table(tmp_path):
     assert (out / "theta.png").stat().st_size > 0
     table = (out / "results.md").read_text()
     results = json.loads((out / "results.json").read_text())
-    labels = ["pes", "tes", "tbptt-k1", "tbptt-k10", "tbptt-k100", "rtrl", "uoro"]
+    labels = ["pes", "tes", "tbptt-depth1", "tbptt-depth10", "tbptt-depth100", "rtrl", "uoro"]
     assert [a["label"] for a in results["arms"]] == labels
     for arm in results["arms"]:
         assert f"| {arm['label']} |" in table
         if not arm["skipped"]:
             assert (out / arm["label"] / "seed-0" / "summary.json").is_file()
             assert arm["completed"] == 1
-    assert "K=100" in table
+    assert "K=1, depth=100" in table
     # Refused the second time without --overwrite.
     again = cli("compare", "influence-balancing", "--seeds", "0", "--num-steps", 5, "--out", out,
                 "--no-progress", "--estimators", "pes")

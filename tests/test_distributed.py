@@ -27,8 +27,10 @@ def _env(devices: int) -> dict[str, str]:
     return env
 
 
-def _start(args: list[str], devices: int = 1) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pes", *args], env=_env(devices),
+def _start(args: list[str], devices: int = 1, env: dict[str, str] | None = None
+           ) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pes", *args], env={**_env(devices),
+                                                                       **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -62,11 +64,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _distributed(args: list[str], num_processes: int) -> list[subprocess.Popen]:
+def _distributed(args: list[str], num_processes: int, via_env: bool = False
+                 ) -> list[subprocess.Popen]:
+    """Processes 0..n-1 of one run, told where the coordinator is by flags or by the
+    PES_* environment variables."""
     address = f"localhost:{_free_port()}"
-    return [_start([*args, "--distributed", "--coordinator-address", address,
-                    "--num-processes", str(num_processes), "--process-id", str(i)])
-            for i in range(num_processes)]
+    procs = []
+    for i in range(num_processes):
+        if via_env:
+            env = {"PES_COORDINATOR_ADDRESS": address, "PES_NUM_PROCESSES": str(num_processes),
+                   "PES_PROCESS_ID": str(i)}
+            procs.append(_start([*args, "--distributed"], env=env))
+        else:
+            procs.append(_start([*args, "--distributed", "--coordinator-address", address,
+                                 "--num-processes", str(num_processes), "--process-id",
+                                 str(i)]))
+    return procs
 
 
 def _metrics(run_dir) -> list[dict]:
@@ -133,7 +146,7 @@ def test_two_processes_equal_one_and_resume_across_process_counts(tmp_path):
     shutil.rmtree(back / "checkpoints" / "4")
     procs = [_start(["run", "--resume", str(dist), "--num-steps", "4", "--no-progress"])]
     procs += _distributed(["run", "--resume", str(back), "--num-steps", "4", "--no-progress"],
-                          2)
+                          2, via_env=True)
     _finish(procs)
     _assert_same_run(_metrics(dist), reference)
     _assert_same_run(_metrics(back), reference)

@@ -1,15 +1,22 @@
 """Backpropagation through time: truncated (TBPTT) and over whole episodes (full BPTT).
 
-TBPTT differentiates the window's mean loss through its K steps, treating the state at the
-window's start as a constant (its history is cut, hence biased for K < T):
+TBPTT(k1, k2) in Williams & Peng's sense: every k1 = K inner steps, the losses of those K steps
+are differentiated through the last k2 >= K steps of history (``backprop_depth``); anything
+older, and anything before a reset, is treated as a constant:
 
-    g = mean_particles grad_theta (1/K) sum_{j<K} l_j(s_j(theta; stop_grad(s_0)), theta).
+    g = mean_particles grad_theta (1/K) sum_{j<K} l_j(s_j(theta; stop_grad(s_{-D})), theta),
 
-Full BPTT is TBPTT with K = T in lockstep from fresh states: the exact gradient of the mean
-per-step loss of an episode, memory linear in T.
+with D = k2 - K and s_{-D} the state D steps before the window. D = 0 (the default, k2 = K) is
+the plain truncated gradient with the history cut at the window's start. For D > 0 each
+particle keeps the state D steps back and the keys of the D steps since, and every window
+replays those D steps (with gradient) before its own K. Full BPTT is TBPTT with K = T in
+lockstep from fresh states: the exact gradient of the mean per-step loss of an episode, memory
+linear in T.
 """
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +24,93 @@ import jax.numpy as jnp
 from pes.estimators._particles import (
     IndependentParticles,
     ParticleState,
+    WindowStats,
+    check_positive_int,
+    expand_members,
+    init_inner,
+    select,
+    shard_pairs,
+    stagger_offsets,
     window_info,
     window_scan,
 )
+from pes.system import PyTree
+
+
+class History(NamedTuple):
+    """What a TBPTT particle with backprop depth k2 = K + D keeps to replay its last D steps.
+
+    inner: [P, 1, ...] the states D steps before the current ones (the buffer's start).
+    t: [P] their step indices in the episode.
+    keys: [P, D, 2, ...] the (step, reset) keys of the D buffered steps, oldest first.
+    valid: [P, D] bool; False for slots before the particle's first step (replayed as no-ops).
+    """
+
+    inner: PyTree
+    t: jax.Array
+    keys: jax.Array
+    valid: jax.Array
+
+
+def step_keys(pair_keys: jax.Array, steps: jax.Array) -> jax.Array:
+    """[P, n, 2, ...] (step key, reset key) of pair p's step steps[p, i], derived exactly as
+    window_scan derives them: split(fold_in(pair_keys[p], j), 3)[:2]."""
+    one = lambda k, j: jax.random.split(jax.random.fold_in(k, j), 3)[:2]
+    return jax.vmap(jax.vmap(one, in_axes=(None, 0)))(pair_keys, steps)
+
+
+def replay_scan(system: Any, theta: PyTree, inner: PyTree, t: jax.Array, keys: jax.Array,
+                valid: jax.Array, counted: jax.Array, mesh=None):
+    """Step every particle through n given steps, differentiably in theta.
+
+    inner: [P, 1, ...]; t: [P]; keys: [P, n, 2, ...] (step, reset); valid: [P, n] (an invalid
+    step leaves state and t unchanged); counted: [P, n], the steps whose losses enter the
+    stats. A step that ends an episode restarts from system.init(reset key), which does not
+    depend on theta, so no gradient crosses a reset. Returns ((inner, t), WindowStats of the
+    counted steps; A and W are empty).
+    """
+    horizon = system.horizon
+    num = t.shape[0]
+    member_step = jax.vmap(system.step, in_axes=(0, None, None, None))
+    step_all = jax.vmap(member_step, in_axes=(0, None, 0, 0))
+    inner, t = shard_pairs((inner, t), mesh)
+    xs = shard_pairs((keys, valid, counted), mesh)
+    xs = jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, 1, 0), xs)
+
+    def body(carry, x):
+        inner, t, stats = carry
+        k, act, count = x
+        new_inner, losses = step_all(inner, theta, t, k[:, 0])  # losses [P, 1]
+        loss = jnp.sum(losses, axis=1)
+        t_next = t + 1
+        done = jnp.zeros_like(act) if horizon is None else (t_next >= horizon) & act
+        finite_now = ~count | jnp.isfinite(loss)
+        stats = WindowStats(
+            A=(), W=(),
+            loss_sum=stats.loss_sum + jnp.where(count, loss, 0.0),
+            steps=stats.steps + count,
+            finite=stats.finite & finite_now,
+            bad_t=jnp.where(stats.finite & ~finite_now, t, stats.bad_t))
+        new_inner = select(act, new_inner, inner)
+        if horizon is not None:
+            def reset(x):
+                return select(done, expand_members(jax.vmap(system.init)(k[:, 1]), 1), x)
+
+            new_inner = jax.lax.cond(jnp.any(done), reset, lambda x: x, new_inner)
+            t_next = jnp.where(done, 0, t_next)
+        t = jnp.where(act, t_next, t)
+        return shard_pairs((new_inner, t, stats), mesh), None
+
+    stats0 = WindowStats((), (), jnp.zeros((num,), jnp.float32), jnp.zeros((num,), jnp.int32),
+                         jnp.ones((num,), bool), -jnp.ones((num,), jnp.int32))
+    (inner, t, stats), _ = jax.lax.scan(body, (inner, t, stats0), xs)
+    return (inner, t), stats
+
+
+def _join(a: WindowStats, b: WindowStats) -> WindowStats:
+    """Stats of two consecutive stretches of steps as one."""
+    return WindowStats((), (), a.loss_sum + b.loss_sum, a.steps + b.steps, a.finite & b.finite,
+                       jnp.where(a.finite, b.bad_t, a.bad_t))
 
 
 class TBPTT(IndependentParticles):
@@ -28,13 +119,72 @@ class TBPTT(IndependentParticles):
     Args:
       system: a pes.System whose step is differentiable in theta.
       num_particles: independent particles (each its own keys), averaged.
-      truncation_length: K.
+      truncation_length: K = k1, the inner steps (and losses) of each window.
+      backprop_depth: k2 >= K, the steps of history the window's losses are differentiated
+        through (Williams & Peng's TBPTT(k1, k2)); None: K, the history cut at the window's
+        start. Steps before the particle's episode started never count (a reset cuts the
+        history). Each window then costs k2 - K replayed steps on top of its K new ones; only
+        the K new steps count as inner steps.
       stagger: burn particles in to uniform random steps of their episodes (at theta).
       mesh: optional jax.sharding.Mesh; particles are sharded over all its devices.
     """
 
+    def __init__(self, system, *, num_particles=1, truncation_length, backprop_depth=None,
+                 stagger=True, mesh=None):
+        super().__init__(system, num_particles=num_particles,
+                         truncation_length=truncation_length, stagger=stagger, mesh=mesh)
+        K = self.truncation_length
+        depth = K if backprop_depth is None else check_positive_int(
+            "backprop_depth", backprop_depth)
+        if depth < K:
+            raise ValueError(
+                f"backprop_depth={depth} must be >= truncation_length={K}: a window's losses "
+                "are differentiated through at least the window itself")
+        self.backprop_depth = depth
+
+    def __repr__(self):
+        depth = ("" if self.backprop_depth == self.truncation_length
+                 else f", backprop_depth={self.backprop_depth}")
+        return (f"{type(self).__name__}(num_particles={self.num_particles}, "
+                f"truncation_length={self.truncation_length}{depth}, stagger={self.stagger})")
+
+    @property
+    def _buffered(self) -> int:
+        """D = k2 - K, the steps each particle replays before its window."""
+        return self.backprop_depth - self.truncation_length
+
+    def _init(self, key, theta):
+        D = self._buffered
+        if D == 0:
+            return super()._init(key, theta)
+        # The same keys as the plain init, so the particles' trajectories do not depend on D.
+        k_inner, _, k_off, k_burn, _ = jax.random.split(key, 5)
+        P = self.num_particles
+        inner = init_inner(self.system, k_inner, P, 1)
+        t = jnp.zeros((P,), jnp.int32)
+        offsets = stagger_offsets(k_off, P, self.horizon, self.stagger)
+        if offsets is None:
+            keys = jnp.broadcast_to(key, (P, D, 2) + key.shape)
+            history = History(inner, t, keys, jnp.zeros((P, D), bool))
+            return ParticleState(inner, t, history, jnp.zeros((), jnp.int32))
+        # Burn in to D steps before each particle's offset (never negative), then record the
+        # keys of the rest of its burn-in and replay them.
+        (start, t_start, _), _ = window_scan(
+            self.system, theta, inner, t, (), k_burn, signs=(0.0,),
+            num_steps=self.horizon - 1, hooks=None, active=jnp.maximum(offsets - D, 0),
+            mesh=self.mesh)
+        idx = offsets[:, None] - D + jnp.arange(D, dtype=jnp.int32)[None]
+        valid = idx >= 0
+        keys = step_keys(jax.random.split(k_burn, P), jnp.maximum(idx, 0))
+        (inner, t), _ = replay_scan(self.system, theta, start, t_start, keys, valid,
+                                    jnp.zeros_like(valid), self.mesh)
+        history = History(start, t_start, keys, valid)
+        return ParticleState(inner, t, history, jnp.sum(offsets))
+
     def _estimate(self, state, theta, key):
         K = self.truncation_length
+        if self._buffered:
+            return self._estimate_deep(state, theta, key)
         inner0 = jax.lax.stop_gradient(state.inner)
 
         def mean_loss(theta):
@@ -48,6 +198,36 @@ class TBPTT(IndependentParticles):
         # info names the particle and the outer loop refuses the gradient.
         info = window_info(stats, 1, K, state.pending_steps, 1)._replace(loss=loss)
         return grad, ParticleState(inner, t, (), jnp.zeros((), jnp.int32)), info
+
+    def _estimate_deep(self, state, theta, key):
+        """TBPTT(K, K + D): replay the D buffered steps and the window's K new ones from the
+        buffered state; only the K new losses are differentiated."""
+        K, D, P = self.truncation_length, self._buffered, self.num_particles
+        hist = state.noise
+        # The window's own steps use window_scan's keys, so with any depth the particles
+        # follow the same trajectories as plain TBPTT.
+        new_keys = step_keys(jax.random.split(key, P),
+                             jnp.broadcast_to(jnp.arange(K, dtype=jnp.int32), (P, K)))
+        keys = jnp.concatenate([hist.keys, new_keys], axis=1)
+        valid = jnp.concatenate([hist.valid, jnp.ones((P, K), bool)], axis=1)
+        counted = jnp.arange(D + K) >= D
+        counted = jnp.broadcast_to(counted, (P, D + K))
+        start = jax.lax.stop_gradient(hist.inner)
+
+        def mean_loss(theta):
+            # Split after K steps: that state is the start of the next window's buffer.
+            (mid, t_mid), first = replay_scan(self.system, theta, start, hist.t, keys[:, :K],
+                                              valid[:, :K], counted[:, :K], self.mesh)
+            (inner, t), rest = replay_scan(self.system, theta, mid, t_mid, keys[:, K:],
+                                           valid[:, K:], counted[:, K:], self.mesh)
+            stats = _join(first, rest)
+            return jnp.sum(stats.loss_sum) / (P * K), (inner, t, mid, t_mid, stats)
+
+        (loss, (inner, t, mid, t_mid, stats)), grad = jax.value_and_grad(
+            mean_loss, has_aux=True)(theta)
+        info = window_info(stats, 1, K, state.pending_steps, 1)._replace(loss=loss)
+        history = History(jax.lax.stop_gradient(mid), t_mid, keys[:, K:], valid[:, K:])
+        return grad, ParticleState(inner, t, history, jnp.zeros((), jnp.int32)), info
 
 
 class FullBPTT(TBPTT):

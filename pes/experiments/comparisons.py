@@ -63,23 +63,26 @@ EXPERIMENTS: dict[str, Experiment] = {
             name="influence-balancing",
             task="influence-balancing",
             title="Influence balancing (PES paper, experiment 1)",
-            description="PES, truncated ES and TBPTT at K = 1, TBPTT at K = 10 and 100, RTRL "
-            "and UORO on the linear system whose short-horizon gradient has the wrong sign "
-            "(N = 1000, sigma = 0.1, SGD lr 1e-4, 3000 outer steps)",
+            description="fully online, one inner step and one update per outer step for "
+            "every estimator: PES and truncated ES with K = 1, TBPTT(1, k2) backpropagating "
+            "each step's loss through the last k2 = 1, 10 and 100 steps, RTRL and UORO, on the "
+            "linear system whose short-horizon gradient has the wrong sign (N = 1000, "
+            "sigma = 0.1, SGD lr 1e-4, 3000 outer steps)",
             arms=(
                 Arm("pes", "pes"),
                 Arm("tes", "tes"),
-                Arm("tbptt-k1", "tbptt", {"truncation_length": 1}),
-                Arm("tbptt-k10", "tbptt", {"truncation_length": 10}),
-                Arm("tbptt-k100", "tbptt", {"truncation_length": 100}),
+                Arm("tbptt-depth1", "tbptt", {"truncation_length": 1, "backprop_depth": 1}),
+                Arm("tbptt-depth10", "tbptt", {"truncation_length": 1, "backprop_depth": 10}),
+                Arm("tbptt-depth100", "tbptt", {"truncation_length": 1, "backprop_depth": 100}),
                 Arm("rtrl", "rtrl"),
                 Arm("uoro", "uoro"),
             ),
             log_y=True,
             plot_theta=True,
             expected="PES and RTRL reach theta* = -1/6 (500-step loss ~0); TES and TBPTT with "
-            "K = 1 (and K = 10) drive theta the wrong way (above 3 after 3000 steps); TBPTT "
-            "with K = 100 gets close.",
+            "a 1-step history drive theta the wrong way (above 3 after 3000 steps), as does a "
+            "10-step history (S_10 = +10); TBPTT with a 100-step history (S_100 = -6) gets "
+            "close.",
         ),
         Experiment(
             name="toy-regression",

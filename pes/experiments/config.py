@@ -84,6 +84,8 @@ _INAPPLICABLE = {
                          "horizon); it takes no truncation_length (use pes, tes or nres for "
                          "K-step windows)",
     "num_particles": "{est} takes no num_particles",
+    "backprop_depth": "{est} takes no backprop_depth (the depth of truncated backprop; only "
+                      "tbptt takes it)",
 }
 
 
@@ -96,6 +98,9 @@ class RunConfig:
     num_steps: outer steps (estimates); None: the task's default for this estimator.
     num_particles, sigma, truncation_length: the estimator's settings; None: the task's
       default. Settings the estimator does not take must stay None.
+    backprop_depth: TBPTT only: k2 >= truncation_length, the steps of history each window's
+      losses are backpropagated through (Williams & Peng's TBPTT(k1, k2)); None: the task's
+      default, else truncation_length (the history cut at the window's start).
     optimizer ('sgd' or 'adam'), lr, b1 (Adam only): the outer optimizer; None: the default.
     lr_schedule: [[boundary, scale], ...], a piecewise-constant learning rate (x scale from
       outer step boundary on); [] is constant; None: the task's schedule when optimizer and lr
@@ -130,6 +135,7 @@ class RunConfig:
     num_particles: int | None = None
     sigma: float | None = None
     truncation_length: int | None = None
+    backprop_depth: int | None = None
     optimizer: str | None = None
     lr: float | None = None
     b1: float | None = None
@@ -158,6 +164,7 @@ class RunConfig:
             "num_particles": lambda v: check_int("num_particles", v, 1),
             "sigma": lambda v: _check_float("sigma", v, low=0.0),
             "truncation_length": lambda v: check_int("truncation_length", v, 1),
+            "backprop_depth": lambda v: check_int("backprop_depth", v, 1),
             "optimizer": lambda v: _check_name("optimizer", v, "optimizer", OPTIMIZER_NAMES),
             "lr": lambda v: _check_float("lr", v, low=0.0),
             "b1": lambda v: _check_float("b1", v, low=0.0, high=1.0, low_open=False,
@@ -266,6 +273,14 @@ class RunConfig:
                 f"{est.name} windows must fit inside an episode (use full-"
                 f"{'es' if est.name == 'tes' else 'bptt'} for whole episodes)",
                 field="truncation_length")
+        if "backprop_depth" in est.params:
+            depth = settings.get("backprop_depth")
+            settings["backprop_depth"] = depth = k if depth is None else depth
+            if depth < k:
+                raise ConfigError(
+                    f"backprop_depth={depth} is shorter than truncation_length={k}: a window's "
+                    "losses are backpropagated through at least the window itself",
+                    field="backprop_depth")
 
         opt = defaults.optimizer_for(est.name)
         optimizer = self.optimizer or opt.name
@@ -320,8 +335,11 @@ class RunConfig:
         """Short human form of a resolved config's settings, e.g. 'N=100, sigma=0.3, K=10,
         adam lr=0.01 b1=0.99, 5000 steps'."""
         parts = []
-        short = {"num_particles": "N", "sigma": "sigma", "truncation_length": "K"}
+        short = {"num_particles": "N", "sigma": "sigma", "truncation_length": "K",
+                 "backprop_depth": "depth"}
         for name, kwarg in self.estimator_kwargs().items():
+            if name == "backprop_depth" and kwarg == self.truncation_length:
+                continue  # the plain truncated gradient
             parts.append(f"{short[name]}={kwarg:g}")
         opt = f"{self.optimizer} lr={self.lr:g}"
         if self.b1 is not None:

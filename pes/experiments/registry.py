@@ -20,7 +20,7 @@ import numpy as np
 from pes.experiments.errors import ConfigError
 from pes.tasks import InfluenceBalancing, Lorenz, ToyRegression
 
-ESTIMATOR_SETTINGS = ("num_particles", "sigma", "truncation_length")
+ESTIMATOR_SETTINGS = ("num_particles", "sigma", "truncation_length", "backprop_depth")
 
 
 def unknown_name(field_name: str, value: Any, what: str, valid: tuple[str, ...] | list[str]):
@@ -224,7 +224,7 @@ class EstimatorEntry:
     """An estimator on the command line.
 
     attr: the class's name on the ``pes`` package (looked up when needed).
-    params: the constructor settings it takes, among num_particles, sigma, truncation_length.
+    params: the constructor settings it takes, among ESTIMATOR_SETTINGS.
     defaults: constructor defaults, written into a resolved configuration when the task's
       defaults leave them out.
     needs_horizon: only meaningful on a task whose episodes end (finite horizon).
@@ -270,7 +270,8 @@ ESTIMATORS: dict[str, EstimatorEntry] = {
         EstimatorEntry("nres", "NRES", "noise-reuse ES: one perturbation per particle per "
                        "episode, reused in every window (unbiased)", _ES, needs_horizon=True),
         EstimatorEntry("tbptt", "TBPTT", "truncated backprop through K-step windows (biased)",
-                       _BACKPROP, {"num_particles": 1}, window_within_episode=True),
+                       _BACKPROP + ("backprop_depth",), {"num_particles": 1},
+                       window_within_episode=True),
         EstimatorEntry("full-bptt", "FullBPTT", "backprop through whole episodes (exact, "
                        "memory linear in T)", ("num_particles",), {"num_particles": 1},
                        needs_horizon=True),
