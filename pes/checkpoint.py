@@ -12,8 +12,9 @@ A checkpoint of outer step ``s`` is the folder ``DIR/s`` holding two orbax items
 Writes go through ``orbax.checkpoint.CheckpointManager``: each is written to
 ``DIR/s.orbax-checkpoint-tmp`` and renamed to ``DIR/s`` once complete, so a write cut short (a
 crash, SIGKILL, a full disk) leaves the previous checkpoint as the latest, never a half one;
-leftover temporary folders are removed when the next Checkpointer opens ``DIR`` (one process
-writes a checkpoint directory at a time). Only the last
+leftover temporary folders are removed when the next Checkpointer opens ``DIR`` (by process 0
+of a distributed run, while the others wait; every process takes part in each save, as orbax
+requires, and ``DIR`` must be on a filesystem they all see). Only the last
 ``max_to_keep`` checkpoints are kept. Writes are asynchronous by default: ``save`` copies the
 arrays to host memory and returns while a background thread writes them (``wait`` blocks until
 the last one is on disk; ``close`` waits too).
@@ -26,6 +27,8 @@ anything::
     pes.train(estimator, theta0, optimizer, key=key, resume=state, ...)
 
 so NamedTuples (optax states, ParticleState), dtypes and shapes come back exactly as they were.
+``on_mesh(like, mesh)`` adds the shardings of the restoring run's own mesh, so a checkpoint
+written on any devices and processes can be restored on any others.
 orbax is imported on first use (it takes about a second).
 """
 
@@ -164,7 +167,8 @@ class Checkpointer:
 
         like: the TrainState to restore into, e.g. :func:`abstract_state`; its structure,
           shapes and dtypes must be those of the saved one (else a ValueError names the
-          difference). key: the PRNG key data (uint32) saved with it. meta: the saved JSON.
+          difference); leaves with a ``sharding`` (:func:`on_mesh`) are restored onto it.
+          key: the PRNG key data (uint32) saved with it. meta: the saved JSON.
         """
         ocp = _ocp()
         if step is None:

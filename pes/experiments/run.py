@@ -29,6 +29,11 @@ files a run writes.
 :func:`resume_run` continues a run from its latest checkpoint: metrics.jsonl is cut back to
 the line the checkpoint recorded and continued, and the theta trajectory is exactly the one an
 uninterrupted run takes (the state, the key and the step fix everything after them).
+
+In a distributed run (:mod:`pes.experiments.distributed`) every process runs the same loop on
+the same replicated theta; only process 0 writes the files above, all of them write each
+checkpoint, and a signal or a due checkpoint in any process stops or checkpoints all of them
+after the same outer step.
 """
 
 from __future__ import annotations
