@@ -197,6 +197,10 @@ def run_comparison(
     wall = time.perf_counter() - start
     files, table = write_results(experiment, out_dir, seeds, results, num_steps, estimators,
                                  wall)
+    if experiment.task == "swimmer":  # the trained swimmers' paths and an animation
+        from pes.experiments.swimmer_view import comparison_views
+
+        files += comparison_views(out_dir, results, echo)
     return ComparisonResult(experiment, out_dir, seeds, results, files, wall, table)
 
 

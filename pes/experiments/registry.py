@@ -200,6 +200,24 @@ for _suffix, _variant, _what in (("", "text", "the opening of Pride and Prejudic
         theta_names=tuple(f"theta[{i}]" for i in range(_TEXT_LSTM_DIM)),
     )
 
+
+def _swimmer() -> Any:
+    from pes.tasks.swimmer import Swimmer  # imports mujoco only when the task is used
+
+    return Swimmer()
+
+
+TASKS["swimmer"] = TaskEntry(
+    name="swimmer",
+    factory=_swimmer,
+    description="MuJoCo Swimmer (gymnasium's Swimmer-v5) with a linear policy W (2 x 8), "
+    "episodes of 1000 steps; rewards are maximised (PES paper, experiment 6)",
+    metric="reward",
+    metric_label="episode return (1000 steps, mean of 5 episodes)",
+    log_y=False,
+    theta_names=tuple(f"W[{a},{o}]" for a in range(2) for o in range(8)),
+)
+
 TASK_NAMES = tuple(TASKS)
 
 

@@ -1,0 +1,397 @@
+"""MuJoCo Swimmer with a linear policy (PAPER.md experiment 6), simulated by MuJoCo in C.
+
+The environment is gymnasium's Swimmer-v5 rebuilt on the official ``mujoco`` bindings: the same
+model (a three-link swimmer in a viscous fluid, RK4 at 0.01 s), ``frame_skip`` = 4 simulator
+steps per environment step (dt = 0.04 s) and the same reward::
+
+    r_t = w_fwd * (x_{t+1} - x_t) / dt - w_ctrl * |a_t|^2,   w_fwd = 1, w_ctrl = 1e-4
+
+where x is the front tip's x position (qpos[0]). Observations are ``(qpos[2:], qvel)`` (8
+numbers: the x and y position are left out) and episodes start from ``qpos0 + U(-0.1, 0.1)``,
+``qvel = U(-0.1, 0.1)``. theta is the linear policy ``W`` of shape (2, 8)::
+
+    a_t = clip(W obs_t, -1, 1)         (the actuators' control range)
+
+and the System's loss is ``l_t = -r_t``, so ES descent on the mean per-step loss is ascent on
+the reward. gymnasium hands the action to MuJoCo as given (MuJoCo clamps it to the control
+range) and charges the control cost on it; the policy here clips first, so its rewards are
+gymnasium's for the clipped action, which is the action the swimmer receives.
+
+How it runs. A System's state must be a JAX pytree, but the simulator is C code working in
+float64. The state holds MuJoCo's full physics state vector (``mjSTATE_FULLPHYSICS``: time,
+qpos, qvel) as the *bits* of its float64 numbers (uint32, two per number), so it survives the
+trip through JAX unchanged whatever JAX's float precision; trajectories match gymnasium's to
+the last few bits rather than drifting by float32 rounding every step. ``step`` hands the
+state and W to the host through ``jax.pure_callback`` with ``vmap_method="broadcast_all"``:
+under the estimators' ``vmap`` over particles (and members) the callback receives the whole
+batch at once, computes the actions and advances every environment with one
+``mujoco.rollout`` call, a loop in C over environments and simulator steps. Every estimator
+therefore runs unchanged, with one host call per window step for all particles together.
+``evaluate`` runs its episodes in one host call (a loop over time, the episodes batched).
+
+The model. ``SWIMMER_XML`` below is written for this project from the physical facts of
+gymnasium's ``swimmer.xml`` (MIT licence; itself from OpenAI Gym): body sizes, densities,
+joints, armature, gear, fluid density and viscosity, integrator and time step. Shipping our own
+file, rather than reading gymnasium's at run time, keeps gymnasium out of the run-time
+dependencies (it is a test dependency, used to check that rewards and observations agree);
+only the floor's and bodies' looks differ, which the physics never sees (nothing collides).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pes.tasks.base import OptimizerSpec, TaskDefaults
+
+SWIMMER_XML = """
+<mujoco model="pes-swimmer">
+  <compiler angle="degree" inertiafromgeom="true"/>
+  <!-- Swimmer-v5's physics: RK4 at 10 ms in a fluid of density 4000 and viscosity 0.1. -->
+  <option timestep="0.01" integrator="RK4" density="4000" viscosity="0.1"/>
+  <default>
+    <!-- Nothing collides: the swimmer moves through fluid forces alone. -->
+    <geom contype="0" conaffinity="0" condim="1" rgba="0.85 0.45 0.2 1"/>
+    <joint armature="0.1"/>
+  </default>
+  <visual>
+    <headlight ambient="0.4 0.4 0.4" diffuse="0.6 0.6 0.6"/>
+  </visual>
+  <asset>
+    <texture name="grid" type="2d" builtin="checker" width="64" height="64"
+             rgb1="0.2 0.3 0.4" rgb2="0.3 0.4 0.5"/>
+    <material name="grid" texture="grid" texrepeat="40 40"/>
+  </asset>
+  <worldbody>
+    <light pos="0 0 2" dir="0 0 -1" directional="true"/>
+    <geom name="floor" type="plane" pos="0 0 -0.1" size="40 40 0.1" material="grid"/>
+    <body name="torso">
+      <camera name="track" mode="trackcom" pos="0 -3 3" xyaxes="1 0 0 0 1 1"/>
+      <joint name="slider1" type="slide" axis="1 0 0"/>
+      <joint name="slider2" type="slide" axis="0 1 0"/>
+      <joint name="free_body_rot" type="hinge" axis="0 0 1"/>
+      <geom type="capsule" fromto="1.5 0 0 0.5 0 0" size="0.1" density="1000"/>
+      <body name="mid" pos="0.5 0 0">
+        <joint name="motor1_rot" type="hinge" axis="0 0 1" limited="true" range="-100 100"/>
+        <geom type="capsule" fromto="0 0 0 -1 0 0" size="0.1" density="1000"/>
+        <body name="back" pos="-1 0 0">
+          <joint name="motor2_rot" type="hinge" axis="0 0 1" limited="true" range="-100 100"/>
+          <geom type="capsule" fromto="0 0 0 -1 0 0" size="0.1" density="1000"/>
+        </body>
+      </body>
+    </body>
+  </worldbody>
+  <actuator>
+    <motor joint="motor1_rot" gear="150" ctrllimited="true" ctrlrange="-1 1"/>
+    <motor joint="motor2_rot" gear="150" ctrllimited="true" ctrlrange="-1 1"/>
+  </actuator>
+</mujoco>
+"""
+
+
+def _import_mujoco():
+    try:
+        import mujoco
+        from mujoco import rollout
+    except ImportError as e:  # a declared dependency, but say what to do if it is missing
+        raise ImportError(
+            "the swimmer task needs the MuJoCo Python bindings: pip install 'mujoco>=3.3' "
+            f"({e})") from None
+    return mujoco, rollout
+
+
+def to_bits(x: np.ndarray) -> np.ndarray:
+    """float64 [..., n] -> uint32 [..., 2n], the same bytes (exact round trip)."""
+    return np.ascontiguousarray(x, np.float64).view(np.uint32)
+
+
+def from_bits(bits: Any) -> np.ndarray:
+    """uint32 [..., 2n] -> float64 [..., n], the inverse of :func:`to_bits`."""
+    return np.ascontiguousarray(bits, np.uint32).view(np.float64)
+
+
+class SwimmerSim:
+    """The batched simulator in NumPy: MuJoCo's model plus ``mujoco.rollout``.
+
+    Physics states are float64 arrays [B, nstate] (mjSTATE_FULLPHYSICS: time, qpos, qvel);
+    controls are [B, nu]. ``threads`` > 1 splits a batch over that many MuJoCo threads.
+    Not re-entrant: calls are serialised by a lock (the scratch MjData is shared).
+    """
+
+    def __init__(self, frame_skip: int = 4, threads: int = 1, xml: str = SWIMMER_XML):
+        mujoco, rollout = _import_mujoco()
+        self._mujoco, self._rollout = mujoco, rollout
+        self.model = mujoco.MjModel.from_xml_string(xml)
+        self.frame_skip = frame_skip
+        self.threads = threads
+        self.datas = [mujoco.MjData(self.model) for _ in range(threads)]
+        self.spec = mujoco.mjtState.mjSTATE_FULLPHYSICS
+        self.nstate = mujoco.mj_stateSize(self.model, self.spec)
+        m = self.model
+        self.nq, self.nv, self.nu = m.nq, m.nv, m.nu
+        # FULLPHYSICS lays out [time, qpos, qvel, act, ...].
+        self.qpos = slice(1, 1 + m.nq)
+        self.qvel = slice(1 + m.nq, 1 + m.nq + m.nv)
+        self.obs_dim = m.nq - 2 + m.nv
+        self.ctrl_low = m.actuator_ctrlrange[:, 0].copy()
+        self.ctrl_high = m.actuator_ctrlrange[:, 1].copy()
+        self.dt = m.opt.timestep * frame_skip
+        data = self.datas[0]
+        mujoco.mj_resetData(m, data)
+        self.template = np.empty(self.nstate)
+        mujoco.mj_getState(m, data, self.template, self.spec)
+        self.qpos0 = m.qpos0.copy()
+        self._pool = rollout.Rollout(nthread=threads) if threads > 1 else None
+        self._lock = threading.Lock()
+
+    def reset_states(self, noise: np.ndarray) -> np.ndarray:
+        """[B, nq + nv] noise -> [B, nstate] states with qpos = qpos0 + noise[:nq],
+        qvel = noise[nq:] (the model's rest state plus the reset noise), time 0."""
+        noise = np.asarray(noise, np.float64)
+        states = np.repeat(self.template[None], noise.shape[0], axis=0)
+        states[:, self.qpos] = self.qpos0 + noise[:, :self.nq]
+        states[:, self.qvel] = noise[:, self.nq:]
+        return states
+
+    def observe(self, states: np.ndarray) -> np.ndarray:
+        """[B, nstate] -> [B, obs_dim]: (qpos[2:], qvel), as gymnasium's Swimmer-v5."""
+        return np.concatenate([states[:, self.qpos][:, 2:], states[:, self.qvel]], axis=1)
+
+    def simulate(self, states: np.ndarray, ctrl: np.ndarray) -> np.ndarray:
+        """Advance [B, nstate] states by frame_skip simulator steps holding ctrl [B, nu];
+        one ``mujoco.rollout`` call for the whole batch. Returns [B, nstate]."""
+        states = np.ascontiguousarray(states, np.float64)
+        batch = states.shape[0]
+        control = np.ascontiguousarray(
+            np.broadcast_to(np.asarray(ctrl, np.float64)[:, None, :],
+                            (batch, self.frame_skip, self.nu)))
+        out = np.empty((batch, self.frame_skip, self.nstate))
+        sensors = np.empty((batch, self.frame_skip, self.model.nsensordata))
+        models = [self.model] * batch
+        with self._lock:
+            if self._pool is None:
+                self._rollout.rollout(models, self.datas[0], states, control, skip_checks=True,
+                                      nstep=self.frame_skip, state=out, sensordata=sensors)
+            else:
+                self._pool.rollout(models, self.datas, states, control, skip_checks=True,
+                                   nstep=self.frame_skip, state=out, sensordata=sensors)
+        return out[:, -1]
+
+    def xy(self, states: np.ndarray) -> np.ndarray:
+        """[B, nstate] -> [B, 2], the front tip's (x, y) (qpos[0:2])."""
+        return states[:, self.qpos][:, :2]
+
+
+class SwimmerState(NamedTuple):
+    """physics: uint32 [2 * nstate], the float64 mjSTATE_FULLPHYSICS vector bit for bit
+    (nstate = 11: time, 5 qpos, 5 qvel); the observation is (qpos[2:], qvel) of it."""
+
+    physics: jax.Array
+
+
+@dataclass(frozen=True)
+class Swimmer:
+    """gymnasium's Swimmer-v5 with a linear policy; theta: W, float32 of shape (2, 8).
+
+    horizon: environment steps per episode (gymnasium's TimeLimit, 1000).
+    eval_episodes: episodes averaged by :meth:`evaluate`.
+    threads: MuJoCo threads per batched call (1 runs it in the calling thread).
+    """
+
+    horizon: int = 1000
+    frame_skip: int = 4
+    forward_reward_weight: float = 1.0
+    ctrl_cost_weight: float = 1e-4
+    reset_noise_scale: float = 0.1
+    eval_episodes: int = 5
+    threads: int = 1
+    sim: SwimmerSim = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        for name in ("horizon", "frame_skip", "eval_episodes", "threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Swimmer {name}={value!r} must be an int >= 1")
+        for name in ("forward_reward_weight", "ctrl_cost_weight", "reset_noise_scale"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"Swimmer {name}={value!r} must be a finite number >= 0")
+        object.__setattr__(self, "sim", SwimmerSim(self.frame_skip, self.threads))
+
+    @property
+    def theta_shape(self) -> tuple[int, int]:
+        """(actions, observations) = (2, 8)."""
+        return (self.sim.nu, self.sim.obs_dim)
+
+    @property
+    def dt(self) -> float:
+        """Seconds of simulated time per environment step (0.04)."""
+        return self.sim.dt
+
+    # ------------------------------------------------------------------ host-side callbacks
+
+    def _reset_host(self, noise):
+        noise = np.asarray(noise)
+        lead = noise.shape[:-1]
+        states = self.sim.reset_states(noise.reshape(-1, noise.shape[-1]))
+        return to_bits(states).reshape(lead + (-1,))
+
+    def policy_host(self, theta: np.ndarray, obs: np.ndarray) -> np.ndarray:
+        """a = clip(W obs, ctrl_low, ctrl_high) in float32: W [B, 2, 8] (or [2, 8]), obs
+        [B, 8] -> [B, 2]. A fixed order of float32 operations, so an environment's action is
+        the same bits whatever the batch it is stepped in (training, evaluation, tests)."""
+        theta = np.asarray(theta, np.float32)
+        obs = np.asarray(obs, np.float32)
+        if theta.ndim == 2:
+            theta = np.broadcast_to(theta, (obs.shape[0],) + theta.shape)
+        action = np.zeros(theta.shape[:2], np.float32)
+        for j in range(theta.shape[2]):
+            action += theta[:, :, j] * obs[:, None, j]
+        low, high = self.sim.ctrl_low.astype(np.float32), self.sim.ctrl_high.astype(np.float32)
+        return np.clip(action, low, high)
+
+    def _reward(self, before: np.ndarray, after: np.ndarray, action: np.ndarray) -> np.ndarray:
+        """r = w_fwd (x_after - x_before) / dt - w_ctrl |a|^2, float64 [B]."""
+        dx = self.sim.xy(after)[:, 0] - self.sim.xy(before)[:, 0]
+        return (self.forward_reward_weight * dx / self.sim.dt
+                - self.ctrl_cost_weight * np.sum(np.asarray(action, np.float64)**2, axis=1))
+
+    def _step_host(self, packed):
+        # One buffer in, one out: each extra callback argument or result costs about as much
+        # host-call overhead as simulating a few swimmers.
+        packed = np.asarray(packed)
+        lead, n = packed.shape[:-1], 2 * self.sim.nstate
+        packed = packed.reshape(-1, packed.shape[-1])
+        states = from_bits(packed[:, :n])
+        obs = self.sim.observe(states).astype(np.float32)
+        theta = np.ascontiguousarray(packed[:, n:]).view(np.float32).reshape(
+            (-1,) + self.theta_shape)
+        action = self.policy_host(theta, obs)
+        new = self.sim.simulate(states, action)
+        reward = self._reward(states, new, action).astype(np.float32)
+        return np.concatenate([to_bits(new), reward[:, None].view(np.uint32)],
+                              axis=1).reshape(lead + (-1,))
+
+    # ------------------------------------------------------------------------- the System
+
+    def init(self, key: jax.Array) -> SwimmerState:
+        """A fresh episode: qpos = qpos0 + U(-s, s), qvel = U(-s, s), s = reset_noise_scale."""
+        n = self.sim.nq + self.sim.nv
+        s = self.reset_noise_scale
+        noise = jax.random.uniform(key, (n,), jnp.float32, -s, s)
+        physics = jax.pure_callback(
+            self._reset_host, jax.ShapeDtypeStruct((2 * self.sim.nstate,), jnp.uint32), noise,
+            vmap_method="broadcast_all")
+        return SwimmerState(physics)
+
+    def step(self, state: SwimmerState, theta: jax.Array, t: jax.Array, key: jax.Array):
+        """One environment step under the policy a = clip(W obs); loss = -reward.
+
+        The host computes the action (:meth:`policy_host`) next to the simulator, so training
+        and the one-call evaluation take identical steps.
+        """
+        del t, key  # the dynamics are deterministic and the episode length is the horizon
+        self.check_theta(theta)
+        n = state.physics.shape[-1]
+        flat = jnp.asarray(theta, jnp.float32).reshape(-1)
+        packed = jnp.concatenate([state.physics, jax.lax.bitcast_convert_type(flat, jnp.uint32)])
+        out = jax.pure_callback(
+            self._step_host, jax.ShapeDtypeStruct((n + 1,), jnp.uint32), packed,
+            vmap_method="broadcast_all")
+        return SwimmerState(out[:n]), -jax.lax.bitcast_convert_type(out[n], jnp.float32)
+
+    def check_theta(self, theta: Any) -> None:
+        """A ValueError unless theta is a float array of shape (2, 8)."""
+        shape = tuple(getattr(theta, "shape", ()))
+        if not hasattr(theta, "shape") or shape != self.theta_shape:
+            raise ValueError(
+                f"theta of shape {shape if hasattr(theta, 'shape') else type(theta).__name__} "
+                f"does not fit the swimmer's linear policy: W must have shape "
+                f"{self.theta_shape} (actions x observations)")
+
+    def evaluate(self, theta: jax.Array, key: jax.Array) -> dict[str, jax.Array]:
+        """{'reward': mean return of ``eval_episodes`` unperturbed episodes of ``horizon``
+        steps from the reset distribution, 'reward_min': their lowest return, 'meta_loss':
+        the mean per-step loss, -reward / horizon}. Jittable.
+
+        Episode i starts from ``init(split(split(key, E)[i])[0])``, as in
+        ``pes.system.unroll``, and its steps are those of ``step``; but the whole evaluation is
+        one host call (a NumPy loop over time, the episodes batched in C), because a JAX scan
+        of ``horizon`` single callbacks costs several times more.
+        """
+        self.check_theta(theta)
+        keys = jax.random.split(key, self.eval_episodes)
+        n, s = self.sim.nq + self.sim.nv, self.reset_noise_scale
+        noise = jax.vmap(lambda k: jax.random.uniform(jax.random.split(k)[0], (n,),
+                                                      jnp.float32, -s, s))(keys)
+        returns = jax.pure_callback(
+            self._returns_host, jax.ShapeDtypeStruct((self.eval_episodes,), jnp.float32),
+            theta, noise, vmap_method="sequential")
+        return {"meta_loss": -jnp.mean(returns) / self.horizon, "reward": jnp.mean(returns),
+                "reward_min": jnp.min(returns)}
+
+    def _returns_host(self, theta, noise):
+        sim = self.sim
+        states = sim.reset_states(np.asarray(noise))
+        total = np.zeros(states.shape[0], np.float32)
+        for _ in range(self.horizon):
+            action = self.policy_host(theta, sim.observe(states))
+            new = sim.simulate(states, action)
+            total += self._reward(states, new, action).astype(np.float32)  # step()'s float32
+            states = new
+        return total
+
+    def defaults(self) -> TaskDefaults:
+        """PAPER.md experiment 6: 10 antithetic pairs (num_particles 20), plain SGD.
+
+        PES K = 100, sigma 0.3, lr 0.1; full ES (K = T = 1000) sigma 0.3, lr 0.3; TES K = 100,
+        sigma 0.1, lr 0.1; NRES with PES's settings. Outer steps give about 5e5 environment
+        steps each (the stagger burn-in of PES, NRES and TES, about T/2 per pair, included):
+        PES/NRES 2000 per step, TES 3000 (its unperturbed member steps too), full ES 20000.
+        """
+        es = {"num_particles": 20, "sigma": 0.3, "truncation_length": 100}
+        rows, cols = self.theta_shape
+        return TaskDefaults(
+            theta0=(0.0,) * (rows * cols),
+            theta_shape=(rows, cols),
+            num_steps=245,
+            optimizer=OptimizerSpec("sgd", 0.1),
+            estimators={
+                "pes": dict(es),
+                "nres": dict(es),
+                "tes": {**es, "sigma": 0.1},
+                "full-es": {"num_particles": 20, "sigma": 0.3},
+            },
+            optimizer_overrides={"full-es": OptimizerSpec("sgd", 0.3)},
+            num_steps_overrides={"tes": 165, "full-es": 25},
+        )
+
+
+def episode(task: Swimmer, theta: Any, seed: int = 0) -> dict[str, np.ndarray]:
+    """One unperturbed episode in NumPy, for plots and animations.
+
+    Returns {'states': [T + 1, nstate] float64 physics states, 'xy': [T + 1, 2] front-tip
+    positions, 'rewards': [T], 'actions': [T, 2]}. The initial noise is drawn by NumPy from
+    ``seed`` (the distribution of ``init``); the steps are ``step``'s.
+    """
+    sim = task.sim
+    W = np.asarray(theta, np.float32)
+    task.check_theta(W)
+    s = task.reset_noise_scale
+    noise = np.random.default_rng(seed).uniform(-s, s, (1, sim.nq + sim.nv)).astype(np.float32)
+    states = [sim.reset_states(noise)]
+    rewards, actions = [], []
+    for _ in range(task.horizon):
+        action = task.policy_host(W, sim.observe(states[-1]))
+        states.append(sim.simulate(states[-1], action))
+        rewards.append(task._reward(states[-2], states[-1], action)[0])
+        actions.append(action[0])
+    states_arr = np.concatenate(states)
+    return {"states": states_arr, "xy": sim.xy(states_arr), "rewards": np.array(rewards),
+            "actions": np.array(actions)}
