@@ -1,5 +1,6 @@
 """pes: Persistent Evolution Strategies and its rivals, on JAX."""
 
+from pes import learned_optimizer
 from pes.estimators import (
     NRES,
     PES,
@@ -19,6 +20,6 @@ __all__ = [
     "System", "evaluate", "unroll",
     "train", "TrainResult", "History", "Record", "NonFiniteGradientError",
     "PES", "TruncatedES", "FullES", "NRES", "TBPTT", "FullBPTT", "RTRL", "UORO", "EstimateInfo",
-    "ParticleState",
+    "ParticleState", "learned_optimizer",
 ]
 __version__ = "0.1.0"
