@@ -99,7 +99,14 @@ def test_compare_many_hyperparameters(tmp_path, data_dir):
     assert row["random search"]["configs"] == -(-row["pes"]["inner_steps"] // 20)
     assert row["random search"]["inner_steps"] >= row["pes"]["inner_steps"]
     assert (out / "random-search-seed-0.npz").is_file()
-    assert "![best so far](best_so_far.png)" in (out / "results.md").read_text()
+    # The returned configurations are scored on the same fresh episodes (finite, with an s.e.).
+    returned = row["returned"]
+    assert set(returned) == {"pes", "tes", "random search"}
+    assert all(np.isfinite(v["mean"]) and v["se"] >= 0 for v in returned.values())
+    assert row["pes_le_random_returned"] == (returned["pes"]["mean"]
+                                             <= returned["random search"]["mean"])
+    md = (out / "results.md").read_text()
+    assert "![best so far](best_so_far.png)" in md and "fresh episodes in" in md
 
 
 @pytest.mark.parametrize("args, message", [
