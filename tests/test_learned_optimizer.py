@@ -179,11 +179,12 @@ def test_task_is_a_system(task):
 def test_task_episode_is_the_exported_optax_optimizer(task):
     """The task's inner step is exactly the saved optimizer used through optax."""
     theta = task.initial_theta(jax.random.PRNGKey(5))
-    _, losses = jax.jit(task.episode)(theta, KEY)
+    keys = jax.random.split(KEY, task.eval_problems)
+    _, losses = jax.jit(task.episode)(theta, keys[1])
     tx = task.optimizer.transformation(task.optimizer.unflatten(theta))
-    _, losses2 = jax.jit(lambda k: task.optax_episode(tx, k))(KEY)
+    _, losses2 = jax.jit(lambda k: task.optax_episode(tx, k))(keys[1])
     np.testing.assert_allclose(losses, losses2, rtol=1e-5)
-    np.testing.assert_allclose(losses.mean(), task.meta_test(theta, KEY[None])["meta_loss"][0],
+    np.testing.assert_allclose(losses.mean(), task.meta_test(theta, keys)["meta_loss"][1],
                                rtol=1e-5)
 
 

@@ -85,7 +85,8 @@ def tune(task: Any, name: str, grid: Sequence[float], tune_keys: Any,
     losses = task.grid_meta_losses(name, grid, tune_keys).mean(axis=1)
     finite = np.where(np.isfinite(losses), losses, np.inf)
     best = int(np.argmin(finite))
-    test = task.grid_meta_losses(name, [grid[best]], test_keys)[0]
+    # The whole grid again (same shapes: no second compilation); only the chosen rate counts.
+    test = task.grid_meta_losses(name, grid, test_keys)[best]
     edge = best in (0, len(grid) - 1)
     return {"grid": list(grid), "tune_meta_loss": losses.tolist(),
             "learning_rate": grid[best], "at_grid_edge": edge,
