@@ -1,0 +1,33 @@
+"""Smoke test: every benchmark script's --quick mode runs and prints its table.
+
+The numbers of a --quick run mean nothing (tiny sizes, one or two repeats); timings are never
+asserted. The measurements live in benchmarks/README.md.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name, rows", [
+    ("overhead", ["| influence balancing |", "| toy regression |", "| MLP |"]),
+    ("peers", ["| pes.train |", "| pes loop |", "| pes scan |", "| numpy |"]),
+    ("memory", ["| 10 |", "| 20 |"]),
+    ("scaling", ["| toy regression | 8 | 2 | 1 |", "| toy regression | 8 | 2 | 2 |"]),
+])
+def test_quick_mode_prints_its_table(name, rows, capsys):
+    load(name).main(["--quick"])
+    out = capsys.readouterr().out
+    for row in rows:
+        assert row in out, f"{name} --quick printed no row {row!r}:\n{out}"
+    assert "nan" not in out.lower()
