@@ -111,8 +111,8 @@ _DATA_DIR = dict(metavar="DIR", show_default=False,
 _DATASET = dict(show_default=False,
                 help="Image tasks: fashion-mnist or mnist. [default: fashion-mnist]")
 _SIZE = dict(show_default=False,
-             help="Image tasks: cpu (minutes on 2 cores), paper (the paper's) or tiny "
-             "(seconds; tests). [default: cpu]")
+             help="Image tasks: cpu (minutes on 2 cores), paper (the paper's), tiny "
+             "(seconds; tests), or full (learned-optimizer at 28x28). [default: cpu]")
 _OBJECTIVE = dict(show_default=False,
                   help="mnist-lr-schedule: loss (mean training loss) or accuracy (minus "
                   "validation accuracy). [default: loss; pes compare: both]")
