@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from systems import (
     LinearQuadratic,
-    check_biased,
     check_unbiased,
     exact_gradient,
     flat,
@@ -36,9 +35,9 @@ def windows(est, theta, n, seed=0):
 def test_depth_equal_to_k_is_plain_tbptt_exactly():
     system = LinearQuadratic(horizon=5)
     theta = theta_dict()
-    plain = windows(pes.TBPTT(system, num_particles=3, truncation_length=2), theta, 6)
+    plain = windows(pes.TBPTT(system, num_particles=3, truncation_length=2), theta, 4)
     same = windows(pes.TBPTT(system, num_particles=3, truncation_length=2, backprop_depth=2),
-                   theta, 6)
+                   theta, 4)
     for (g0, s0, i0), (g1, s1, i1) in zip(plain, same, strict=True):
         np.testing.assert_array_equal(flat(g0), flat(g1))
         np.testing.assert_array_equal(np.asarray(s0.inner), np.asarray(s1.inner))
@@ -60,17 +59,6 @@ def test_deeper_history_replays_the_same_trajectory():
         np.testing.assert_array_equal(np.asarray(s1.t), np.asarray(s0.t))
         np.testing.assert_allclose(float(i1.loss), float(i0.loss), rtol=1e-5)
         assert int(i1.inner_steps) == int(i0.inner_steps)
-
-
-def test_memoryless_system_gradient_does_not_depend_on_depth():
-    # With A = 0 the loss depends on theta only through the current step: history adds nothing.
-    system = LinearQuadratic(horizon=5, A=jnp.zeros((2, 2)))
-    theta = theta_dict()
-    plain = windows(pes.TBPTT(system, num_particles=4, truncation_length=2), theta, 4)
-    deep = windows(pes.TBPTT(system, num_particles=4, truncation_length=2, backprop_depth=9),
-                   theta, 4)
-    for (g0, _, _), (g1, _, _) in zip(plain, deep, strict=True):
-        np.testing.assert_allclose(flat(g1), flat(g0), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("depth", [1, 10, 100])
@@ -143,13 +131,6 @@ def test_depth_covering_the_episode_is_unbiased(K, depth):
     theta = theta_dict()
     est = pes.TBPTT(system, num_particles=4, truncation_length=K, backprop_depth=depth)
     check_unbiased(replicate_estimates(est, theta, R, windows=1), exact_gradient(system, theta))
-
-
-def test_short_depth_is_still_biased():
-    system = LinearQuadratic(horizon=20)
-    theta = theta_dict()
-    est = pes.TBPTT(system, num_particles=4, truncation_length=1, backprop_depth=3)
-    check_biased(replicate_estimates(est, theta, R, windows=1), exact_gradient(system, theta))
 
 
 def test_bad_depth_is_refused():
