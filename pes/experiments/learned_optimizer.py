@@ -213,18 +213,26 @@ def _plot(path: Path, curves, baselines, options, task) -> Path:
             continue
         for x, y in runs:
             ax.plot(x, y, color=COLORS[est], alpha=0.35, lw=0.8)
-        end = max(float(x[-1]) for x, _ in runs if len(x))
+        # The seeds' common range, so the mean is over every seed at each point.
+        end = min(float(x[-1]) for x, _ in runs if len(x))
         grid = np.linspace(0.0, end, 200)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             stack = np.array([np.interp(grid, x, y, right=np.nan) for x, y in runs if len(x)])
-            mean = np.nanmean(stack, axis=0)
-        ax.plot(grid, mean, color=COLORS[est], lw=2,
-                label=f"{est} (mean of {len(runs)} seed{'s' * (len(runs) != 1)})")
+            middle = np.nanmedian(stack, axis=0)  # one diverged seed must not hide the rest
+        ax.plot(grid, middle, color=COLORS[est], lw=2,
+                label=f"{est} (median of {len(runs)} seed{'s' * (len(runs) != 1)}; thin: each)")
     for name, style in (("sgd", "--"), ("adam", ":")):
         b = baselines[name]
         ax.axhline(b["test_meta_loss"], color="k", ls=style, lw=1,
                    label=f"{name}, tuned lr {b['learning_rate']:.3g} (meta-test)")
+    start = [y[0] for runs in curves.values() for _, y in runs if len(y) and np.isfinite(y[0])]
+    if start:  # a diverged run (the loss cap) would squash the others: it leaves the top
+        top = 1.15 * max(start)
+        ax.set_ylim(top=top)
+        if any(np.nanmax(y) > top for runs in curves.values() for _, y in runs if len(y)):
+            ax.text(0.01, 0.98, "runs above the top of the plot diverged", fontsize=8,
+                    transform=ax.transAxes, va="top")
     ax.set_xlabel("meta-training inner steps (evaluations not counted)")
     ax.set_ylabel("meta-loss of fresh inner problems\n(mean training loss over T steps)")
     ax.set_title(f"learned optimizer ({options['dataset']}, size {options['size']}, "
