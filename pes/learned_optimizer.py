@@ -14,9 +14,13 @@ scale of the problem), followed by ``tanh(t / s)`` for each time scale ``s`` in
 layer plus a linear skip connection from the inputs) maps these F = 3 + 2K + len(time_scales)
 inputs x to two outputs, a direction ``d`` and a log-magnitude ``a``::
 
-    (d, a) = MLP(x) + x @ S,        u = d * exp(a * exp_scale) * step_scale
+    (d, a) = MLP(x) + x @ S,        u = d * exp(A tanh(a / A) * exp_scale) * step_scale
 
-and ``u`` is added to ``p``. The initial weights (:meth:`LearnedOptimizer.init_weights`) are
+and ``u`` is added to ``p``. ``A`` = ``max_log_magnitude`` softly limits the log-magnitude
+(about the identity for |a| well below A): without it a meta-trained MLP can extrapolate to
+a ~ 20 on a few outlying elements, steps of 1e5 and more, and ES cannot recover from an
+optimizer that makes every inner problem diverge (the capped meta-loss is flat there).
+The initial weights (:meth:`LearnedOptimizer.init_weights`) are
 random for the MLP, with a small output layer, and S sends minus the (normalised)
 ``m / sqrt(v)`` of the decay nearest 0.9 to ``d``: an untrained optimizer takes small Adam-like
 steps of about ``step_scale`` per element, and meta-training decides their direction and
@@ -66,7 +70,9 @@ class LearnedOptimizer:
     momentum_decays: decay rates b_k of the momenta fed to the MLP.
     second_moment_decay: decay c of the mean squared gradient v.
     time_scales: s of the step features tanh(t / s).
-    step_scale, exp_scale: the constants of u = d * exp(a * exp_scale) * step_scale.
+    step_scale, exp_scale: the constants of u = d * exp(A tanh(a / A) * exp_scale) *
+      step_scale.
+    max_log_magnitude: A, the soft limit of the log-magnitude; None: no limit.
     """
 
     hidden_sizes: tuple[int, ...] = (32, 32)
@@ -75,6 +81,7 @@ class LearnedOptimizer:
     time_scales: tuple[float, ...] = (10.0, 100.0, 1000.0, 10000.0)
     step_scale: float = 3e-4
     exp_scale: float = 1.0
+    max_log_magnitude: float | None = 4.0
     _shapes: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -88,6 +95,9 @@ class LearnedOptimizer:
                              "of rates in [0, 1)")
         if not 0.0 <= self.second_moment_decay < 1.0:
             raise ValueError(f"second_moment_decay={self.second_moment_decay} must be in [0, 1)")
+        a = self.max_log_magnitude
+        if a is not None and not (isinstance(a, int | float) and math.isfinite(a) and a > 0):
+            raise ValueError(f"max_log_magnitude={a!r} must be a finite number > 0 or None")
         if any(not s > 0 for s in self.time_scales):
             raise ValueError(f"time_scales={self.time_scales} must be positive")
         for name in ("step_scale", "exp_scale"):
@@ -192,9 +202,12 @@ class LearnedOptimizer:
         return h @ w + b + x @ weights.skip
 
     def tensor_update(self, weights, g, p, momenta, v, t) -> jax.Array:
-        """u = d * exp(a * exp_scale) * step_scale for one tensor; shape g.shape."""
+        """u = d * exp(A tanh(a / A) * exp_scale) * step_scale for one tensor; shape g.shape."""
         out = self.apply_mlp(weights, self.features(g, p, momenta, v, t))
-        return out[..., 0] * jnp.exp(out[..., 1] * self.exp_scale) * self.step_scale
+        a = out[..., 1]
+        if self.max_log_magnitude is not None:
+            a = self.max_log_magnitude * jnp.tanh(a / self.max_log_magnitude)
+        return out[..., 0] * jnp.exp(a * self.exp_scale) * self.step_scale
 
     def init_state(self, params) -> LearnedOptimizerState:
         zeros = lambda: jax.tree_util.tree_map(

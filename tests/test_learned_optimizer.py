@@ -58,8 +58,14 @@ def test_update_rule_matches_its_formula():
     np.testing.assert_allclose(jnp.mean(x[..., :-4] ** 2, axis=(0, 1)), 1.0, rtol=1e-3)
     np.testing.assert_allclose(x[..., -4:], 0.0)
     out = ARCH.apply_mlp(weights, x)
-    want = out[..., 0] * jnp.exp(out[..., 1] * ARCH.exp_scale) * ARCH.step_scale
+    a = 4.0 * jnp.tanh(out[..., 1] / 4.0)
+    want = out[..., 0] * jnp.exp(a * ARCH.exp_scale) * ARCH.step_scale
     np.testing.assert_allclose(u, want, rtol=1e-5)
+    # The soft limit: a huge log-magnitude gives at most exp(4) times the step scale.
+    big = weights._replace(skip=weights.skip.at[0, 1].set(1e4))
+    u_big, _ = ARCH.update(big, g, state, p)
+    d = ARCH.apply_mlp(big, x)[..., 0]
+    assert float(jnp.max(jnp.abs(u_big) / (jnp.abs(d) + 1e-12))) <= np.exp(4.0) * 3e-4 * 1.0001
 
 
 def test_update_needs_params():
