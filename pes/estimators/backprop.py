@@ -6,7 +6,8 @@ older, and anything before a reset, is treated as a constant:
 
     g = mean_particles grad_theta (1/K) sum_{j<K} l_j(s_j(theta; stop_grad(s_{-D})), theta),
 
-with D = k2 - K and s_{-D} the state D steps before the window. D = 0 (the default, k2 = K) is
+with D = k2 - K and s_{-D} the state D steps before the window (window step j's loss thus
+sees D + j + 1 steps of history, the last one k2). D = 0 (the default, k2 = K) is
 the plain truncated gradient with the history cut at the window's start. For D > 0 each
 particle keeps the state D steps back and the keys of the D steps since, and every window
 replays those D steps (with gradient) before its own K. Full BPTT is TBPTT with K = T in
