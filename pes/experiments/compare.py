@@ -265,8 +265,9 @@ def _mean_std(values: list[Any]) -> tuple[Any, Any]:
                                                                              np.nan)
     std = np.nanstd(arr, axis=0, ddof=1) if len(values) > 1 else None
     scalar = np.ndim(_nan_list(values[0])) == 0
+    # A vector theta gives a list, a matrix theta (the swimmer's W) a list of lists.
     pick = (lambda a: None if a is None else float(a[0])) if scalar else \
-        (lambda a: None if a is None else [float(x) for x in a])
+        (lambda a: None if a is None else np.asarray(a, float).tolist())
     return pick(mean), pick(std)
 
 
