@@ -226,3 +226,13 @@ def test_views_refuse_other_runs(tmp_path):
     with pytest.raises(ValueError, match="not swimmer"):
         swimmer_view.final_theta(tmp_path)
     assert swimmer_view.main([str(tmp_path), "--out", str(tmp_path / "v")]) == 2
+
+
+def test_comparison_tables_take_a_matrix_theta():
+    """pes compare averages final thetas over seeds; the swimmer's is a 2 x 8 matrix."""
+    from pes.experiments.compare import _mean_std, _pm
+
+    mean, std = _mean_std([[[1.0, 2.0], [3.0, 4.0]], [[3.0, 4.0], [5.0, 6.0]]])
+    assert mean == [[2.0, 3.0], [4.0, 5.0]]
+    np.testing.assert_allclose(std, np.full((2, 2), np.sqrt(2.0)))
+    assert _pm(mean, std).startswith("((2 ± 1.4, 3 ± 1.4), (4 ± 1.4")
