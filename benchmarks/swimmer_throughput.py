@@ -76,11 +76,17 @@ def gym_vector(W: np.ndarray, batch: int, steps: int) -> float:
     return elapsed
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[20, 100])
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: B = 4, windows of 10 steps, 1 repeat (numbers mean "
+                        "nothing)")
+    args = parser.parse_args(argv)
+    global K
+    if args.quick:
+        args.batch, args.repeats, K = [4], 1, 10
     task = Swimmer()
     W = 0.5 * np.asarray(jax.random.normal(jax.random.PRNGKey(0), (2, 8)), np.float64)
     theta = jnp.asarray(W, jnp.float32)
@@ -105,7 +111,7 @@ def main() -> None:
         rows.append((batch, med))
         print(f"B={batch}: " + ", ".join(f"{k} {v:,.0f} steps/s" for k, v in med.items()),
               flush=True)
-    print("\n| batch B | open-loop rollout | raw closed loop | PES window (K=100) | PES / raw "
+    print(f"\n| batch B | open-loop rollout | raw closed loop | PES window (K={K}) | PES / raw "
           "| gymnasium sync vector env | PES / gymnasium |")
     print("|---|---|---|---|---|---|---|")
     for batch, m in rows:
