@@ -64,7 +64,8 @@ class WindowStats(NamedTuple):
 
     A: sum_j (sum_m sign_m l_mj) * w_j, theta-shaped.  W: sum_j w_j, theta-shaped.
     loss_sum: sum_j of the members' losses (perturbed members only, unless all are unperturbed).
-    steps: number of steps each pair took.  finite: whether all its losses were finite.
+    steps: number of steps each pair took.  finite: whether all its losses, and their sum
+      over the window, were finite.
     bad_t: the episode step t of its first non-finite loss, -1 if none.
     """
 
@@ -190,6 +191,36 @@ def validate_start(system: Any, theta: PyTree, key: jax.Array) -> PyTree:
 # ----------------------------------------------------------------------------- the window
 
 
+# Below this many elements in one inner state, a reset is a select against a fresh state
+# computed every step; above it, a lax.cond runs init only on steps where some pair resets.
+# The cond's predicate (a reduction) and branch dispatch cost more than initialising a small
+# state (toy regression: 2 floats), but far less than re-initialising an MLP every step.
+RESET_SELECT_MAX = 1024
+
+
+def state_size(inner: PyTree) -> int:
+    """Elements of one member's inner state (leaves [P, M, ...])."""
+    return sum(int(np.prod(x.shape[2:])) for x in jax.tree_util.tree_leaves(inner))
+
+
+class WindowSums(NamedTuple):
+    """Per-pair sums of a window's loss differences d_j = sum_m sign_m l_mj, for hooks that
+    credit a whole window at once (leaves [P]).
+
+    diff: sum of d_j over the pair's active steps; steps: their number.
+    diff_to_end, steps_to_end: the same up to and including the step that first ends an
+      episode in this window (equal to diff, steps when none does).
+    ended: an episode ended in this window.  ends_last: the pair's last active step ended one.
+    """
+
+    diff: jax.Array
+    steps: jax.Array
+    diff_to_end: jax.Array
+    steps_to_end: jax.Array
+    ended: jax.Array
+    ends_last: jax.Array
+
+
 class NoiseHooks:
     """How a noise carry (leaves [P, ...]) drives the perturbation and the credit of each step.
 
@@ -199,7 +230,14 @@ class NoiseHooks:
         (``done``: [P] bool, this step ends the pair's episode).
     after_step(noise, done, t, key) -> noise: update after the step
         (``t``: [P] step index of the next step, ``key``: [P] keys).
+
+    Hooks whose noise changes only when an episode ends, in a way fixed by the window's first
+    noise, may also define ``window_credit`` (the same credit in closed form) and make
+    ``credit_after_scan`` true: the scan then carries neither noise updates nor accumulators.
+    PES and TES do so only while their own ``weight`` and ``after_step`` are in place.
     """
+
+    credit_after_scan = False
 
     def perturbation(self, noise):
         raise NotImplementedError
@@ -209,6 +247,21 @@ class NoiseHooks:
 
     def after_step(self, noise, done, t, key):
         return noise
+
+    def window_credit(self, noise, sums: WindowSums, need_W: bool):
+        """noise: the carry at the window's start; sums: WindowSums. Returns (noise after the
+        window, A, W) as the per-step hooks would have left them (W may be zeros when not
+        need_W)."""
+        raise NotImplementedError
+
+
+def _column_sums(x: jax.Array) -> jax.Array:
+    """Sum over the leading axis of [K, ...] as one matrix-vector product: XLA's CPU reduction
+    over a major axis runs several times slower than the dot."""
+    k = x.shape[0]
+    flat = jnp.reshape(x, (k, -1))
+    out = jnp.dot(jnp.ones((k,), flat.dtype), flat, precision=jax.lax.Precision.HIGHEST)
+    return jnp.reshape(out, x.shape[1:])
 
 
 def window_scan(
@@ -224,6 +277,7 @@ def window_scan(
     hooks: NoiseHooks | None,
     active: jax.Array | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    need_W: bool = True,
 ) -> tuple[tuple[PyTree, jax.Array, PyTree], WindowStats]:
     """Advance every pair by ``num_steps`` inner steps (one ``lax.scan``).
 
@@ -235,18 +289,28 @@ def window_scan(
       signs: one per member; member m steps at theta + signs[m] * eps.
       active: optional [P] int; pair p only takes its first active[p] steps (burn-in).
       mesh: optional device mesh over which the pair axis is sharded.
+      need_W: whether WindowStats.W is wanted (only the non-antithetic gradient uses it);
+        without it W may be zeros.
 
     Returns the new (inner, t, noise) and the window's per-pair WindowStats.
+
+    The scan carries only what the next step depends on (states, t, and for per-step hooks
+    their noise and accumulators); the losses leave it as [K, P, M] and the window's
+    statistics are reduced from them once, instead of a dozen small operations per step.
     """
     horizon = system.horizon
     num_pairs = t.shape[0]
+    num_members = len(signs)
     sign_arr = jnp.asarray(signs, jnp.float32)
     perturbed = sign_arr != 0
     loss_mask = perturbed if bool(np.any(np.asarray(signs) != 0)) else jnp.ones_like(perturbed)
     pair_keys = shard_pairs(jax.random.split(key, num_pairs), mesh)
     inner, t, noise, active = shard_pairs((inner, t, noise, active), mesh)
+    t0 = t
     # Members of a pair share t and every key: vmap over members broadcasts them.
     member_step = jax.vmap(system.step, in_axes=(0, 0, None, None))
+    per_step_credit = hooks is not None and not hooks.credit_after_scan
+    reset_by_select = state_size(inner) <= RESET_SELECT_MAX
 
     def step_all(inner, thetas, t, k_step):
         return jax.vmap(member_step, in_axes=(0, 0, 0, 0))(inner, thetas, t, k_step)
@@ -254,11 +318,11 @@ def window_scan(
     zeros_theta = tmap(lambda x: jnp.zeros((num_pairs,) + jnp.shape(x), jnp.result_type(x)), theta)
 
     def body(carry, j):
-        inner, t, noise, stats = carry
+        inner, t, noise, A, W = carry
         keys = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, j), 3))(pair_keys)
         k_step, k_reset, k_noise = keys[:, 0], keys[:, 1], keys[:, 2]
         if hooks is None:
-            thetas = tmap(lambda th: jnp.broadcast_to(th, (num_pairs, len(signs)) + th.shape),
+            thetas = tmap(lambda th: jnp.broadcast_to(th, (num_pairs, num_members) + th.shape),
                           theta)
         else:
             eps = hooks.perturbation(noise)
@@ -270,47 +334,80 @@ def window_scan(
         act = jnp.ones((num_pairs,), bool) if active is None else j < active
         t_next = t + 1
         done = jnp.zeros_like(act) if horizon is None else (t_next >= horizon) & act
-
-        loss_sum = stats.loss_sum + jnp.where(act, jnp.sum(losses * loss_mask, axis=1), 0.0)
-        finite_now = ~act | jnp.all(jnp.isfinite(losses), axis=1)
-        bad_t = jnp.where(stats.finite & ~finite_now, t, stats.bad_t)
-        finite = stats.finite & finite_now
-        A, W = stats.A, stats.W
-        if hooks is not None:
+        if per_step_credit:
             w = hooks.weight(noise, done)
             diff = jnp.where(act, jnp.sum(losses * sign_arr, axis=1), 0.0)
             A = tmap(lambda a, wi: a + diff.reshape((-1,) + (1,) * (wi.ndim - 1)) * wi, A, w)
-            W = tmap(lambda a, wi: a + jnp.where(
-                act.reshape((-1,) + (1,) * (wi.ndim - 1)), wi, 0.0), W, w)
-        stats = WindowStats(A, W, loss_sum, stats.steps + act, finite, bad_t)
-
+            if need_W:
+                W = tmap(lambda a, wi: a + jnp.where(
+                    act.reshape((-1,) + (1,) * (wi.ndim - 1)), wi, 0.0), W, w)
         if active is not None:
             new_inner = select(act, new_inner, inner)
         if horizon is not None:
-            # Only run init when some pair actually resets this step (the common case is none).
             def reset(x):
-                fresh = expand_members(jax.vmap(system.init)(k_reset), len(signs))
+                fresh = expand_members(jax.vmap(system.init)(k_reset), num_members)
                 return select(done, fresh, x)
 
-            new_inner = jax.lax.cond(jnp.any(done), reset, lambda x: x, new_inner)
+            if reset_by_select:
+                new_inner = reset(new_inner)
+            else:
+                new_inner = jax.lax.cond(jnp.any(done), reset, lambda x: x, new_inner)
             t_next = jnp.where(done, 0, t_next)
         t_new = jnp.where(act, t_next, t)
-        if hooks is not None:
+        if per_step_credit:
             new_noise = hooks.after_step(noise, done, t_new, k_noise)
             noise = new_noise if active is None else select(act, new_noise, noise)
-        return shard_pairs((new_inner, t_new, noise, stats), mesh), None
+        return shard_pairs((new_inner, t_new, noise, A, W), mesh), losses
 
-    stats0 = WindowStats(
-        A=zeros_theta,
-        W=zeros_theta,
-        loss_sum=jnp.zeros((num_pairs,), jnp.float32),
-        steps=jnp.zeros((num_pairs,), jnp.int32),
-        finite=jnp.ones((num_pairs,), bool),
-        bad_t=-jnp.ones((num_pairs,), jnp.int32),
-    )
-    (inner, t, noise, stats), _ = jax.lax.scan(
-        body, (inner, t, noise, stats0), jnp.arange(num_steps, dtype=jnp.int32)
-    )
+    acc = (zeros_theta, zeros_theta) if per_step_credit else ((), ())
+    (inner, t, noise, A, W), losses = jax.lax.scan(
+        body, (inner, t, noise) + acc, jnp.arange(num_steps, dtype=jnp.int32))
+    if hooks is None:
+        A = W = zeros_theta
+
+    # Per-step facts rebuilt for the whole window: a pair takes steps j < n (its active
+    # count); its step index then is (t0 + j) mod T, and its first episode end in the window
+    # is at j = T - 1 - t0.
+    js = jnp.arange(num_steps, dtype=jnp.int32)[:, None]
+    n = (jnp.full((num_pairs,), num_steps, jnp.int32) if active is None
+         else jnp.minimum(active, num_steps).astype(jnp.int32))
+    act = None if active is None else js < n[None, :]
+    kept = losses if act is None else jnp.where(act[:, :, None], losses, 0.0)
+    member_sums = _column_sums(kept)  # [P, M]
+    loss_sum = jnp.sum(member_sums * loss_mask, axis=1)
+    # A NaN or inf loss makes its pair's window sum non-finite (so does an overflowing sum,
+    # whose gradient would be useless too); the step of the first bad loss is searched for
+    # only in the rare window that has one.
+    finite = jnp.isfinite(jnp.sum(member_sums, axis=1))
+
+    def first_bad_step(_):
+        finite_now = jnp.all(jnp.isfinite(kept), axis=2)  # [K, P]
+        t_bad = t0 + jnp.argmin(finite_now, axis=0).astype(jnp.int32)
+        if horizon is not None:
+            t_bad = t_bad % horizon
+        return jnp.where(jnp.all(finite_now, axis=0), -1, t_bad).astype(jnp.int32)
+
+    bad_t = jax.lax.cond(jnp.all(finite), lambda _: -jnp.ones((num_pairs,), jnp.int32),
+                         first_bad_step, None)
+
+    if hooks is not None and not per_step_credit:
+        diff = jnp.sum(member_sums * sign_arr, axis=1)
+        if horizon is None:
+            no = jnp.zeros((num_pairs,), bool)
+            sums = WindowSums(diff, n, diff, n, no, no)
+        else:
+            first_end = horizon - 1 - t0
+            ended = first_end < n
+            ends_last = (n > 0) & ((t0 + n) % horizon == 0)
+            to_end = js <= first_end[None, :]
+            if act is not None:
+                to_end = to_end & act
+            sums_to_end = _column_sums(jnp.where(to_end[:, :, None], kept, 0.0))
+            diff_to_end = jnp.where(ended, jnp.sum(sums_to_end * sign_arr, axis=1), diff)
+            sums = WindowSums(diff, n, diff_to_end, jnp.minimum(n, first_end + 1), ended,
+                              ends_last)
+        noise, A, W = hooks.window_credit(noise, sums, need_W)
+    stats = WindowStats(A, W, loss_sum.astype(jnp.float32), n, finite, bad_t)
     return (inner, t, noise), stats
 
 
@@ -445,7 +542,8 @@ class TruncatedEstimator:
                 noise = self.start_burn_in(noise, k_burn_noise, theta)
             (inner, t, noise), stats = window_scan(
                 self.system, theta, inner, t, noise, k_burn, signs=members,
-                num_steps=self.horizon - 1, hooks=hooks, active=offsets, mesh=self.mesh)
+                num_steps=self.horizon - 1, hooks=hooks, active=offsets, mesh=self.mesh,
+                need_W=False)
             if hooks is not None:
                 noise = self.end_window(noise)
             pending = jnp.sum(stats.steps) * len(members)
@@ -530,7 +628,7 @@ class ESEstimator(TruncatedEstimator, NoiseHooks):
         K = self.truncation_length
         (inner, t, noise), stats = window_scan(
             self.system, theta, inner, state.t, noise, k_window, signs=signs, num_steps=K,
-            hooks=self, mesh=self.mesh)
+            hooks=self, mesh=self.mesh, need_W=not self.antithetic)
         noise = self.end_window(noise)
         if self.unperturbed_member:
             inner = tmap(lambda x: x[:, -1:], inner)

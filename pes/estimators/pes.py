@@ -64,6 +64,32 @@ class PES(ESEstimator):
         xi = select(done, tmap(jnp.zeros_like, noise.xi), noise.xi)
         return PESNoise(xi, noise.eps, ~done)
 
+    @property
+    def credit_after_scan(self):
+        # window_credit is these hooks in closed form: a subclass that changes weight or
+        # after_step gets the per-step path, so that its change takes effect.
+        cls = type(self)
+        return cls.weight is PES.weight and cls.after_step is PES.after_step
+
+    def window_credit(self, noise, sums, need_W):
+        """The hooks above for a whole window: steps up to the pair's first episode end (that
+        step included) are credited to xi + eps, later ones to eps alone, so
+        A = (sum_j d_j) eps + (sum_{j <= end} d_j) xi, and W likewise with step counts."""
+        col = lambda v, x: v.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+
+        def credit(total, to_end):
+            return tmap(lambda xi, e: col(total, e) * e + col(to_end, xi) * xi,
+                        noise.xi, noise.eps)
+
+        A = credit(sums.diff, sums.diff_to_end)
+        W = (credit(sums.steps, sums.steps_to_end) if need_W
+             else tmap(jnp.zeros_like, noise.xi))
+        # After the window xi is empty if an episode ended in it, and the current episode has
+        # stepped with eps unless the pair's last step ended it (or it took no step).
+        xi = select(sums.ended, tmap(jnp.zeros_like, noise.xi), noise.xi)
+        stepped = jnp.where(sums.steps > 0, ~sums.ends_last, noise.stepped)
+        return PESNoise(xi, noise.eps, stepped), A, W
+
     def end_window(self, noise):
         xi = select(noise.stepped, tmap(jnp.add, noise.xi, noise.eps), noise.xi)
         return PESNoise(xi, noise.eps, noise.stepped)

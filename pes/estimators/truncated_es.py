@@ -32,3 +32,16 @@ class TruncatedES(ESEstimator):
 
     def weight(self, noise, done):
         return noise
+
+    @property
+    def credit_after_scan(self):
+        # As for PES: only while weight and after_step are the ones window_credit reproduces.
+        cls = type(self)
+        return cls.weight is TruncatedES.weight and cls.after_step is ESEstimator.after_step
+
+    def window_credit(self, noise, sums, need_W):
+        """Every step is credited to eps: A = (sum_j d_j) eps, W = (active steps) eps."""
+        col = lambda v, x: v.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+        A = tmap(lambda e: col(sums.diff, e) * e, noise)
+        W = tmap(lambda e: col(sums.steps, e) * e, noise)
+        return noise, A, W
