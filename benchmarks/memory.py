@@ -116,7 +116,7 @@ def main(argv=None):
     if args.child:
         child(args)
         return
-    ts = [10, 20] if args.quick else [int(x) for x in args.ts.split(",")]
+    ts = [10] if args.quick else [int(x) for x in args.ts.split(",")]
     run_max = 10 if args.quick else args.run_max_t
 
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}; MiB; PES N=2 K=10, "
