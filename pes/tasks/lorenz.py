@@ -113,7 +113,7 @@ class Lorenz:
         follow-up's RTRL stand-in is forward mode (DODGE, lr 1e-10).
 
         Where these settings end (3 seeds; see the module docstring for why): PES a within
-        4.5%, r 5.3-7.4% low; NRES and full ES a 7-9% high, r 3.5-5.9% low. NRES with
+        4.1%, r 5.0-6.5% low; NRES and full ES a 7-9% high, r 3.6-5.3% low. NRES with
         sigma=0.05 and Adam 1e-2 (x0.1 at 2500 and 4000, 5000 steps) ends at a +4.1..5.0%,
         r -4.6..4.8% in 3 of 3 seeds: the smoothed minimum at that sigma, inside 5% by less
         than a point. The follow-up staggers particles to multiples of K (fresh states); with
