@@ -70,7 +70,7 @@ BAD_INPUTS = [
     # image-task options (checked before any data is read) and a dataset that is not there
     (["toy-regression", "-e", "pes", "--dataset", "mnist"],
      "dataset='mnist' does not apply to task='toy-regression'; only mnist-lr-schedule, "
-     "many-hyperparameters take it"),
+     "many-hyperparameters, learned-optimizer take it"),
     (["many-hyperparameters", "-e", "pes", "--objective", "accuracy"],
      "objective='accuracy' does not apply to task='many-hyperparameters'; only "
      "mnist-lr-schedule takes it"),
@@ -128,7 +128,7 @@ BAD_INPUTS = [
     (["--resume", "{cfg}/type.yaml"], "type.yaml: not a directory"),
     (["--resume", "{run}", "--lr", "0.5"],
      "lr=0.5 contradicts {run}/config.json (lr=0.0001): a resumed run keeps its "
-     "configuration; only num_steps, checkpoint_every, nonfinite may change"),
+     "configuration; only num_steps, checkpoint_every, nonfinite, devices may change"),
     (["--resume", "{run}", "-e", "pes"], "estimator='pes' contradicts"),
     (["--resume", "{run}", "--theta0", "2"], "theta0=2.0 contradicts"),
     (["--resume", "{run}", "--num-steps", "2"],
