@@ -450,6 +450,14 @@ def data_download_command(
     typer.echo(f"{name}: the four files are in {target}")
 
 
+def _refuse_given(given: dict[str, object], experiment: str, takes: str) -> None:
+    """Exit 2 naming the first flag in ``given`` that was set: ``experiment`` takes only
+    ``takes``."""
+    for flag, value in given.items():
+        if value is not None:
+            _fail(f"{flag} does not apply to pes compare {experiment}; it takes {takes}")
+
+
 def _learned_optimizer_compare(*, seeds: str | None, out: str | None, num_steps: int | None,
                                overwrite: bool, progress: bool, data_dir: str | None,
                                dataset: str | None, size: str | None,
@@ -457,10 +465,8 @@ def _learned_optimizer_compare(*, seeds: str | None, out: str | None, num_steps:
     """pes compare learned-optimizer (pes.experiments.learned_optimizer)."""
     from pes.experiments import learned_optimizer as lopt
 
-    for flag, value in given.items():
-        if value is not None:
-            _fail(f"{flag} does not apply to pes compare learned-optimizer; it takes --seeds, "
-                  "--num-steps, --size, --dataset, --data-dir, --out")
+    _refuse_given(given, "learned-optimizer",
+                  "--seeds, --num-steps, --size, --dataset, --data-dir, --out")
     with _user_errors():
         seed_list = parse_seeds(seeds if seeds is not None else lopt.DEFAULT_SEEDS)
         try:
@@ -481,10 +487,7 @@ def _variance_compare(*, size: str | None, out: str | None, overwrite: bool,
     """pes compare variance [--size default|paper|tiny] (pes.experiments.variance_compare)."""
     from pes.experiments.variance_compare import run_variance_comparison
 
-    for flag, value in given.items():
-        if value is not None:
-            _fail(f"{flag} does not apply to pes compare variance; it takes --size "
-                  "(default, paper or tiny), --out and --overwrite")
+    _refuse_given(given, "variance", "--size (default, paper or tiny), --out and --overwrite")
     with _user_errors():
         res = run_variance_comparison(size=size, out=out, overwrite=overwrite,
                                       echo=typer.echo)

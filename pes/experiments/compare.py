@@ -118,6 +118,27 @@ def prepare_comparison_dir(path: Path, overwrite: bool) -> Path:
     return path
 
 
+def run_arm(cfg: RunConfig, progress: bool, desc: str) -> RunResult:
+    """One run of a comparison; a run that fails (non-finite gradient, bad data) is kept with
+    its status rather than stopping the comparison."""
+    try:
+        return execute_run(cfg, progress=progress, leave=False, desc=desc)
+    except RunFailed as e:
+        return e.result
+
+
+def options_command(name: str, seeds: Sequence[int], options: dict[str, Any],
+                    num_steps: int | None, out: Path, extra: str = "") -> str:
+    """The ``pes compare NAME`` command line of a comparison with data/size options."""
+    cmd = f"pes compare {name} --seeds {','.join(map(str, seeds))}"
+    for key in ("dataset", "size", "data_dir"):
+        if options.get(key) is not None:
+            cmd += f" --{key.replace('_', '-')} {options[key]}"
+    if num_steps is not None:
+        cmd += f" --num-steps {num_steps}"
+    return cmd + extra + f" --out {out}"
+
+
 def command_line(experiment: Experiment, seeds: Sequence[int], num_steps: int | None,
                  estimators: Sequence[str] | None, out: Path) -> str:
     cmd = f"pes compare {experiment.name} --seeds {','.join(map(str, seeds))}"
@@ -182,11 +203,7 @@ def run_comparison(
                 echo(f"{res.arm.label}: skipped ({res.skipped})")
                 continue
             for cfg in configs:
-                try:
-                    run = execute_run(cfg, progress=progress, leave=False,
-                                      desc=f"{res.arm.label} seed {cfg.seed}")
-                except RunFailed as e:
-                    run = e.result
+                run = run_arm(cfg, progress, f"{res.arm.label} seed {cfg.seed}")
                 res.runs.append(run)
                 echo(_run_line(res.arm, run, experiment.metric_key))
     except KeyboardInterrupt:

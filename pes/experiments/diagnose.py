@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,7 +45,7 @@ from pes.diagnostics import REFERENCE_METHODS, Reference, diagnose, reference_gr
 from pes.experiments.config import RunConfig, make_task
 from pes.experiments.errors import ConfigError
 from pes.experiments.registry import ESTIMATOR_NAMES, get_estimator, get_task, unknown_name
-from pes.experiments.run import write_json
+from pes.experiments.run import remove_entries, write_json
 
 DIAGNOSE_JSON = "diagnose.json"
 DIAGNOSE_MD = "diagnose.md"
@@ -238,12 +237,7 @@ def prepare_out_dir(path: Path, overwrite: bool) -> Path:
             raise ConfigError(f"out={str(path)!r} is not empty and is not a pes diagnose "
                               f"directory (no {DIAGNOSE_JSON}); refusing to delete anything in "
                               "it", field="out")
-        for name in DIAGNOSE_FILES:
-            target = path / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+        remove_entries(path, DIAGNOSE_FILES)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

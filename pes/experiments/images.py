@@ -42,12 +42,14 @@ from pes.experiments.compare import (
     RESULTS_JSON,
     RESULTS_MD,
     check_seeds,
+    options_command,
     prepare_comparison_dir,
+    run_arm,
 )
 from pes.experiments.config import RunConfig, check_int, make_task
-from pes.experiments.errors import ConfigError, RunFailed
+from pes.experiments.errors import ConfigError
 from pes.experiments.random_search import random_search, running_best
-from pes.experiments.run import RunResult, execute_run, fmt_num, write_json
+from pes.experiments.run import RunResult, fmt_num, write_json
 
 IMAGE_COMPARISONS = ("mnist-lr-schedule", "many-hyperparameters")
 DEFAULT_SEEDS = {"mnist-lr-schedule": "0", "many-hyperparameters": "0,1,2"}
@@ -61,24 +63,6 @@ REEVAL_EPISODES = 10  # fresh episodes scoring each method's returned configurat
 
 def _echo(echo: Callable[[str], Any] | None) -> Callable[[str], Any]:
     return echo or (lambda line: None)
-
-
-def _command(name: str, seeds: Sequence[int], options: dict[str, Any],
-             num_steps: int | None, out: Path, extra: str = "") -> str:
-    cmd = f"pes compare {name} --seeds {','.join(map(str, seeds))}"
-    for key in ("dataset", "size", "data_dir"):
-        if options.get(key) is not None:
-            cmd += f" --{key.replace('_', '-')} {options[key]}"
-    if num_steps is not None:
-        cmd += f" --num-steps {num_steps}"
-    return cmd + extra + f" --out {out}"
-
-
-def _run(cfg: RunConfig, progress: bool, desc: str) -> RunResult:
-    try:
-        return execute_run(cfg, progress=progress, leave=False, desc=desc)
-    except RunFailed as e:
-        return e.result
 
 
 def _trajectory(run: RunResult) -> np.ndarray:
@@ -178,7 +162,7 @@ def run_lr_schedule_comparison(
                      for est in ESTIMATORS for s in seeds]
     first = plan[objectives[0]][0]
     options = first.task_options()
-    cmd = _command(name, seeds, base, num_steps, out_dir,
+    cmd = options_command(name, seeds, base, num_steps, out_dir,
                    "" if heatmap_points is None else f" --heatmap-points {heatmap_points}")
     prepare_comparison_dir(out_dir, overwrite)
     write_json(out_dir / MARKER, {"experiment": name, "seeds": list(seeds),
@@ -204,7 +188,7 @@ def run_lr_schedule_comparison(
             f"{axes[1][j]:.2f})")
         runs: dict[str, list[RunResult]] = {est: [] for est in ESTIMATORS}
         for cfg in configs:
-            run = _run(cfg, progress, f"{obj} {cfg.estimator} seed {cfg.seed}")
+            run = run_arm(cfg, progress, f"{obj} {cfg.estimator} seed {cfg.seed}")
             runs[cfg.estimator].append(run)
             s = run.summary
             say(f"{obj} {cfg.estimator} seed {cfg.seed}: theta {s['final_theta']}, meta "
@@ -355,7 +339,7 @@ def run_many_hyperparameters_comparison(
                                eval_every=max(1, steps // 20), theta0=theta0,
                                out=str(out_dir / est / f"seed-{s}"), **base).resolve()
                      for est in ESTIMATORS])
-    cmd = _command(name, seeds, base, num_steps, out_dir)
+    cmd = options_command(name, seeds, base, num_steps, out_dir)
     prepare_comparison_dir(out_dir, overwrite)
     write_json(out_dir / MARKER, {"experiment": name, "seeds": list(seeds),
                                   "num_steps": num_steps, "options": options, "command": cmd})
@@ -366,7 +350,7 @@ def run_many_hyperparameters_comparison(
     for s, configs in zip(seeds, plan, strict=True):
         row: dict[str, Any] = {"seed": s}
         for cfg in configs:
-            run = _run(cfg, progress, f"{cfg.estimator} seed {s}")
+            run = run_arm(cfg, progress, f"{cfg.estimator} seed {s}")
             x, best = _best_curve(run)
             curves[cfg.estimator].append((x, best))
             row[f"_final_theta_{cfg.estimator}"] = run.summary["final_theta"]

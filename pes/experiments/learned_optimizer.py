@@ -36,11 +36,12 @@ from pes.experiments.compare import (
     RESULTS_JSON,
     RESULTS_MD,
     check_seeds,
+    options_command,
     prepare_comparison_dir,
+    run_arm,
 )
 from pes.experiments.config import RunConfig, check_int, make_task
-from pes.experiments.errors import RunFailed
-from pes.experiments.run import RunResult, execute_run, write_json
+from pes.experiments.run import RunResult, write_json
 
 NAME = "learned-optimizer"
 ARMS = ("pes", "tes", "full-es", "nres")
@@ -52,24 +53,6 @@ SGD_GRID = tuple(float(v) for v in np.geomspace(0.01, 3.0, 11))
 ADAM_GRID = tuple(float(v) for v in np.geomspace(1e-4, 0.1, 10))
 PROBLEMS = {"paper": 32, "full": 32, "cpu": 16, "tiny": 3}  # tuning and test problems each
 COLORS = {"pes": "tab:red", "tes": "tab:orange", "full-es": "tab:blue", "nres": "tab:green"}
-
-
-def _command(seeds: Sequence[int], options: dict[str, Any], num_steps: int | None,
-             out: Path) -> str:
-    cmd = f"pes compare {NAME} --seeds {','.join(map(str, seeds))}"
-    for key in ("dataset", "size", "data_dir"):
-        if options.get(key) is not None:
-            cmd += f" --{key.replace('_', '-')} {options[key]}"
-    if num_steps is not None:
-        cmd += f" --num-steps {num_steps}"
-    return cmd + f" --out {out}"
-
-
-def _run(cfg: RunConfig, progress: bool, desc: str) -> RunResult:
-    try:
-        return execute_run(cfg, progress=progress, leave=False, desc=desc)
-    except RunFailed as e:
-        return e.result
 
 
 def _curve(run: RunResult) -> tuple[np.ndarray, np.ndarray]:
@@ -129,7 +112,7 @@ def run_learned_optimizer_comparison(
                                "eval_every": max(1, cfg.num_steps // EVALUATIONS)}).resolve()
             row.append(cfg)
         plan.append(row)
-    cmd = _command(seeds, base, num_steps, out_dir)
+    cmd = options_command(NAME, seeds, base, num_steps, out_dir)
     prepare_comparison_dir(out_dir, overwrite)
     write_json(out_dir / MARKER, {"experiment": NAME, "seeds": list(seeds),
                                   "num_steps": num_steps, "options": options, "command": cmd})
@@ -156,7 +139,7 @@ def run_learned_optimizer_comparison(
     for s, configs in zip(seeds, plan, strict=True):
         row: dict[str, Any] = {"seed": s}
         for cfg in configs:
-            run = _run(cfg, progress, f"{cfg.estimator} seed {s}")
+            run = run_arm(cfg, progress, f"{cfg.estimator} seed {s}")
             curves[cfg.estimator].append(_curve(run))
             theta = np.asarray(run.summary["final_theta"], np.float32)
             test = task.meta_test(theta, test_keys)

@@ -48,7 +48,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,15 +207,19 @@ def is_run_dir(path: Path) -> bool:
 def prepare_run_dir(path: Path | str, overwrite: bool = False) -> Path:
     """An empty (or new) directory for a run; never destroys anything not made by a run."""
     path = check_run_dir(path, overwrite)
-    if path.is_dir() and any(path.iterdir()):
-        for name in RUN_FILES:
-            target = path / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+    remove_entries(path, RUN_FILES)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def remove_entries(path: Path, names: Sequence[str]) -> None:
+    """Delete the files or folders ``path / name`` that exist, and nothing else in ``path``."""
+    for name in names:
+        target = path / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
 
 
 def check_run_dir(path: Path | str, overwrite: bool = False) -> Path:
