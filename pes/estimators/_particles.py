@@ -255,6 +255,11 @@ class NoiseHooks:
         raise NotImplementedError
 
 
+def per_pair(v: jax.Array, like: jax.Array) -> jax.Array:
+    """v: [P], reshaped to [P, 1, ...] to broadcast against ``like`` ([P, ...])."""
+    return v.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
 def _column_sums(x: jax.Array) -> jax.Array:
     """Sum over the leading axis of [K, ...] as one matrix-vector product: XLA's CPU reduction
     over a major axis runs several times slower than the dot."""
@@ -337,10 +342,10 @@ def window_scan(
         if per_step_credit:
             w = hooks.weight(noise, done)
             diff = jnp.where(act, jnp.sum(losses * sign_arr, axis=1), 0.0)
-            A = tmap(lambda a, wi: a + diff.reshape((-1,) + (1,) * (wi.ndim - 1)) * wi, A, w)
+            A = tmap(lambda a, wi: a + per_pair(diff, wi) * wi, A, w)
             if need_W:
                 W = tmap(lambda a, wi: a + jnp.where(
-                    act.reshape((-1,) + (1,) * (wi.ndim - 1)), wi, 0.0), W, w)
+                    per_pair(act, wi), wi, 0.0), W, w)
         if active is not None:
             new_inner = select(act, new_inner, inner)
         if horizon is not None:
@@ -432,7 +437,7 @@ def es_gradient(stats: WindowStats, sigma: float, antithetic: bool, num_steps: i
     count = jnp.sum(ok)
 
     def mean_ok(x):
-        return jnp.sum(jnp.where(ok.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0), 0) / count
+        return jnp.sum(jnp.where(per_pair(ok, x), x, 0.0), 0) / count
 
     if antithetic:
         return tmap(lambda a: mean_ok(a) / (2 * sigma**2 * num_steps), stats.A)
@@ -440,7 +445,7 @@ def es_gradient(stats: WindowStats, sigma: float, antithetic: bool, num_steps: i
     baseline = (jnp.sum(mean_loss) - mean_loss) / jnp.maximum(count - 1, 1)
 
     def reduce(a, w):
-        b = baseline.reshape((-1,) + (1,) * (a.ndim - 1))
+        b = per_pair(baseline, a)
         return mean_ok(a - b * w) / (sigma**2 * num_steps)
 
     return tmap(reduce, stats.A, stats.W)

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pes.estimators._particles import ESEstimator, batched_normal, select, tmap
+from pes.estimators._particles import ESEstimator, batched_normal, per_pair, select, tmap
 
 
 class PESNoise(NamedTuple):
@@ -75,7 +75,7 @@ class PES(ESEstimator):
         """The hooks above for a whole window: steps up to the pair's first episode end (that
         step included) are credited to xi + eps, later ones to eps alone, so
         A = (sum_j d_j) eps + (sum_{j <= end} d_j) xi, and W likewise with step counts."""
-        col = lambda v, x: v.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+        col = lambda v, x: per_pair(v, x).astype(x.dtype)
 
         def credit(total, to_end):
             return tmap(lambda xi, e: col(total, e) * e + col(to_end, xi) * xi,

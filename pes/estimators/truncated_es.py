@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pes.estimators._particles import ESEstimator, batched_normal, tmap
+from pes.estimators._particles import ESEstimator, batched_normal, per_pair, tmap
 
 
 class TruncatedES(ESEstimator):
@@ -41,7 +41,7 @@ class TruncatedES(ESEstimator):
 
     def window_credit(self, noise, sums, need_W):
         """Every step is credited to eps: A = (sum_j d_j) eps, W = (active steps) eps."""
-        col = lambda v, x: v.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+        col = lambda v, x: per_pair(v, x).astype(x.dtype)
         A = tmap(lambda e: col(sums.diff, e) * e, noise)
         W = tmap(lambda e: col(sums.steps, e) * e, noise)
         return noise, A, W
