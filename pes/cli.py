@@ -145,6 +145,10 @@ def run_command(
         "--backprop-depth", help="tbptt only: backpropagate each window's losses through "
         "this many steps of history (>= K; TBPTT(K, depth)). [default: K]",
         show_default=False)] = None,
+    normalize_losses: Annotated[bool | None, typer.Option(
+        "--normalize-losses/--no-normalize-losses", help="ES estimators: scale each estimate "
+        "by 2 sigma / (std of the particles' window losses), as augmented random search does "
+        "with rewards. [default: the task's]", show_default=False)] = None,
     optimizer: Annotated[str | None, typer.Option(
         help="Outer optimizer: sgd or adam. [default: the task's]", show_default=False)] = None,
     lr: Annotated[float | None, typer.Option(
@@ -206,7 +210,7 @@ def run_command(
         flags = dict(
             task=task, estimator=estimator, seed=seed, num_steps=num_steps,
             num_particles=num_particles, sigma=sigma, truncation_length=truncation_length,
-            backprop_depth=backprop_depth,
+            backprop_depth=backprop_depth, normalize_losses=normalize_losses,
             optimizer=optimizer, lr=lr, b1=b1, eval_every=eval_every, nonfinite=nonfinite,
             out=out, theta0=parse_theta0(theta0), checkpoint_every=checkpoint_every,
             data_dir=data_dir, dataset=dataset, size=size, objective=objective,

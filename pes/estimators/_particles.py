@@ -67,6 +67,7 @@ class WindowStats(NamedTuple):
     steps: number of steps each pair took.  finite: whether all its losses, and their sum
       over the window, were finite.
     bad_t: the episode step t of its first non-finite loss, -1 if none.
+    member_loss: [P, M] each member's loss summed over the window (None where not kept).
     """
 
     A: PyTree
@@ -75,6 +76,7 @@ class WindowStats(NamedTuple):
     steps: jax.Array
     finite: jax.Array
     bad_t: jax.Array
+    member_loss: jax.Array | None = None
 
 
 # ----------------------------------------------------------------------------- validation
@@ -412,7 +414,8 @@ def window_scan(
             sums = WindowSums(diff, n, diff_to_end, jnp.minimum(n, first_end + 1), ended,
                               ends_last)
         noise, A, W = hooks.window_credit(noise, sums, need_W)
-    stats = WindowStats(A, W, loss_sum.astype(jnp.float32), n, finite, bad_t)
+    stats = WindowStats(A, W, loss_sum.astype(jnp.float32), n, finite, bad_t,
+                        member_sums.astype(jnp.float32))
     return (inner, t, noise), stats
 
 
@@ -423,13 +426,18 @@ def stagger_offsets(key: jax.Array, num_pairs: int, horizon: int | None, stagger
     return jax.random.randint(key, (num_pairs,), 0, horizon, dtype=jnp.int32)
 
 
-def es_gradient(stats: WindowStats, sigma: float, antithetic: bool, num_steps: int) -> PyTree:
+def es_gradient(stats: WindowStats, sigma: float, antithetic: bool, num_steps: int,
+                normalize_losses: bool = False, perturbed: tuple[bool, ...] | None = None
+                ) -> PyTree:
     """Reduce per-pair window sums to the gradient of the mean per-step loss.
 
     antithetic: g = mean_p A_p / (2 sigma^2 K), A_p = sum_j (l+_pj - l-_pj) w_pj.
     plain: g = mean_p (A_p - b_p W_p) / (sigma^2 K) with the leave-one-out baseline
     b_p = mean_{q != p} of the other pairs' mean window losses, independent of pair p's noise
     and therefore unbiased.
+    normalize_losses: g * 2 sigma / s, s the standard deviation of the perturbed particles'
+    window losses (per step, finite pairs; ``perturbed`` marks which members count), so
+    antithetic pairs give Mania et al.'s ARS step sum_p (f+_p - f-_p) z_p / (N s).
     Pairs with a non-finite loss are left out (the means run over the finite pairs); with no
     finite pair the gradient is NaN.
     """
@@ -440,15 +448,29 @@ def es_gradient(stats: WindowStats, sigma: float, antithetic: bool, num_steps: i
         return jnp.sum(jnp.where(per_pair(ok, x), x, 0.0), 0) / count
 
     if antithetic:
-        return tmap(lambda a: mean_ok(a) / (2 * sigma**2 * num_steps), stats.A)
-    mean_loss = jnp.where(ok, stats.loss_sum / num_steps, 0.0)
-    baseline = (jnp.sum(mean_loss) - mean_loss) / jnp.maximum(count - 1, 1)
+        grad = tmap(lambda a: mean_ok(a) / (2 * sigma**2 * num_steps), stats.A)
+    else:
+        mean_loss = jnp.where(ok, stats.loss_sum / num_steps, 0.0)
+        baseline = (jnp.sum(mean_loss) - mean_loss) / jnp.maximum(count - 1, 1)
 
-    def reduce(a, w):
-        b = per_pair(baseline, a)
-        return mean_ok(a - b * w) / (sigma**2 * num_steps)
+        def reduce(a, w):
+            b = per_pair(baseline, a)
+            return mean_ok(a - b * w) / (sigma**2 * num_steps)
 
-    return tmap(reduce, stats.A, stats.W)
+        grad = tmap(reduce, stats.A, stats.W)
+    if not normalize_losses:
+        return grad
+    members = stats.member_loss
+    if perturbed is not None:
+        members = members[:, np.flatnonzero(perturbed)]
+    per_step = members / jnp.maximum(stats.steps, 1)[:, None]
+    counted = jnp.broadcast_to(ok[:, None], per_step.shape)
+    n = jnp.sum(counted)
+    mean = jnp.sum(jnp.where(counted, per_step, 0.0)) / n
+    spread = jnp.sqrt(jnp.sum(jnp.where(counted, (per_step - mean) ** 2, 0.0)) / n)
+    # Identical losses (spread 0) carry no signal: a zero step rather than 0/0.
+    scale = jnp.where(spread > 0, 2 * sigma / jnp.where(spread > 0, spread, 1.0), 0.0)
+    return tmap(lambda g: g * scale.astype(g.dtype), grad)
 
 
 def window_info(stats: WindowStats, members: int, num_steps: int, pending: jax.Array,
@@ -589,8 +611,9 @@ class ESEstimator(TruncatedEstimator, NoiseHooks):
     unperturbed_member = False
 
     def __init__(self, system, *, num_particles, sigma, truncation_length, antithetic=True,
-                 stagger=True, mesh=None):
+                 stagger=True, normalize_losses=False, mesh=None):
         self.antithetic = check_bool("antithetic", antithetic)
+        self.normalize_losses = check_bool("normalize_losses", normalize_losses)
         self.sigma = check_sigma(sigma)
         self.num_particles = check_particles(num_particles, self.antithetic)
         self._setup(system, self.num_particles, truncation_length, stagger, mesh)
@@ -598,7 +621,8 @@ class ESEstimator(TruncatedEstimator, NoiseHooks):
     def __repr__(self):
         return (f"{type(self).__name__}(num_particles={self.num_particles}, sigma={self.sigma}, "
                 f"truncation_length={self.truncation_length}, antithetic={self.antithetic}, "
-                f"stagger={self.stagger})")
+                f"stagger={self.stagger}"
+                + (", normalize_losses=True" if self.normalize_losses else "") + ")")
 
     @property
     def num_pairs(self) -> int:
@@ -637,6 +661,7 @@ class ESEstimator(TruncatedEstimator, NoiseHooks):
         noise = self.end_window(noise)
         if self.unperturbed_member:
             inner = tmap(lambda x: x[:, -1:], inner)
-        grad = es_gradient(stats, self.sigma, self.antithetic, K)
+        grad = es_gradient(stats, self.sigma, self.antithetic, K, self.normalize_losses,
+                           tuple(m != 0 for m in signs))
         info = window_info(stats, len(signs), K, state.pending_steps, len(self.signs))
         return grad, ParticleState(inner, t, noise, jnp.zeros((), jnp.int32)), info

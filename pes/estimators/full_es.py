@@ -15,10 +15,11 @@ class FullES(PES):
     """ES over whole episodes; the system must have a finite horizon.
 
     Args:
-      system, num_particles, sigma, antithetic: as for PES.
+      system, num_particles, sigma, antithetic, normalize_losses: as for PES.
     """
 
-    def __init__(self, system, *, num_particles, sigma, antithetic=True, mesh=None):
+    def __init__(self, system, *, num_particles, sigma, antithetic=True, normalize_losses=False,
+                 mesh=None):
         horizon = getattr(system, "horizon", None)
         if hasattr(system, "horizon") and horizon is None:
             raise ValueError(
@@ -27,8 +28,10 @@ class FullES(PES):
             )
         super().__init__(system, num_particles=num_particles, sigma=sigma,
                          truncation_length=horizon if isinstance(horizon, int) else 1,
-                         antithetic=antithetic, stagger=False, mesh=mesh)
+                         antithetic=antithetic, stagger=False,
+                         normalize_losses=normalize_losses, mesh=mesh)
 
     def __repr__(self):
         return (f"FullES(num_particles={self.num_particles}, sigma={self.sigma}, "
-                f"antithetic={self.antithetic})")
+                f"antithetic={self.antithetic}"
+                + (", normalize_losses=True" if self.normalize_losses else "") + ")")

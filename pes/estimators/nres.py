@@ -44,10 +44,10 @@ class NRES(ESEstimator):
     """
 
     def __init__(self, system, *, num_particles, sigma, truncation_length, antithetic=True,
-                 stagger=True, noise_period=None, mesh=None):
+                 stagger=True, noise_period=None, normalize_losses=False, mesh=None):
         super().__init__(system, num_particles=num_particles, sigma=sigma,
                          truncation_length=truncation_length, antithetic=antithetic,
-                         stagger=stagger, mesh=mesh)
+                         stagger=stagger, normalize_losses=normalize_losses, mesh=mesh)
         self.noise_period = (None if noise_period is None
                              else check_positive_int("noise_period", noise_period))
 

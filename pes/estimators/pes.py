@@ -43,6 +43,11 @@ class PES(ESEstimator):
       mesh: optional jax.sharding.Mesh; the pairs are sharded over all its devices.
       stagger: burn each pair in to a uniform random step of its episode, stepping with a
         perturbation that is kept in xi, so that the first estimate is already unbiased.
+      normalize_losses: multiply the estimate by 2 sigma / s, s the standard deviation of the
+        particles' window losses, which makes the step invariant to the scale of the loss (the
+        reward normalisation of augmented random search, used by the PES paper's control
+        runs). It is a data-dependent step size: the estimate's direction is the same, but its
+        expectation is no longer exactly the gradient.
     """
 
     def init_noise(self, key, theta):

@@ -71,6 +71,12 @@ def _check_float(name: str, value: Any, *, low: float, high: float | None = None
     return value
 
 
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        raise ConfigError(f"{name}={value!r} must be true or false", field=name)
+    return bool(value)
+
+
 def _check_name(name: str, value: Any, what: str, valid: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in valid:
         raise unknown_name(name, value, what, valid)
@@ -86,6 +92,9 @@ _INAPPLICABLE = {
     "num_particles": "{est} takes no num_particles",
     "backprop_depth": "{est} takes no backprop_depth (the depth of truncated backprop; only "
                       "tbptt takes it)",
+    "normalize_losses": "{est} computes gradients by differentiation; normalize_losses (the "
+                        "ES family's division by the spread of the particles' losses) does "
+                        "not apply to it",
 }
 
 
@@ -101,6 +110,9 @@ class RunConfig:
     backprop_depth: TBPTT only: k2 >= truncation_length, the steps of history each window's
       losses are backpropagated through (Williams & Peng's TBPTT(k1, k2)); None: the task's
       default, else truncation_length (the history cut at the window's start).
+    normalize_losses: ES estimators only: scale each estimate by 2 sigma / (standard deviation
+      of the particles' window losses), the reward normalisation of augmented random search;
+      None: the task's default, else False.
     optimizer ('sgd' or 'adam'), lr, b1 (Adam only): the outer optimizer; None: the default.
     lr_schedule: [[boundary, scale], ...], a piecewise-constant learning rate (x scale from
       outer step boundary on); [] is constant; None: the task's schedule when optimizer and lr
@@ -136,6 +148,7 @@ class RunConfig:
     sigma: float | None = None
     truncation_length: int | None = None
     backprop_depth: int | None = None
+    normalize_losses: bool | None = None
     optimizer: str | None = None
     lr: float | None = None
     b1: float | None = None
@@ -165,6 +178,7 @@ class RunConfig:
             "sigma": lambda v: _check_float("sigma", v, low=0.0),
             "truncation_length": lambda v: check_int("truncation_length", v, 1),
             "backprop_depth": lambda v: check_int("backprop_depth", v, 1),
+            "normalize_losses": lambda v: _check_bool("normalize_losses", v),
             "optimizer": lambda v: _check_name("optimizer", v, "optimizer", OPTIMIZER_NAMES),
             "lr": lambda v: _check_float("lr", v, low=0.0),
             "b1": lambda v: _check_float("b1", v, low=0.0, high=1.0, low_open=False,
@@ -265,6 +279,8 @@ class RunConfig:
         for name in est.params:
             if getattr(self, name) is not None:
                 settings[name] = getattr(self, name)
+        if "normalize_losses" in est.params:
+            settings.setdefault("normalize_losses", False)
         k = settings.get("truncation_length")
         if est.window_within_episode and horizon is not None and k is not None and k > horizon:
             raise ConfigError(
@@ -340,6 +356,10 @@ class RunConfig:
         for name, kwarg in self.estimator_kwargs().items():
             if name == "backprop_depth" and kwarg == self.truncation_length:
                 continue  # the plain truncated gradient
+            if name == "normalize_losses":
+                if kwarg:
+                    parts.append("losses normalised")
+                continue
             parts.append(f"{short[name]}={kwarg:g}")
         opt = f"{self.optimizer} lr={self.lr:g}"
         if self.b1 is not None:

@@ -20,7 +20,8 @@ import numpy as np
 from pes.experiments.errors import ConfigError
 from pes.tasks import InfluenceBalancing, Lorenz, ToyRegression
 
-ESTIMATOR_SETTINGS = ("num_particles", "sigma", "truncation_length", "backprop_depth")
+ESTIMATOR_SETTINGS = ("num_particles", "sigma", "truncation_length", "backprop_depth",
+                      "normalize_losses")
 
 
 def unknown_name(field_name: str, value: Any, what: str, valid: tuple[str, ...] | list[str]):
@@ -272,7 +273,7 @@ class EstimatorEntry:
         return cls
 
 
-_ES = ("num_particles", "sigma", "truncation_length")
+_ES = ("num_particles", "sigma", "truncation_length", "normalize_losses")
 _BACKPROP = ("num_particles", "truncation_length")
 
 ESTIMATORS: dict[str, EstimatorEntry] = {
@@ -283,7 +284,8 @@ ESTIMATORS: dict[str, EstimatorEntry] = {
         EstimatorEntry("tes", "TruncatedES", "truncated ES: ES over one K-step window from an "
                        "unperturbed state (short-horizon bias)", _ES, window_within_episode=True),
         EstimatorEntry("full-es", "FullES", "ES over whole episodes from a fresh state "
-                       "(unbiased, one update per episode)", ("num_particles", "sigma"),
+                       "(unbiased, one update per episode)",
+                       ("num_particles", "sigma", "normalize_losses"),
                        needs_horizon=True),
         EstimatorEntry("nres", "NRES", "noise-reuse ES: one perturbation per particle per "
                        "episode, reused in every window (unbiased)", _ES, needs_horizon=True),
