@@ -86,6 +86,20 @@ def _all_finite(tree: PyTree) -> jax.Array:
     return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
+def _nonfinite_error(step: int, good: TrainState, loss: float, bad: int, particle: int,
+                     t: int) -> NonFiniteGradientError:
+    """The error for outer step ``step`` (``bad`` particles with a NaN/inf loss, the first
+    being ``particle`` at inner step ``t``; or, with bad == 0, a non-finite gradient)."""
+    where = (f"particle {particle} at inner step {t} of its episode produced a non-finite loss"
+             if bad else "the losses were finite")
+    return NonFiniteGradientError(
+        f"non-finite {'loss' if bad else 'gradient'} at outer step {step}: {where} "
+        f"({bad} particles affected, window loss {loss}); theta was not updated and holds the "
+        "value from the step before",
+        step, good.theta, loss, particle if bad else None, t if bad else None, good,
+    )
+
+
 def train(
     estimator: Any,
     theta: PyTree,
@@ -101,6 +115,7 @@ def train(
     nonfinite: str = "raise",
     resume: TrainState | None = None,
     on_state: Callable[[TrainState], Any] | None = None,
+    steps_per_call: int = 1,
 ) -> TrainResult:
     """Minimise the mean per-step loss: theta <- optimizer(estimator's gradient), num_steps times.
 
@@ -121,11 +136,26 @@ def train(
       resume: a TrainState from ``on_state`` of an earlier run with the same key: the run
         continues from it exactly (the history then holds the steps after it).
       on_state: called with the TrainState after every outer step (e.g. to checkpoint it).
+      steps_per_call: run up to this many outer steps in one compiled loop (a
+        ``lax.while_loop`` of estimate + update) and read their records back to the host once,
+        instead of a dispatch and a host read per step. The run is the same: theta, history
+        and records equal those of ``steps_per_call=1`` for the same key up to float rounding
+        (compiled into one program, a multiply and an add may become one fused multiply-add
+        or stop being one: bit for bit without FMA, e.g. ``XLA_FLAGS=--xla_cpu_max_isa=AVX``).
+        A chunk ends at every evaluation step and at the first step that must not be applied
+        (a NaN/inf), which raises as above. What changes: the callback is called for each
+        step of a chunk after the whole chunk ran, with theta as a pytree of NumPy arrays (the
+        values after that step), so a callback's True stops training at the end of its chunk
+        (the chunk's later steps are still taken, recorded and passed to the callback); and
+        ``on_state`` is called at chunk ends only. ``estimator.estimate`` must be traceable
+        (every pes estimator is). Pays off when an outer step is cheap (small tasks, many
+        steps); 1 (the default) runs one step per call.
 
     Returns TrainResult(theta, history). Raises NonFiniteGradientError (naming the outer step,
     the particle and its inner step) instead of applying a NaN or inf gradient.
     """
     num_steps = check_positive_int("num_steps", num_steps)
+    steps_per_call = check_positive_int("steps_per_call", steps_per_call)
     if eval_every is not None:
         eval_every = check_positive_int("eval_every", eval_every)
     if not isinstance(optimizer, optax.GradientTransformation):
@@ -142,14 +172,15 @@ def train(
         def evaluate_fn(theta, key):
             return evaluate(system, theta, key, num_episodes=eval_episodes, eval_steps=eval_steps)
 
-    @jax.jit
-    def update(theta, opt_state, grad):
+    def apply(theta, opt_state, grad):
         finite = _all_finite(grad)
         updates, new_opt_state = optimizer.update(grad, opt_state, theta)
         new_theta = optax.apply_updates(theta, updates)
         keep = lambda new, old: jnp.where(finite, new, old)
         return (jax.tree_util.tree_map(keep, new_theta, theta),
                 jax.tree_util.tree_map(keep, new_opt_state, opt_state), finite)
+
+    update = jax.jit(apply)
 
     k_init, k_train, k_eval = jax.random.split(key, 3)
     if resume is None:
@@ -168,6 +199,12 @@ def train(
 
     if eval_every is not None and start == 0:
         history.append(Record(0, 0, None, evaluation(0)))
+    if steps_per_call > 1:
+        return _train_in_chunks(
+            estimator, apply, theta, opt_state, state, start, inner_steps, num_steps,
+            k_train, steps_per_call, eval_every,
+            lambda step, th: float(evaluate_fn(th, jax.random.fold_in(k_eval, step))),
+            callback, nonfinite, on_state, history)
     for step in range(start + 1, num_steps + 1):
         good = TrainState(theta, opt_state, state, step - 1, inner_steps)
         grad, state, info = estimator.estimate(state, theta, jax.random.fold_in(k_train, step))
@@ -175,15 +212,8 @@ def train(
         loss = float(info.loss)
         bad = int(info.num_nonfinite)
         if not bool(finite) or (bad and nonfinite == "raise"):
-            particle, t = int(info.nonfinite_particle), int(info.nonfinite_step)
-            where = (f"particle {particle} at inner step {t} of its episode produced a "
-                     "non-finite loss" if bad else "the losses were finite")
-            raise NonFiniteGradientError(
-                f"non-finite {'loss' if bad else 'gradient'} at outer step {step}: {where} "
-                f"({bad} particles affected, window loss {loss}); theta was not updated and "
-                "holds the value from the step before",
-                step, good.theta, loss, particle if bad else None, t if bad else None, good,
-            )
+            raise _nonfinite_error(step, good, loss, bad, int(info.nonfinite_particle),
+                                   int(info.nonfinite_step))
         inner_steps += int(info.inner_steps)
         meta = None
         if eval_every is not None and (step % eval_every == 0 or step == num_steps):
@@ -193,5 +223,124 @@ def train(
         if on_state is not None:
             on_state(TrainState(theta, opt_state, state, step, inner_steps))
         if callback is not None and callback(record, theta) is True:
+            break
+    return TrainResult(theta, history)
+
+
+class _ChunkOut(NamedTuple):
+    """Per-step outputs of one chunk, leaves [steps_per_call, ...] (rows past the steps run
+    are zeros): the EstimateInfo fields train reads, the update's finiteness and, when a
+    callback wants them, theta after each step."""
+
+    loss: jax.Array
+    inner_steps: jax.Array
+    num_nonfinite: jax.Array
+    nonfinite_particle: jax.Array
+    nonfinite_step: jax.Array
+    finite: jax.Array
+    thetas: PyTree
+
+
+def _chunk_runner(estimator, apply, k_train, steps_per_call, stop_on_nonfinite_loss,
+                  keep_thetas):
+    """A jitted ``run(theta, opt_state, state, first, count)``: outer steps first, ...,
+    first + count - 1 (count <= steps_per_call) in one ``lax.while_loop``, each exactly the
+    unchunked loop's step (key fold_in(k_train, step), estimate, apply). It stops after the
+    first step that must not be applied (a non-finite gradient, or with
+    ``stop_on_nonfinite_loss`` a NaN/inf loss); that step's carry is then returned as computed
+    (the caller re-runs the steps before it). Returns (theta, opt_state, state, steps run,
+    stopped, _ChunkOut)."""
+    M = steps_per_call
+
+    def rows(x):  # an array or a ShapeDtypeStruct
+        return jnp.zeros((M,) + jnp.shape(x), x.dtype)
+
+    def run(theta, opt_state, state, first, count):
+        probe = jax.eval_shape(estimator.estimate, state, theta, k_train)[2]
+        out = _ChunkOut(
+            rows(probe.loss), rows(probe.inner_steps), rows(probe.num_nonfinite),
+            rows(probe.nonfinite_particle), rows(probe.nonfinite_step), rows(jnp.bool_(True)),
+            jax.tree_util.tree_map(rows, theta) if keep_thetas else ())
+
+        def body(carry):
+            i, theta, opt_state, state, _, out = carry
+            key = jax.random.fold_in(k_train, first + i)
+            grad, state, info = estimator.estimate(state, theta, key)
+            theta, opt_state, finite = apply(theta, opt_state, grad)
+            stop = ~finite
+            if stop_on_nonfinite_loss:
+                stop = stop | (info.num_nonfinite > 0)
+            put = lambda buf, x: buf.at[i].set(x)
+            out = _ChunkOut(
+                put(out.loss, info.loss), put(out.inner_steps, info.inner_steps),
+                put(out.num_nonfinite, info.num_nonfinite),
+                put(out.nonfinite_particle, info.nonfinite_particle),
+                put(out.nonfinite_step, info.nonfinite_step), put(out.finite, finite),
+                jax.tree_util.tree_map(put, out.thetas, theta) if keep_thetas else ())
+            return i + 1, theta, opt_state, state, stop, out
+
+        def cond(carry):
+            i, stop = carry[0], carry[4]
+            return (i < count) & ~stop
+
+        i, theta, opt_state, state, stopped, out = jax.lax.while_loop(
+            cond, body, (jnp.zeros((), jnp.int32), theta, opt_state, state,
+                         jnp.zeros((), bool), out))
+        return theta, opt_state, state, i, stopped, out
+
+    return jax.jit(run)
+
+
+def _train_in_chunks(estimator, apply, theta, opt_state, state, start, inner_steps, num_steps,
+                     k_train, steps_per_call, eval_every, evaluation, callback, nonfinite,
+                     on_state, history):
+    """train's loop with ``steps_per_call`` outer steps per compiled call (see train).
+
+    A chunk ends at the next evaluation step, at num_steps, or after steps_per_call steps;
+    its per-step records come back in one read. When a step must not be applied, the chunk is
+    run again up to the step before it (the same program on the same inputs: the same
+    result), which gives the last good state for the error."""
+    run = _chunk_runner(estimator, apply, k_train, steps_per_call, nonfinite == "raise",
+                        callback is not None)
+    step = start
+    stop_requested = False
+    while step < num_steps and not stop_requested:
+        end = min(step + steps_per_call, num_steps)
+        if eval_every is not None:
+            end = min(end, (step // eval_every + 1) * eval_every)
+        first, count = step + 1, end - step
+        new_theta, new_opt_state, new_state, ran, stopped, out = run(
+            theta, opt_state, state, first, count)
+        ran, stopped, out = jax.device_get((ran, stopped, out))
+        ran, stopped = int(ran), bool(stopped)
+        good = ran - 1 if stopped else ran
+        if stopped and good > 0:
+            new_theta, new_opt_state, new_state, *_ = run(theta, opt_state, state, first, good)
+        if good > 0:
+            theta, opt_state, state = new_theta, new_opt_state, new_state
+        for i in range(good):
+            step = first + i
+            inner_steps += int(out.inner_steps[i])
+            last = i == good - 1
+            meta = None
+            if (last and not stopped and eval_every is not None
+                    and (step % eval_every == 0 or step == num_steps)):
+                meta = evaluation(step, theta)
+            record = Record(step, inner_steps, float(out.loss[i]), meta,
+                            int(out.num_nonfinite[i]))
+            history.append(record)
+            if last and on_state is not None:
+                on_state(TrainState(theta, opt_state, state, step, inner_steps))
+            if callback is not None:
+                theta_i = jax.tree_util.tree_map(lambda x, i=i: x[i], out.thetas)
+                if callback(record, theta_i) is True:
+                    stop_requested = True
+        if stopped and not stop_requested:
+            b = ran - 1
+            raise _nonfinite_error(
+                first + b, TrainState(theta, opt_state, state, first + b - 1, inner_steps),
+                float(out.loss[b]), int(out.num_nonfinite[b]),
+                int(out.nonfinite_particle[b]), int(out.nonfinite_step[b]))
+        if stopped:
             break
     return TrainResult(theta, history)

@@ -142,3 +142,94 @@ def test_evaluate_matches_an_unroll_and_averages_episodes():
 def test_system_protocol_is_runtime_checkable():
     assert isinstance(LinearQuadratic(5), pes.System)
     assert not isinstance(object(), pes.System)
+
+
+# ------------------------------------------------------------------ steps_per_call (chunks)
+
+
+def assert_trees_close(a, b, rtol=1e-5):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=1e-7)
+
+
+def assert_histories_close(h1, h2):
+    """Same steps, inner steps, drops and evaluated steps; losses and evaluations equal up to
+    float rounding (the chunk's single program may fuse a multiply and an add differently)."""
+    assert len(h1) == len(h2)
+    for a, b in zip(h1, h2, strict=True):
+        assert (a.step, a.inner_steps, a.nonfinite) == (b.step, b.inner_steps, b.nonfinite)
+        assert (a.meta_objective is None) == (b.meta_objective is None)
+    for name in ("loss", "meta_objective"):
+        np.testing.assert_allclose(h1.column(name), h2.column(name), rtol=1e-5)
+
+
+def test_steps_per_call_runs_the_same_steps_and_reports_each():
+    system = LinearQuadratic(horizon=5)
+    est = pes.PES(system, num_particles=8, sigma=0.1, truncation_length=2)
+    key = jax.random.PRNGKey(3)
+    runs = {}
+    for m in (1, 3):
+        seen, states = [], []
+        result = pes.train(est, theta_dict(), optax.adam(0.05), num_steps=11, key=key,
+                           eval_every=4, steps_per_call=m,
+                           callback=lambda r, th, seen=seen: seen.append((r, th)),
+                           on_state=states.append)
+        runs[m] = result, seen, states
+    (theta1, h1), seen1, states1 = runs[1]
+    (theta3, h3), seen3, states3 = runs[3]
+    assert_histories_close(h1, h3)
+    assert [r.step for r in h3.evaluated()] == [0, 4, 8, 11]
+    assert_trees_close(theta1, theta3)
+    # The callback sees every step with that step's theta; states come at chunk ends, which
+    # fall on evaluation steps and at num_steps.
+    assert [r for r, _ in seen3] == list(h3)[1:]
+    for (_, a), (_, b) in zip(seen1, seen3, strict=True):
+        assert_trees_close(a, b)
+    assert [s.step for s in states1] == list(range(1, 12))
+    assert [s.step for s in states3] == [3, 4, 7, 8, 11]
+    # A chunk-end state resumes into the same run.
+    middle = states3[2]
+    assert middle.inner_steps == h3[7].inner_steps
+    theta_r, rest = pes.train(est, theta_dict(), optax.adam(0.05), num_steps=11, key=key,
+                              eval_every=4, resume=middle)
+    assert_histories_close(rest, pes.History(h1[8:]))
+    assert_trees_close(theta_r, theta1)
+
+
+def test_steps_per_call_raises_at_the_bad_step_without_applying_it():
+    est = pes.PES(SqrtLoss(), num_particles=4, sigma=0.01, truncation_length=2)
+    errors, goods = [], []
+    for m in (1, 8):
+        good = []
+        with pytest.raises(pes.NonFiniteGradientError) as info:
+            pes.train(est, jnp.array(0.2), optax.sgd(0.05), num_steps=100,
+                      key=jax.random.PRNGKey(0), steps_per_call=m,
+                      callback=lambda r, th, good=good: good.append((r.step, th)))
+        errors.append(info.value)
+        goods.append(good)
+    plain, chunked = errors
+    assert chunked.step % 8 != 1  # the bad step is inside a chunk, after good steps of it
+    assert (chunked.step, chunked.particle, chunked.inner_step) == (
+        plain.step, plain.particle, plain.inner_step)
+    assert f"outer step {chunked.step}: particle {chunked.particle} at inner step " \
+           f"{chunked.inner_step}" in str(chunked)
+    assert [s for s, _ in goods[1]] == list(range(1, chunked.step))
+    assert chunked.state.step == chunked.step - 1
+    np.testing.assert_allclose(float(chunked.theta), float(plain.theta), rtol=1e-6)
+    np.testing.assert_allclose(float(chunked.state.theta), float(goods[1][-1][1]), rtol=0)
+    assert np.isfinite(float(chunked.theta))
+
+
+def test_steps_per_call_drop_policy_and_early_stop_at_the_chunk_end():
+    est = pes.PES(ShiftedSqrt(), num_particles=20, sigma=0.1, truncation_length=2)
+    kwargs = dict(num_steps=7, key=jax.random.PRNGKey(0), nonfinite="drop")
+    _, plain = pes.train(est, jnp.array(0.0), optax.sgd(0.0), **kwargs)
+    seen = []
+    _, chunked = pes.train(est, jnp.array(0.0), optax.sgd(0.0), steps_per_call=3,
+                           callback=lambda r, th: seen.append(r.step) or r.step == 4, **kwargs)
+    assert chunked.column("nonfinite").sum() > 0
+    # The callback asked to stop after step 4; its chunk (steps 4-6) still ends.
+    assert seen == [1, 2, 3, 4, 5, 6]
+    assert_histories_close(chunked, pes.History(plain[:6]))
+    with pytest.raises(ValueError, match="steps_per_call=0"):
+        pes.train(est, jnp.array(0.0), optax.sgd(0.0), steps_per_call=0, **kwargs)
