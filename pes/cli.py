@@ -149,6 +149,10 @@ def run_command(
         "--normalize-losses/--no-normalize-losses", help="ES estimators: scale each estimate "
         "by 2 sigma / (std of the particles' window losses), as augmented random search does "
         "with rewards. [default: the task's]", show_default=False)] = None,
+    stagger: Annotated[bool | None, typer.Option(
+        "--stagger/--no-stagger", help="Windowed estimators: burn each particle in to a random "
+        "step of its first episode (--no-stagger: all start at t = 0). [default: the task's, "
+        "else staggered]", show_default=False)] = None,
     optimizer: Annotated[str | None, typer.Option(
         help="Outer optimizer: sgd or adam. [default: the task's]", show_default=False)] = None,
     lr: Annotated[float | None, typer.Option(
@@ -211,6 +215,7 @@ def run_command(
             task=task, estimator=estimator, seed=seed, num_steps=num_steps,
             num_particles=num_particles, sigma=sigma, truncation_length=truncation_length,
             backprop_depth=backprop_depth, normalize_losses=normalize_losses,
+            stagger=stagger,
             optimizer=optimizer, lr=lr, b1=b1, eval_every=eval_every, nonfinite=nonfinite,
             out=out, theta0=parse_theta0(theta0), checkpoint_every=checkpoint_every,
             data_dir=data_dir, dataset=dataset, size=size, objective=objective,

@@ -93,7 +93,7 @@ def test_identical_losses_give_a_zero_step():
     assert float(g) == 0.0
 
 
-def test_config_and_command_line(tmp_path):
+def test_config_and_command_line_settings(tmp_path):
     config = RunConfig("toy-regression", "pes", normalize_losses=True).resolve()
     assert config.estimator_kwargs()["normalize_losses"] is True
     assert "losses normalised" in config.settings_text()
@@ -102,6 +102,13 @@ def test_config_and_command_line(tmp_path):
         RunConfig("toy-regression", "pes", normalize_losses="yes")
     with pytest.raises(ConfigError, match="normalize_losses=True contradicts estimator='tbptt'"):
         RunConfig("toy-regression", "tbptt", normalize_losses=True).resolve()
+
+    # stagger, the other setting the paper's control runs change, goes the same way.
+    assert RunConfig("toy-regression", "pes").resolve().stagger is True
+    config = RunConfig("toy-regression", "tbptt", stagger=False).resolve()
+    assert config.estimator_kwargs()["stagger"] is False
+    with pytest.raises(ConfigError, match="stagger=False contradicts estimator='full-es'"):
+        RunConfig("toy-regression", "full-es", stagger=False).resolve()
 
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["run", "toy-regression", "-e", "pes", "--num-steps", "2",

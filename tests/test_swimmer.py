@@ -167,10 +167,14 @@ def test_wrong_theta_shape_is_one_clear_error(task):
 def test_defaults_follow_the_paper():
     d = Swimmer().defaults()
     assert d.initial_theta().shape == (2, 8) and not np.any(np.asarray(d.initial_theta()))
+    # The paper's control code divides by the spread of the returns and starts every pair at
+    # t = 0 (its --divide_by_variance, no stagger).
     assert d.estimator_settings("pes") == {"num_particles": 20, "sigma": 0.3,
-                                           "truncation_length": 100}
+                                           "truncation_length": 100,
+                                           "normalize_losses": True, "stagger": False}
     assert d.estimator_settings("tes")["sigma"] == 0.1
-    assert d.estimator_settings("full-es") == {"num_particles": 20, "sigma": 0.3}
+    assert d.estimator_settings("full-es") == {"num_particles": 20, "sigma": 0.3,
+                                               "normalize_losses": True}
     assert d.optimizer_for("pes").learning_rate == 0.1
     assert d.optimizer_for("full-es").learning_rate == 0.3
     assert {d.optimizer_for(n).name for n in ("pes", "tes", "full-es", "nres")} == {"sgd"}

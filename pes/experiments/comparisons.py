@@ -183,12 +183,14 @@ EXPERIMENTS["swimmer"] = Experiment(
     title="MuJoCo Swimmer with a linear policy (PES paper, experiment 6)",
     description="PES (K = 100, sigma 0.3, lr 0.1), full-episode ES (K = T = 1000, sigma 0.3, "
     "lr 0.3), truncated ES (K = 100, sigma 0.1, lr 0.1) and NRES (PES's settings), 10 "
-    "antithetic pairs and plain SGD ascent each, W from zeros: the unperturbed policy's "
-    "return against total environment steps (all particles, burn-in included) up to about 5e5",
-    # An evaluation runs 5 episodes of 1000 steps: every ~20k training steps keeps it a
-    # fraction of the run (not every 1% of it, the default).
-    arms=(Arm("pes", "pes", {"eval_every": 10}), Arm("full-es", "full-es", {"eval_every": 1}),
-          Arm("tes", "tes", {"eval_every": 7}), Arm("nres", "nres", {"eval_every": 10})),
+    "antithetic pairs and plain SGD ascent each on the estimate divided by the spread of the "
+    "particles' window returns (the paper's code's --divide_by_variance), every pair from "
+    "t = 0, W from zeros: the unperturbed policy's return against total environment steps "
+    "(all particles) up to about 5e5",
+    # An evaluation runs 5 episodes of 1000 steps: every ~10k training steps resolves the
+    # 150k mark while keeping evaluation a fraction of the run.
+    arms=(Arm("pes", "pes", {"eval_every": 5}), Arm("full-es", "full-es", {"eval_every": 1}),
+          Arm("tes", "tes", {"eval_every": 4}), Arm("nres", "nres", {"eval_every": 5})),
     log_y=False,
     plot_theta=False,
     expected="PES reaches a return of 300 within 150k environment steps in most seeds; TES "

@@ -209,8 +209,10 @@ def _resolve(config: DiagnoseConfig, task: Any) -> tuple[int, list[_Point], list
 def _make_estimator(name: str, task: Any, kwargs: dict[str, Any]) -> Any:
     cls = get_estimator(name).cls()
     params = inspect.signature(cls).parameters
-    extra = {"stagger": False} if "stagger" in params else {}
-    return cls(task, **kwargs, **extra)
+    # A diagnosis estimates from fresh episodes in lockstep, whatever the task's runs use.
+    if "stagger" in params:
+        kwargs = {**kwargs, "stagger": False}
+    return cls(task, **kwargs)
 
 
 def _is_biased(d: dict[str, Any]) -> bool:

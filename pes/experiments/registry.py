@@ -21,7 +21,7 @@ from pes.experiments.errors import ConfigError
 from pes.tasks import InfluenceBalancing, Lorenz, ToyRegression
 
 ESTIMATOR_SETTINGS = ("num_particles", "sigma", "truncation_length", "backprop_depth",
-                      "normalize_losses")
+                      "normalize_losses", "stagger")
 
 
 def unknown_name(field_name: str, value: Any, what: str, valid: tuple[str, ...] | list[str]):
@@ -273,8 +273,8 @@ class EstimatorEntry:
         return cls
 
 
-_ES = ("num_particles", "sigma", "truncation_length", "normalize_losses")
-_BACKPROP = ("num_particles", "truncation_length")
+_ES = ("num_particles", "sigma", "truncation_length", "normalize_losses", "stagger")
+_BACKPROP = ("num_particles", "truncation_length", "stagger")
 
 ESTIMATORS: dict[str, EstimatorEntry] = {
     e.name: e

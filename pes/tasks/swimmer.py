@@ -351,25 +351,29 @@ class Swimmer:
         """PAPER.md experiment 6: 10 antithetic pairs (num_particles 20), plain SGD.
 
         PES K = 100, sigma 0.3, lr 0.1; full ES (K = T = 1000) sigma 0.3, lr 0.3; TES K = 100,
-        sigma 0.1, lr 0.1; NRES with PES's settings. Outer steps give about 5e5 environment
-        steps each (the stagger burn-in of PES, NRES and TES, about T/2 per pair, included):
-        PES/NRES 2000 per step, TES 3000 (its unperturbed member steps too), full ES 20000.
+        sigma 0.1, lr 0.1; NRES with PES's settings. As in the paper's released control code,
+        every estimate is divided by the spread of the particles' window returns
+        (normalize_losses, its ``--divide_by_variance``) and every pair starts at t = 0, its
+        windows aligned with the episodes (no stagger). Outer steps give about 5e5
+        environment steps each: PES/NRES 2000 per step, TES 3000 (its unperturbed member
+        steps too), full ES 20000.
         """
-        es = {"num_particles": 20, "sigma": 0.3, "truncation_length": 100}
+        es = {"num_particles": 20, "sigma": 0.3, "truncation_length": 100,
+              "normalize_losses": True, "stagger": False}
         rows, cols = self.theta_shape
         return TaskDefaults(
             theta0=(0.0,) * (rows * cols),
             theta_shape=(rows, cols),
-            num_steps=245,
+            num_steps=250,
             optimizer=OptimizerSpec("sgd", 0.1),
             estimators={
                 "pes": dict(es),
                 "nres": dict(es),
                 "tes": {**es, "sigma": 0.1},
-                "full-es": {"num_particles": 20, "sigma": 0.3},
+                "full-es": {"num_particles": 20, "sigma": 0.3, "normalize_losses": True},
             },
             optimizer_overrides={"full-es": OptimizerSpec("sgd", 0.3)},
-            num_steps_overrides={"tes": 165, "full-es": 25},
+            num_steps_overrides={"tes": 167, "full-es": 25},
         )
 
 
