@@ -338,6 +338,58 @@ def arm_stats(res: ArmResult, metric: str) -> dict[str, Any]:
     }
 
 
+def milestone_rows(experiment: Experiment, results: list[ArmResult], metric: str
+                   ) -> tuple[list[float], list[dict[str, Any]]]:
+    """Per run: the metric within the experiment's budget, its best and final values, and the
+    inner steps at which it first reached each milestone (None: never). Returns the levels
+    (the experiment's milestones, then 95% of level_arm's mean final value) and the rows."""
+    levels = [float(m) for m in experiment.milestones]
+    ref = next((r for r in results if r.arm.label == experiment.level_arm and r.runs), None)
+    if ref is not None:
+        finals = [_f((run.summary.get("final_metrics") or {}).get(metric)) for run in ref.runs]
+        if finals and np.all(np.isfinite(finals)):
+            levels.append(0.95 * float(np.mean(finals)))
+    rows = []
+    for res in results:
+        for run in res.runs:
+            evals = [(r["inner_steps"], _f(r["eval"].get(metric))) for r in run.records
+                     if "eval" in r]
+            if not evals:
+                continue
+            within = [v for s, v in evals if experiment.budget is None or s <= experiment.budget]
+            rows.append({
+                "label": res.arm.label, "seed": run.summary["seed"],
+                "within_budget": within[-1] if within else None,
+                "best": max(v for _, v in evals), "final": evals[-1][1],
+                "first_reached": [next((s for s, v in evals if v >= level), None)
+                                  for level in levels],
+            })
+    return levels, rows
+
+
+def _milestone_lines(experiment: Experiment, levels: list[float], rows: list[dict[str, Any]]
+                     ) -> list[str]:
+    if not rows:
+        return []
+    names = [f"{level:g}" for level in experiment.milestones]
+    if len(levels) > len(names):
+        names.append(f"{levels[-1]:.4g} (95% of {experiment.level_arm}'s mean final)")
+    budget = "" if experiment.budget is None else f" at <= {experiment.budget:,} steps |"
+    lines = ["Per run (inner steps: every particle's steps, burn-in included; evaluations as "
+             "logged):", "",
+             f"| estimator | seed |{budget} best | final | "
+             + " | ".join(f"steps to {n}" for n in names) + " |",
+             "|---|---|" + "---|" * (bool(budget) + 2 + len(names))]
+    for row in rows:
+        cells = [row["label"], str(row["seed"])]
+        if budget:
+            cells.append("" if row["within_budget"] is None else fmt_num(row["within_budget"]))
+        cells += [fmt_num(row["best"]), fmt_num(row["final"])]
+        cells += ["never" if s is None else f"{s:,}" for s in row["first_reached"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def write_results(experiment: Experiment, out_dir: Path, seeds: Sequence[int],
                   results: list[ArmResult], num_steps: int | None,
                   estimators: Sequence[str] | None, wall_time_s: float
@@ -364,11 +416,14 @@ def write_results(experiment: Experiment, out_dir: Path, seeds: Sequence[int],
                 title=f"{experiment.name}: theta ({band})", by_step=True))
 
     stats = [arm_stats(r, metric) for r in results]
+    levels, milestones = (milestone_rows(experiment, results, metric)
+                          if experiment.milestones or experiment.level_arm else ([], []))
     cmd = command_line(experiment, seeds, num_steps, estimators, out_dir)
     write_json(out_dir / RESULTS_JSON, {
         "experiment": experiment.name, "task": experiment.task, "seeds": list(seeds),
         "num_steps": num_steps, "metric": metric, "command": cmd,
         "wall_time_s": round(wall_time_s, 3), "arms": stats,
+        **({"milestone_levels": levels, "milestones": milestones} if milestones else {}),
     })
     files.append(out_dir / RESULTS_JSON)
 
@@ -402,7 +457,7 @@ def write_results(experiment: Experiment, out_dir: Path, seeds: Sequence[int],
             f"{_pm(s['final_theta_mean'], s['final_theta_std'])} | "
             f"{_pm(s['final_metric_mean'], s['final_metric_std'], 3)} | {other} | "
             f"{s['inner_steps_mean']:,.0f} | {s['wall_time_s_mean']:.1f} |")
-    lines += table + [""]
+    lines += table + [""] + _milestone_lines(experiment, levels, milestones)
     for f in files:
         if f.suffix == ".png":
             lines.append(f"![{f.stem}]({f.name})")
