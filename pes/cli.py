@@ -172,13 +172,18 @@ def run_command(
     checkpoint_every: Annotated[int | None, typer.Option(
         help="Checkpoint the run state every this many outer steps (also after the last, and "
         "on SIGINT/SIGTERM). [default: every 5 minutes]", show_default=False)] = None,
+    steps_per_call: Annotated[int | None, typer.Option(
+        help="Run this many outer steps per compiled call, reading their metrics back once "
+        "(faster when a step is cheap; checkpoints then come at the ends of calls). "
+        "[default: 1]", show_default=False)] = None,
     config: Annotated[str | None, typer.Option(
         "--config", help="YAML or JSON file of settings (the names above with underscores, "
         "e.g. num_particles: 10); flags override it.", show_default=False)] = None,
     resume: Annotated[str | None, typer.Option(
         "--resume", metavar="RUN_DIR", help="Continue the run in RUN_DIR from its latest "
-        "checkpoint, with its config.json (only --num-steps, --checkpoint-every and "
-        "--nonfinite may change).", show_default=False)] = None,
+        "checkpoint, with its config.json (only --num-steps, --checkpoint-every, "
+        "--nonfinite, --devices and --steps-per-call may change).",
+        show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace the run already in --out.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -219,7 +224,7 @@ def run_command(
             optimizer=optimizer, lr=lr, b1=b1, eval_every=eval_every, nonfinite=nonfinite,
             out=out, theta0=parse_theta0(theta0), checkpoint_every=checkpoint_every,
             data_dir=data_dir, dataset=dataset, size=size, objective=objective,
-            devices=devices)
+            devices=devices, steps_per_call=steps_per_call)
         try:
             if resume is not None:
                 for name, given in (("--config", config is not None),

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -268,3 +269,34 @@ def test_drop_counts_the_particles_left_out_and_resume_may_switch_to_it(tmp_path
     assert result.exit_code == 0, result.output
     assert (raised / "metrics.jsonl").read_bytes() == (dropped / "metrics.jsonl").read_bytes()
     assert json.loads((raised / "config.json").read_text())["nonfinite"] == "drop"
+
+
+# ------------------------------------------------------------------------- steps_per_call
+
+
+def test_steps_per_call_gives_the_same_run_with_checkpoints_at_chunk_ends(reference, tmp_path):
+    out = tmp_path / "chunked"
+    # Chunks of 3 that also end at every evaluation (each 5th step): 1-3, 4-5, 6-8, ...
+    result = cli(*RUN, "--steps-per-call", 3, "--checkpoint-every", 6, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["steps_per_call"] == 3
+    ours, theirs = read_metrics(out), read_metrics(reference)
+    assert [(r["step"], r["inner_steps"]) for r in ours] == [
+        (r["step"], r["inner_steps"]) for r in theirs]
+    for key in ("loss", "meta_objective", "theta"):  # equal up to float rounding
+        a = [r[key] for r in ours if key in r]
+        b = [r[key] for r in theirs if key in r]
+        np.testing.assert_allclose(np.array(a, float), np.array(b, float), rtol=1e-5)
+    # The first chunk end at or after each multiple of 6: ..., 30, 36 -> 38, and the last.
+    assert complete_checkpoints(out) == [30, 38, 40]
+
+
+def test_steps_per_call_raise_stops_at_the_bad_step_inside_a_chunk(tmp_path):
+    out = tmp_path / "run"
+    result = cli(*DIVERGING, "--steps-per-call", 8, "--out", out)  # chunk 17-24 holds step 23
+    assert result.exit_code == 1, result.output
+    assert ("non-finite loss at outer step 23: particle 0 at inner step 22 of its episode"
+            in result.output)
+    assert "checkpointed at outer step 22; continue" in result.output
+    assert [r["step"] for r in read_metrics(out)] == list(range(23))
+    assert complete_checkpoints(out) == [22]

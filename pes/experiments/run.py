@@ -15,8 +15,9 @@ A run directory holds
   the run started, summed over its sessions);
 * ``checkpoints/``: the last few checkpoints of the complete run state (:mod:`pes.checkpoint`),
   written every ``checkpoint_every`` outer steps (or every CHECKPOINT_INTERVAL_S seconds when
-  it is None), after the last one, on SIGINT/SIGTERM and before a non-finite loss stops the
-  run; each records how far metrics.jsonl had got;
+  it is None; with ``steps_per_call`` > 1 at the first chunk end at or after each multiple,
+  since states come at chunk ends only), after the last one, on SIGINT/SIGTERM and before a
+  non-finite loss stops the run; each records how far metrics.jsonl had got;
 * ``summary.json``: ``status`` ('completed', 'failed' or 'interrupted'), ``error``,
   ``final_theta``, ``final_meta_loss``, ``final_metrics``, ``inner_steps``, ``wall_time_s``,
   ``outer_steps``, ``checkpoint_step`` and more, written when the run ends for any reason;
@@ -631,7 +632,10 @@ class _Recorder:
         if step == cfg.num_steps:
             return True
         if cfg.checkpoint_every is not None:
-            return step % cfg.checkpoint_every == 0
+            # The first state seen at or after each multiple: with steps_per_call > 1, train
+            # hands over states at chunk ends only, which need not fall on the multiples.
+            every, last = cfg.checkpoint_every, self.checkpoint_step or 0
+            return step // every > last // every
         return time.perf_counter() - self.checkpoint_time >= CHECKPOINT_INTERVAL_S
 
     def checkpoint(self, state: TrainState) -> None:
@@ -670,7 +674,8 @@ class _Recorder:
                         num_steps=cfg.num_steps, key=self.key, eval_every=cfg.eval_every,
                         callback=self.callback, evaluate_fn=self.evaluate,
                         nonfinite=cfg.nonfinite, on_state=self.on_state,
-                        resume=self.resumed.state if self.resumed else None)
+                        resume=self.resumed.state if self.resumed else None,
+                        steps_per_call=cfg.steps_per_call or 1)
                     self.theta = result.theta
                     if self.stop_signal is not None and self.outer_steps < cfg.num_steps:
                         signum = self.stop_signal
