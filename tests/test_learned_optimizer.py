@@ -17,7 +17,7 @@ import pes
 from pes import learned_optimizer as lo
 from pes.cli import app
 from pes.system import check_step_output, check_system
-from pes.tasks.learned_optimizer import LearnedOptimizerTask
+from pes.tasks.learned_optimizer import SIZES, LearnedOptimizerTask
 from pes.tasks.mlp import synthetic_data
 
 KEY = jax.random.PRNGKey(0)
@@ -180,6 +180,19 @@ def test_task_is_a_system(task):
                                            "truncation_length": 4}
     # Full ES gets PES's inner steps: num_steps * K / T outer steps.
     assert d.num_steps_for("full-es") == 1
+
+
+def test_cpu_size_gives_each_estimator_its_own_rate():
+    """Full ES makes T/K times fewer outer steps, so the CPU size gives each estimator the
+    rate tuned for it, decayed at the same fractions of its own outer steps."""
+    size = SIZES["cpu"]
+    d = LearnedOptimizerTask(data=DATA, image_size=None, size="cpu").defaults()
+    assert d.num_steps_for("full-es") == size.num_steps * size.truncation_length // size.horizon
+    for est in ("pes", "tes", "nres", "full-es"):
+        spec, steps = d.optimizer_for(est), d.num_steps_for(est)
+        assert spec.learning_rate == size.learning_rate(est) == dict(size.learning_rates)[est]
+        assert spec.schedule == ((round(steps / 2), 0.3), (round(3 * steps / 4), 0.3))
+    assert size.learning_rate("full-es") > size.learning_rate("pes")
 
 
 def test_task_episode_is_the_exported_optax_optimizer(task):

@@ -3,7 +3,8 @@ and NRES (PAPER.md experiment 5), against SGD with a tuned constant learning rat
 
 Per seed, each estimator meta-trains the task's learned optimizer from the same untrained
 weights (:meth:`LearnedOptimizerTask.initial_theta`); PES, TES and NRES take the size's outer
-steps and full ES the number that gives it the same inner steps (``num_steps * K / T``). The
+steps and full ES the number that gives it the same inner steps (``num_steps * K / T``),
+each with its own Adam rate where the size gives one (``Size.learning_rates``). The
 runs' evaluations (the meta-loss of fresh inner problems every few outer steps) trace the
 meta-loss against inner steps. Afterwards every meta-trained optimizer is scored on the same
 held-out inner problems (the *meta-test* loss: keys from ``PRNGKey(TEST_SEED)``, never seen in
@@ -59,6 +60,21 @@ def _curve(run: RunResult) -> tuple[np.ndarray, np.ndarray]:
     evals = [r for r in run.records if r.get("meta_objective") is not None]
     return (np.array([r["inner_steps"] for r in evals], float),
             np.array([r["meta_objective"] for r in evals], float))
+
+
+def curve_spread(runs: Sequence[tuple[np.ndarray, np.ndarray]], points: int = 50
+                 ) -> float | None:
+    """A second view of the spread across seeds: the std over seeds (ddof 1) of the
+    evaluation curves, interpolated at ``points`` inner-step counts spread over the second
+    half of the seeds' common range, averaged over those points. Each point's evaluation
+    draws its own few inner problems per seed, so this includes their sampling noise."""
+    runs = [(x, y) for x, y in runs if len(x)]
+    if len(runs) < 2:
+        return None
+    end = min(float(x[-1]) for x, _ in runs)
+    grid = np.linspace(end / 2, end, points)
+    stack = np.array([np.interp(grid, x, y) for x, y in runs])
+    return float(np.mean(np.std(stack, axis=0, ddof=1)))
 
 
 def tune(task: Any, name: str, grid: Sequence[float], tune_keys: Any,
@@ -158,6 +174,7 @@ def run_learned_optimizer_comparison(
     wall = time.perf_counter() - start
     result = _summarise(seeds, options, cmd, wall, plan, per_seed, baselines, task,
                         n_problems)
+    result["spread_along_curve"] = {est: curve_spread(curves[est]) for est in ARMS}
     files = [_plot(out_dir / "meta_loss.png", curves, baselines, options, task)]
     write_json(out_dir / RESULTS_JSON, result)
     files.append(out_dir / RESULTS_JSON)
@@ -241,7 +258,10 @@ def _results_md(out_dir: Path, result: dict[str, Any], task: Any) -> Path:
         f"Meta-test loss: the mean over {result['test_problems']} held-out inner problems "
         "(their own initialisations and data orders), the same for every optimizer. SGD and "
         "Adam: the constant learning rate of a log grid with the lowest meta-loss on "
-        f"{result['test_problems']} separate tuning problems.",
+        f"{result['test_problems']} separate tuning problems."
+        + (" Outer (Adam) learning rates: each estimator's own, chosen at this size by "
+           "examples/tune_learned_optimizer_lr.py on a seed outside the reported ones and the "
+           "tuning problems (see the settings below)." if task.size.learning_rates else ""),
         "",
         "Paper: PES reaches lower meta-losses than TES (and ES) in most seeds, with a smaller "
         "spread across seeds than full ES at equal inner steps, and the PES-trained optimizer "
@@ -268,6 +288,7 @@ def _results_md(out_dir: Path, result: dict[str, Any], task: Any) -> Path:
     lines.append("| mean | " + " | ".join(f"{mean[e]:.4f}" for e in ARMS) + " | |")
     lines.append("| std across seeds | " + " | ".join(_fmt(spread[e]) for e in ARMS) + " | |")
     smaller = result["pes_spread_smaller_than_full_es"]
+    along = result.get("spread_along_curve", {})
     lines += [
         "",
         "Findings:",
@@ -278,6 +299,9 @@ def _results_md(out_dir: Path, result: dict[str, Any], task: Any) -> Path:
         f"{_fmt(spread['pes'])}, full ES {_fmt(spread['full-es'])} ("
         + ("n/a with one seed" if smaller is None else
            f"PES's is {'smaller' if smaller else 'NOT smaller'}") + ").",
+        "* Second view (std over seeds of the evaluation curves, mean over the second half "
+        "of the inner steps; includes the sampling noise of each evaluation's few problems): "
+        + ", ".join(f"{e} {_fmt(along.get(e))}" for e in ARMS) + ".",
         f"* The PES-trained optimizer beats SGD with a tuned constant learning rate "
         f"({b['sgd']['test_meta_loss']:.4f}) in {result['pes_beats_tuned_sgd_seeds']} of {n} "
         f"seeds ({'most' if result['pes_beats_tuned_sgd_in_most_seeds'] else 'NOT most'}).",

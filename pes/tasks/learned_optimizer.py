@@ -26,11 +26,15 @@ Sizes (:data:`SIZES`):
   choice (the source does not give them).
 * ``'full'``: the same at 28x28.
 * ``'cpu'``: the same network and data with T = 200, N = 16, sigma = 0.01, K = 10 and 300
-  outer steps of Adam 3e-3, multiplied by 0.3 at half and again at three quarters of the
+  outer steps of Adam, its rate multiplied by 0.3 at half and again at three quarters of the
   steps (48k inner steps per PES/TES/NRES run, one to two minutes on 2 cores), so the four
   estimators over three seeds fit 30 minutes; full ES gets the same inner steps (15 outer
-  steps of whole episodes, its rate decayed at the same fractions). With N = 8 and a constant
-  3e-3 (400 steps), PES and NRES first improved fastest and then lost it again or diverged.
+  steps of whole episodes, its rate decayed at the same fractions). Each estimator has its
+  own Adam rate (``learning_rates``: 1e-2 for PES, TES and NRES, 3e-2 for full ES), chosen by
+  examples/tune_learned_optimizer_lr.py on tuning seeds 100 and 101 and the comparison's
+  tuning problems; the first comparisons used 3e-3 for all four, which left full ES's 15
+  updates near the untrained optimizer. With N = 8 and a constant 3e-3 (400 steps), PES and
+  NRES first improved fastest and then lost it again or diverged.
 * ``'tiny'``: seconds, for tests.
 """
 
@@ -70,6 +74,12 @@ class Size:
     eval_problems: int
     # Adam's rate is multiplied by each scale from that fraction of the outer steps on.
     lr_decay: tuple[tuple[float, float], ...] = ()
+    # ((estimator, rate), ...): an estimator's own Adam rate instead of outer_learning_rate.
+    learning_rates: tuple[tuple[str, float], ...] = ()
+
+    def learning_rate(self, estimator: str) -> float:
+        """The outer (Adam) learning rate of ``estimator`` at this size."""
+        return dict(self.learning_rates).get(estimator, self.outer_learning_rate)
 
     def schedule(self, num_steps: int) -> tuple[tuple[int, float], ...]:
         """lr_decay as OptimizerSpec's ((boundary, scale), ...) for a run of num_steps."""
@@ -92,8 +102,11 @@ SIZES = {
                  eval_problems=8),
     "cpu": Size(image_size=8, hidden_sizes=(32, 32, 32), batch_size=128, horizon=200,
                 optimizer_hidden=(32, 32), num_particles=16, sigma=0.01, truncation_length=10,
-                outer_learning_rate=3e-3, num_steps=300, eval_problems=4,
-                lr_decay=((0.5, 0.3), (0.75, 0.3))),
+                outer_learning_rate=1e-2, num_steps=300, eval_problems=4,
+                lr_decay=((0.5, 0.3), (0.75, 0.3)),
+                # examples/tune_learned_optimizer_lr.py, seeds 100 and 101 (lr_tuning.md).
+                learning_rates=(("pes", 1e-2), ("tes", 1e-2), ("nres", 1e-2),
+                                ("full-es", 3e-2))),
     "tiny": Size(image_size=8, hidden_sizes=(8,), batch_size=8, horizon=12,
                  optimizer_hidden=(8,), num_particles=4, sigma=0.01, truncation_length=4,
                  outer_learning_rate=3e-3, num_steps=3, eval_problems=2),
@@ -301,13 +314,16 @@ class LearnedOptimizerTask(MLPSystem):
         return self.optimizer.flatten(self.optimizer.init_weights(key))
 
     def defaults(self) -> TaskDefaults:
-        """N, sigma, K and Adam's rate of the size; TES and NRES as PES; full ES (K = T) gets
-        the outer steps that give it PES's inner steps: num_steps * K / T."""
+        """N, sigma, K and Adam's rates of the size (each estimator's own where the size
+        gives one); TES and NRES as PES; full ES (K = T) gets the outer steps that give it
+        PES's inner steps: num_steps * K / T."""
         s = self.size
         es = {"num_particles": s.num_particles, "sigma": s.sigma}
         window = {"truncation_length": s.truncation_length}
         theta0 = tuple(float(v) for v in np.asarray(self.initial_theta()))
         full_steps = max(1, math.ceil(s.num_steps * s.truncation_length / self.horizon))
+        steps = {"pes": s.num_steps, "tes": s.num_steps, "nres": s.num_steps,
+                 "full-es": full_steps}
         return TaskDefaults(
             theta0=theta0,
             num_steps=s.num_steps,
@@ -316,8 +332,10 @@ class LearnedOptimizerTask(MLPSystem):
             estimators={"pes": {**es, **window}, "tes": {**es, **window},
                         "nres": {**es, **window}, "full-es": dict(es)},
             num_steps_overrides={"full-es": full_steps},
-            optimizer_overrides={"full-es": OptimizerSpec(
-                "adam", s.outer_learning_rate, schedule=s.schedule(full_steps))},
+            # Each estimator's own rate, decayed at the same fractions of its own steps.
+            optimizer_overrides={est: OptimizerSpec("adam", s.learning_rate(est),
+                                                    schedule=s.schedule(n))
+                                 for est, n in steps.items()},
         )
 
     def __repr__(self) -> str:
