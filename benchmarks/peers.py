@@ -9,6 +9,8 @@ particle-steps per outer step:
 
 - ``pes.train``: the library's training loop as users call it (it reads the window's loss and
   non-finite count back to the host every step);
+- ``pes.train M=50``: the same with ``steps_per_call=50``: 50 outer steps in one compiled
+  loop, their records read back once per call;
 - ``pes loop``: ``PES.estimate`` and a jitted optax update in a Python loop with no host reads;
 - ``pes scan``: the same outer step traced into a user's own jitted ``lax.scan`` over chunks
   of 50 outer steps (estimate is a pure function, so it composes with jit and scan);
@@ -53,9 +55,12 @@ THETA0 = np.array([-4.0, -4.0], np.float32)
 class PesTrain:
     """pes.train for ``steps`` outer steps, continued from where the last call stopped.
 
-    Timed from the end of its first outer step (which compiles the run's update function) to
-    the end of step steps + 1, through train's callback."""
+    Its first call (outer steps 1 to steps_per_call) compiles the run's functions, so the
+    run is steps + steps_per_call outer steps long and timed from train's callback for step
+    steps_per_call (the end of that first call) to the callback for the last step: every
+    timed step's callback included."""
 
+    steps_per_call = 1
     name = "pes.train"
 
     def __init__(self, task, seed):
@@ -67,12 +72,22 @@ class PesTrain:
 
     def run(self, steps):
         self.calls += 1
-        marks = []
-        result = pes.train(self.est, self.theta, self.opt, num_steps=steps + 1,
-                           key=jax.random.fold_in(self.key, self.calls),
-                           callback=lambda record, theta: marks.append(time.perf_counter()))
+        m = self.steps_per_call
+        marks = {}
+        result = pes.train(self.est, self.theta, self.opt, num_steps=steps + m,
+                           key=jax.random.fold_in(self.key, self.calls), steps_per_call=m,
+                           callback=lambda record, theta: marks.__setitem__(
+                               record.step, time.perf_counter()))
         self.theta = result.theta
-        return self.theta, marks[-1] - marks[0]
+        return self.theta, marks[steps + m] - marks[m]
+
+
+class PesTrainChunked(PesTrain):
+    """pes.train with steps_per_call=50: 50 outer steps per compiled call, their records read
+    back once."""
+
+    steps_per_call = 50
+    name = "pes.train M=50"
 
 
 class PesLoop:
@@ -274,10 +289,10 @@ def main(argv=None):
     steps, repeats = (5, 1) if args.quick else (args.steps, args.repeats)
 
     task = ToyRegression()
-    makers = [PesTrain, PesLoop, PesScan, NumpyPES]
+    makers = [PesTrain, PesTrainChunked, PesLoop, PesScan, NumpyPES]
     try:
         evosax_version = importlib.metadata.version("evosax")
-        makers.insert(3, Evosax)
+        makers.insert(4, Evosax)
     except importlib.metadata.PackageNotFoundError:
         evosax_version = None
         print("evosax is not installed: skipping it (pip install -e '.[bench]' adds it)\n")

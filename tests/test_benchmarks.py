@@ -21,7 +21,7 @@ def load(name):
 
 @pytest.mark.parametrize("name, rows", [
     ("overhead", ["| influence balancing |", "| toy regression |", "| MLP |"]),
-    ("peers", ["| pes.train |", "| pes loop |", "| pes scan |", "| numpy |"]),
+    ("peers", ["| pes.train |", "| pes.train M=50 |", "| pes loop |", "| pes scan |", "| numpy |"]),
     ("memory", ["| 10 |"]),
     ("scaling", ["| toy regression | 8 | 2 | 1 |", "| toy regression | 8 | 2 | 2 |"]),
 ])
