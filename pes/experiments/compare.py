@@ -406,7 +406,7 @@ def write_results(experiment: Experiment, out_dir: Path, seeds: Sequence[int],
         files.append(plots.plot_curves(
             out_dir / "meta_objective.png", curves, xlabel="inner steps",
             ylabel=experiment.metric_label, log_y=experiment.log_y,
-            title=f"{experiment.title} ({band})", outer_panel=True))
+            title=f"{experiment.title} ({band})", outer_panel=True, log_x=experiment.log_x))
     if experiment.plot_theta:
         tcurves = [c for r in ran if (c := _theta_curve(r.arm.label, r.runs)) is not None]
         if tcurves:

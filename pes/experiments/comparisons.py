@@ -31,6 +31,7 @@ class Experiment:
     metric: the ``task.evaluate`` key on the y axis (default: the task's plot metric);
     log_y: log-scale y axis as in the paper; plot_theta: also plot theta against inner steps;
     expected: what the paper found, quoted in results.md.
+    log_x: the inner-steps panel on a log axis (False: linear, as the paper's env-step plots).
     milestones, budget, level_arm: for a metric that grows (a return), results.md adds a table
       per run: the metric at the last evaluation within ``budget`` inner steps, and the inner
       steps at which it first reached each milestone and 95% of ``level_arm``'s mean final
@@ -46,6 +47,7 @@ class Experiment:
     plot_theta: bool
     expected: str
     metric: str | None = None
+    log_x: bool = True
     milestones: tuple[float, ...] = ()
     budget: int | None = None
     level_arm: str | None = None
@@ -202,6 +204,7 @@ EXPERIMENTS["swimmer"] = Experiment(
     plot_theta=False,
     expected="PES reaches a return of 300 within 150k environment steps in most seeds; TES "
     "stays below 60; full ES needs more environment steps than PES to reach PES's level.",
+    log_x=False,
     milestones=(60.0, 300.0),
     budget=150_000,
     level_arm="pes",

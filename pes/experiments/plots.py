@@ -62,11 +62,12 @@ def _positive_floor(values: Sequence[np.ndarray]) -> float | None:
 
 
 def plot_curves(path: Path, curves: Sequence[Curve], *, xlabel: str, ylabel: str,
-                log_y: bool, title: str, outer_panel: bool = False) -> Path:
+                log_y: bool, title: str, outer_panel: bool = False, log_x: bool = True) -> Path:
     """The metric of each curve against x, with its band shaded.
 
     outer_panel: two panels, the metric against outer steps (``curve.steps``) and against
-    x on a log axis (estimators that spend 1 or 1000 inner steps per update share a plot).
+    x, on a log axis when ``log_x`` (estimators that spend 1 or 1000 inner steps per update
+    share a plot).
     """
     fig, axes = _figure(1, 2 if outer_panel else 1, size=(6.5, 4.5) if outer_panel
                         else (7.0, 4.5))
@@ -90,7 +91,8 @@ def plot_curves(path: Path, curves: Sequence[Curve], *, xlabel: str, ylabel: str
         if log_y and floor is not None:
             ax.set_yscale("log")
         if outer_panel and not by_step:
-            ax.set_xscale("symlog", linthresh=1.0)
+            if log_x:
+                ax.set_xscale("symlog", linthresh=1.0)
             ax.set_xlim(left=0)
         ax.set_xlabel(label)
         ax.set_ylabel(ylabel)
