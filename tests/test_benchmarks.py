@@ -20,7 +20,7 @@ def load(name):
 
 
 @pytest.mark.parametrize("name, rows", [
-    ("overhead", ["| influence balancing |", "| toy regression |", "| MLP |"]),
+    ("overhead", ["| influence balancing |", "| toy regression |", "| MLP |", "| unrolled |"]),
     ("peers", ["| pes.train |", "| pes.train M=50 |", "| pes loop |", "| pes scan |", "| numpy |"]),
     ("memory", ["| 10 |"]),
     ("scaling", ["| toy regression | 8 | 2 | 1 |", "| toy regression | 8 | 2 | 2 |"]),
