@@ -16,7 +16,14 @@ import pes
 from pes.cli import app
 from pes.experiments import swimmer_view
 from pes.system import unroll
-from pes.tasks.swimmer import Swimmer, SwimmerState, episode, from_bits, to_bits
+from pes.tasks.swimmer import (
+    Swimmer,
+    SwimmerState,
+    episode,
+    float32_to_bits64,
+    from_bits,
+    to_bits,
+)
 
 RUNNER = CliRunner()
 
@@ -240,3 +247,18 @@ def test_comparison_tables_take_a_matrix_theta():
     assert mean == [[2.0, 3.0], [4.0, 5.0]]
     np.testing.assert_allclose(std, np.full((2, 2), np.sqrt(2.0)))
     assert _pm(mean, std).startswith("((2 ± 1.4, 3 ± 1.4), (4 ± 1.4")
+
+
+def test_init_is_the_host_reset_bit_for_bit():
+    # init builds the float64 state bits in JAX; they must be what the simulator's own reset
+    # (float64 arithmetic in NumPy) makes of the same noise.
+    task = Swimmer()
+    for k in range(8):
+        key = jax.random.PRNGKey(k)
+        noise = np.asarray(jax.random.uniform(key, (10,), jnp.float32, -0.1, 0.1))
+        expected = to_bits(task.sim.reset_states(noise[None]))[0]
+        np.testing.assert_array_equal(np.asarray(task.init(key).physics), expected)
+    x = np.concatenate([np.random.default_rng(0).uniform(-1, 1, 10_000),
+                        [0.0, -0.0, 1.0, -2.5, 3e38, -1.2e-38, 7e-10]]).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(float32_to_bits64(jnp.asarray(x))),
+                                  to_bits(x.astype(np.float64)))

@@ -116,6 +116,23 @@ def from_bits(bits: Any) -> np.ndarray:
     return np.ascontiguousarray(bits, np.uint32).view(np.float64)
 
 
+def float32_to_bits64(x: jax.Array) -> jax.Array:
+    """float32 [..., n] -> uint32 [..., 2n]: the bits of float64(x) as :func:`to_bits` lays
+    them out (little-endian: low word first), in JAX without 64-bit types. Exact for zeros and
+    normal numbers (the exponent is rebiased 127 -> 1023, the mantissa shifted by 29 bits);
+    subnormal float32 inputs are refused by the caller's construction (never drawn here)."""
+    b = jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.float32), jnp.uint32)
+    sign = b & jnp.uint32(0x80000000)
+    exp = (b >> 23) & jnp.uint32(0xFF)
+    man = b & jnp.uint32(0x7FFFFF)
+    hi = sign | ((exp + jnp.uint32(1023 - 127)) << 20) | (man >> 3)
+    lo = (man & jnp.uint32(7)) << 29
+    zero = exp == 0
+    hi = jnp.where(zero, sign, hi)
+    lo = jnp.where(zero, jnp.uint32(0), lo)
+    return jnp.stack([lo, hi], axis=-1).reshape(x.shape[:-1] + (2 * x.shape[-1],))
+
+
 class SwimmerSim:
     """The batched simulator in NumPy: MuJoCo's model plus ``mujoco.rollout``.
 
@@ -223,6 +240,9 @@ class Swimmer:
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"Swimmer {name}={value!r} must be a finite number >= 0")
         object.__setattr__(self, "sim", SwimmerSim(self.frame_skip, self.threads))
+        # init builds states from noise alone: it needs the model's rest state to be zero.
+        if np.any(self.sim.template) or np.any(self.sim.qpos0):
+            raise RuntimeError("the swimmer model's rest state is not all zeros; init assumes it")
 
     @property
     def theta_shape(self) -> tuple[int, int]:
@@ -235,12 +255,6 @@ class Swimmer:
         return self.sim.dt
 
     # ------------------------------------------------------------------ host-side callbacks
-
-    def _reset_host(self, noise):
-        noise = np.asarray(noise)
-        lead = noise.shape[:-1]
-        states = self.sim.reset_states(noise.reshape(-1, noise.shape[-1]))
-        return to_bits(states).reshape(lead + (-1,))
 
     def policy_host(self, theta: np.ndarray, obs: np.ndarray) -> np.ndarray:
         """a = clip(W obs, ctrl_low, ctrl_high) in float32: W [B, 2, 8] (or [2, 8]), obs
@@ -281,14 +295,17 @@ class Swimmer:
     # ------------------------------------------------------------------------- the System
 
     def init(self, key: jax.Array) -> SwimmerState:
-        """A fresh episode: qpos = qpos0 + U(-s, s), qvel = U(-s, s), s = reset_noise_scale."""
+        """A fresh episode: qpos = qpos0 + U(-s, s), qvel = U(-s, s), s = reset_noise_scale.
+
+        The model's rest state is all zeros, so the state is the float64 bits of the noise,
+        built in JAX (no host call: estimators reset small states every step by selection).
+        """
         n = self.sim.nq + self.sim.nv
         s = self.reset_noise_scale
+        # uniform's outputs are multiples of 2^-23 of the range: never float32-subnormal.
         noise = jax.random.uniform(key, (n,), jnp.float32, -s, s)
-        physics = jax.pure_callback(
-            self._reset_host, jax.ShapeDtypeStruct((2 * self.sim.nstate,), jnp.uint32), noise,
-            vmap_method="broadcast_all")
-        return SwimmerState(physics)
+        time = jnp.zeros((2,), jnp.uint32)
+        return SwimmerState(jnp.concatenate([time, float32_to_bits64(noise)]))
 
     def step(self, state: SwimmerState, theta: jax.Array, t: jax.Array, key: jax.Array):
         """One environment step under the policy a = clip(W obs); loss = -reward.
