@@ -141,12 +141,14 @@ def train(
         instead of a dispatch and a host read per step. The run is the same: theta, history
         and records equal those of ``steps_per_call=1`` for the same key up to float rounding
         (compiled into one program, a multiply and an add may become one fused multiply-add
-        or stop being one: bit for bit without FMA, e.g. ``XLA_FLAGS=--xla_cpu_max_isa=AVX``).
+        or stop being one; with FMA off, ``XLA_FLAGS=--xla_cpu_max_isa=AVX``, the runs checked
+        matched bit for bit).
         A chunk ends at every evaluation step and at the first step that must not be applied
         (a NaN/inf), which raises as above. What changes: the callback is called for each
         step of a chunk after the whole chunk ran, with theta as a pytree of NumPy arrays (the
         values after that step), so a callback's True stops training at the end of its chunk
-        (the chunk's later steps are still taken, recorded and passed to the callback); and
+        (the chunk's later steps are still taken, recorded and passed to the callback; a bad
+        step among them ends the run there without an error, as stopping first would); and
         ``on_state`` is called at chunk ends only. ``estimator.estimate`` must be traceable
         (every pes estimator is). Pays off when an outer step is cheap (small tasks, many
         steps); 1 (the default) runs one step per call.
