@@ -35,10 +35,25 @@ joints, armature, gear, fluid density and viscosity, integrator and time step. S
 file, rather than reading gymnasium's at run time, keeps gymnasium out of the run-time
 dependencies (it is a test dependency, used to check that rewards and observations agree);
 only the floor's and bodies' looks differ, which the physics never sees (nothing collides).
+
+The MJX backend. ``Swimmer(backend="mjx")`` is the same System in pure JAX: the same model XML
+put on the device by MuJoCo's JAX port (``mujoco.mjx``, the optional extra ``pes[mjx]``), the
+state the float32 arrays (qpos, qvel), and a step that computes the policy, clips the control
+to its range (MuJoCo's ctrllimited) and takes ``frame_skip`` ``mjx.step`` calls, all inside
+JAX. So it jits, vmaps and runs on GPU/TPU with no host round trip, and every estimator runs on
+it unchanged. Its physics is MuJoCo's: with float64 (``jax_enable_x64``) its rewards and
+observations equal the C backend's to ~1e-11; in float32 they differ by float32 rounding only,
+which grows where the joints hit their limits (the limit constraint switches on a step earlier
+or later): ~1e-6 per-step reward while swimming, up to ~1e-4 at the limits (measured; see
+tests/test_swimmer_mjx.py). Its dot products are pinned to true float32, since accelerators
+would otherwise use TF32/bfloat16 passes. On a CPU it is slower than the C backend; it is for
+accelerators, where the particles' batch runs in parallel.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import threading
 from dataclasses import dataclass, field
@@ -104,6 +119,22 @@ def _import_mujoco():
             "the swimmer task needs the MuJoCo Python bindings: pip install 'mujoco>=3.3' "
             f"({e})") from None
     return mujoco, rollout
+
+
+def _import_mjx():
+    try:
+        # mujoco.mjx prints a line for its optional Warp implementation when warp-lang is
+        # missing; pes uses the pure-JAX implementation only, so the line is noise here.
+        with contextlib.redirect_stdout(io.StringIO()):
+            from mujoco import mjx
+    except ImportError as e:
+        raise ImportError(
+            "the swimmer's MJX backend needs MuJoCo's JAX port: pip install 'pes[mjx]' (or "
+            f"'mujoco-mjx>=3.17') ({e})") from None
+    return mjx
+
+
+BACKENDS = ("mujoco", "mjx")
 
 
 def to_bits(x: np.ndarray) -> np.ndarray:
@@ -205,9 +236,66 @@ class SwimmerSim:
         return states[:, self.qpos][:, :2]
 
 
+class SwimmerMJXState(NamedTuple):
+    """The MJX backend's state: qpos [5] (front tip x, y, body angle, two joint angles) and
+    qvel [5], float32 (float64 under jax_enable_x64)."""
+
+    qpos: jax.Array
+    qvel: jax.Array
+
+
+class SwimmerMJXSim:
+    """The simulator in JAX: ``mujoco.mjx`` (its pure-JAX implementation) on the same MjModel.
+
+    Its functions take one environment (vmap them for a batch) and are jittable.
+    """
+
+    def __init__(self, model: Any, frame_skip: int):
+        mjx = _import_mjx()
+        self._step = mjx.step
+        self.model = mjx.put_model(model, impl="jax")
+        # Everything but qpos, qvel and ctrl comes from here at each environment step: a zero
+        # constraint warm start, as MuJoCo's rollout begins every call from the state alone.
+        self.data = mjx.make_data(self.model, impl="jax")
+        self.dtype = self.data.qpos.dtype
+        self.frame_skip = frame_skip
+        self.nq, self.nv = model.nq, model.nv
+        self.qpos0 = np.asarray(model.qpos0)
+        self.ctrl_low = np.asarray(model.actuator_ctrlrange[:, 0])
+        self.ctrl_high = np.asarray(model.actuator_ctrlrange[:, 1])
+
+    def reset_state(self, noise: jax.Array) -> SwimmerMJXState:
+        """noise [nq + nv] -> qpos = qpos0 + noise[:nq], qvel = noise[nq:]."""
+        noise = jnp.asarray(noise, self.dtype)
+        return SwimmerMJXState(jnp.asarray(self.qpos0, self.dtype) + noise[:self.nq],
+                               noise[self.nq:])
+
+    def observe(self, state: SwimmerMJXState) -> jax.Array:
+        """[obs_dim]: (qpos[2:], qvel), as gymnasium's Swimmer-v5."""
+        return jnp.concatenate([state.qpos[2:], state.qvel])
+
+    def clip(self, ctrl: jax.Array) -> jax.Array:
+        """ctrl [nu] clipped to the actuators' range, as MuJoCo's ctrllimited does."""
+        return jnp.clip(ctrl, jnp.asarray(self.ctrl_low, ctrl.dtype),
+                        jnp.asarray(self.ctrl_high, ctrl.dtype))
+
+    def simulate(self, state: SwimmerMJXState, ctrl: jax.Array) -> SwimmerMJXState:
+        """frame_skip ``mjx.step`` calls holding ctrl [nu] (clipped); returns the new state."""
+        # Pinned to true float32: on GPUs/TPUs JAX's default float32 dot products round their
+        # inputs to TF32/bfloat16, 1e-3 relative, far more than float32 rounding.
+        with jax.default_matmul_precision("float32"):
+            data = self.data.replace(qpos=jnp.asarray(state.qpos, self.dtype),
+                                     qvel=jnp.asarray(state.qvel, self.dtype),
+                                     ctrl=jnp.asarray(self.clip(ctrl), self.dtype))
+            data = jax.lax.fori_loop(0, self.frame_skip,
+                                     lambda _, d: self._step(self.model, d), data)
+        return SwimmerMJXState(data.qpos, data.qvel)
+
+
 class SwimmerState(NamedTuple):
     """physics: uint32 [2 * nstate], the float64 mjSTATE_FULLPHYSICS vector bit for bit
-    (nstate = 11: time, 5 qpos, 5 qvel); the observation is (qpos[2:], qvel) of it."""
+    (nstate = 11: time, 5 qpos, 5 qvel); the observation is (qpos[2:], qvel) of it. The
+    MuJoCo backend's state."""
 
     physics: jax.Array
 
@@ -218,7 +306,11 @@ class Swimmer:
 
     horizon: environment steps per episode (gymnasium's TimeLimit, 1000).
     eval_episodes: episodes averaged by :meth:`evaluate`.
-    threads: MuJoCo threads per batched call (1 runs it in the calling thread).
+    threads: MuJoCo threads per batched call (1 runs it in the calling thread); mujoco
+      backend only.
+    backend: 'mujoco' (MuJoCo in C through a host callback; state :class:`SwimmerState`) or
+      'mjx' (pure JAX through ``mujoco.mjx``, for accelerators; state
+      :class:`SwimmerMJXState`). Same model, reward, reset distribution and defaults.
     """
 
     horizon: int = 1000
@@ -228,9 +320,14 @@ class Swimmer:
     reset_noise_scale: float = 0.1
     eval_episodes: int = 5
     threads: int = 1
+    backend: str = "mujoco"
     sim: SwimmerSim = field(init=False, repr=False, compare=False, hash=False)
+    mjx: SwimmerMJXSim | None = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.backend, str) or self.backend not in BACKENDS:
+            raise ValueError(f"Swimmer backend={self.backend!r} is not known; valid backends: "
+                             f"{', '.join(BACKENDS)}")
         for name in ("horizon", "frame_skip", "eval_episodes", "threads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -239,7 +336,12 @@ class Swimmer:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"Swimmer {name}={value!r} must be a finite number >= 0")
+        if self.backend == "mjx" and self.threads != 1:
+            raise ValueError(f"Swimmer threads={self.threads} applies to the mujoco backend "
+                             "only; the mjx backend runs its batch inside JAX")
         object.__setattr__(self, "sim", SwimmerSim(self.frame_skip, self.threads))
+        object.__setattr__(self, "mjx", SwimmerMJXSim(self.sim.model, self.frame_skip)
+                           if self.backend == "mjx" else None)
         # init builds states from noise alone: it needs the model's rest state to be zero.
         if np.any(self.sim.template) or np.any(self.sim.qpos0):
             raise RuntimeError("the swimmer model's rest state is not all zeros; init assumes it")
@@ -292,29 +394,51 @@ class Swimmer:
         return np.concatenate([to_bits(new), reward[:, None].view(np.uint32)],
                               axis=1).reshape(lead + (-1,))
 
+    def _transition_host(self, physics, action):
+        physics, action = np.asarray(physics), np.asarray(action, np.float32)
+        lead = physics.shape[:-1]
+        states = from_bits(physics.reshape(-1, physics.shape[-1]))
+        action = np.clip(action.reshape(-1, action.shape[-1]),
+                         self.sim.ctrl_low.astype(np.float32),
+                         self.sim.ctrl_high.astype(np.float32))
+        new = self.sim.simulate(states, action)
+        reward = self._reward(states, new, action).astype(np.float32)
+        return np.concatenate([to_bits(new), reward[:, None].view(np.uint32)],
+                              axis=1).reshape(lead + (-1,))
+
     # ------------------------------------------------------------------------- the System
 
-    def init(self, key: jax.Array) -> SwimmerState:
+    def init(self, key: jax.Array) -> SwimmerState | SwimmerMJXState:
         """A fresh episode: qpos = qpos0 + U(-s, s), qvel = U(-s, s), s = reset_noise_scale.
 
         The model's rest state is all zeros, so the state is the float64 bits of the noise,
         built in JAX (no host call: estimators reset small states every step by selection).
+        On the mjx backend it is the noise itself: the same key, the same start.
         """
         n = self.sim.nq + self.sim.nv
         s = self.reset_noise_scale
         # uniform's outputs are multiples of 2^-23 of the range: never float32-subnormal.
         noise = jax.random.uniform(key, (n,), jnp.float32, -s, s)
+        if self.mjx is not None:
+            return self.mjx.reset_state(noise)
         time = jnp.zeros((2,), jnp.uint32)
         return SwimmerState(jnp.concatenate([time, float32_to_bits64(noise)]))
 
-    def step(self, state: SwimmerState, theta: jax.Array, t: jax.Array, key: jax.Array):
+    def step(self, state: SwimmerState | SwimmerMJXState, theta: jax.Array, t: jax.Array,
+             key: jax.Array):
         """One environment step under the policy a = clip(W obs); loss = -reward.
 
-        The host computes the action (:meth:`policy_host`) next to the simulator, so training
-        and the one-call evaluation take identical steps.
+        mujoco backend: the host computes the action (:meth:`policy_host`) next to the
+        simulator, so training and the one-call evaluation take identical steps. mjx backend:
+        all in JAX, ``sum_j W[:, j] obs[j]`` elementwise (no reduced-precision dot product).
         """
         del t, key  # the dynamics are deterministic and the episode length is the horizon
         self.check_theta(theta)
+        if self.mjx is not None:
+            obs = self.mjx.observe(state)
+            action = jnp.sum(jnp.asarray(theta, obs.dtype) * obs, axis=-1)
+            new, reward = self.transition(state, action)
+            return new, -reward
         n = state.physics.shape[-1]
         flat = jnp.asarray(theta, jnp.float32).reshape(-1)
         packed = jnp.concatenate([state.physics, jax.lax.bitcast_convert_type(flat, jnp.uint32)])
@@ -322,6 +446,24 @@ class Swimmer:
             self._step_host, jax.ShapeDtypeStruct((n + 1,), jnp.uint32), packed,
             vmap_method="broadcast_all")
         return SwimmerState(out[:n]), -jax.lax.bitcast_convert_type(out[n], jnp.float32)
+
+    def transition(self, state: SwimmerState | SwimmerMJXState, action: jax.Array):
+        """One environment step holding the control clip(action) [2] -> (new state, reward),
+        r = w_fwd (x' - x) / dt - w_ctrl |clip(action)|^2 (float32; on mjx the state's dtype).
+        The policy-free half of :meth:`step`, in which the backends can be compared action for
+        action."""
+        if self.mjx is not None:
+            action = self.mjx.clip(jnp.asarray(action, self.mjx.dtype))
+            new = self.mjx.simulate(state, action)
+            dx = new.qpos[0] - state.qpos[0]
+            reward = (self.forward_reward_weight * dx / self.dt
+                      - self.ctrl_cost_weight * jnp.sum(action**2))
+            return new, reward
+        n = state.physics.shape[-1]
+        out = jax.pure_callback(
+            self._transition_host, jax.ShapeDtypeStruct((n + 1,), jnp.uint32), state.physics,
+            jnp.asarray(action, jnp.float32), vmap_method="broadcast_all")
+        return SwimmerState(out[:n]), jax.lax.bitcast_convert_type(out[n], jnp.float32)
 
     def check_theta(self, theta: Any) -> None:
         """A ValueError unless theta is a float array of shape (2, 8)."""
@@ -340,18 +482,32 @@ class Swimmer:
         Episode i starts from ``init(split(split(key, E)[i])[0])``, as in
         ``pes.system.unroll``, and its steps are those of ``step``; but the whole evaluation is
         one host call (a NumPy loop over time, the episodes batched in C), because a JAX scan
-        of ``horizon`` single callbacks costs several times more.
+        of ``horizon`` single callbacks costs several times more. On the mjx backend it is
+        that scan of ``step``, vmapped over the episodes, in JAX.
         """
         self.check_theta(theta)
         keys = jax.random.split(key, self.eval_episodes)
-        n, s = self.sim.nq + self.sim.nv, self.reset_noise_scale
-        noise = jax.vmap(lambda k: jax.random.uniform(jax.random.split(k)[0], (n,),
-                                                      jnp.float32, -s, s))(keys)
-        returns = jax.pure_callback(
-            self._returns_host, jax.ShapeDtypeStruct((self.eval_episodes,), jnp.float32),
-            theta, noise, vmap_method="sequential")
+        if self.mjx is not None:
+            returns = jax.vmap(lambda k: self._mjx_return(theta, k))(keys)
+        else:
+            n, s = self.sim.nq + self.sim.nv, self.reset_noise_scale
+            noise = jax.vmap(lambda k: jax.random.uniform(jax.random.split(k)[0], (n,),
+                                                          jnp.float32, -s, s))(keys)
+            returns = jax.pure_callback(
+                self._returns_host, jax.ShapeDtypeStruct((self.eval_episodes,), jnp.float32),
+                theta, noise, vmap_method="sequential")
         return {"meta_loss": -jnp.mean(returns) / self.horizon, "reward": jnp.mean(returns),
                 "reward_min": jnp.min(returns)}
+
+    def _mjx_return(self, theta: jax.Array, key: jax.Array) -> jax.Array:
+        def body(carry, _):
+            state, total = carry
+            state, loss = self.step(state, theta, jnp.int32(0), key)
+            return (state, total - loss), None  # a float32 sum in time order, as the host's
+
+        start = (self.init(jax.random.split(key)[0]), jnp.zeros((), self.mjx.dtype))
+        (_, total), _ = jax.lax.scan(body, start, None, length=self.horizon)
+        return total
 
     def _returns_host(self, theta, noise):
         sim = self.sim
@@ -395,7 +551,8 @@ class Swimmer:
 
 
 def episode(task: Swimmer, theta: Any, seed: int = 0) -> dict[str, np.ndarray]:
-    """One unperturbed episode in NumPy, for plots and animations.
+    """One unperturbed episode in NumPy, for plots and animations; simulated by MuJoCo in C
+    whatever the task's backend (the same physics).
 
     Returns {'states': [T + 1, nstate] float64 physics states, 'xy': [T + 1, 2] front-tip
     positions, 'rewards': [T], 'actions': [T, 2]}. The initial noise is drawn by NumPy from
