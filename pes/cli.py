@@ -191,6 +191,10 @@ def run_command(
     dataset: Annotated[str | None, typer.Option("--dataset", **_DATASET)] = None,
     size: Annotated[str | None, typer.Option("--size", **_SIZE)] = None,
     objective: Annotated[str | None, typer.Option("--objective", **_OBJECTIVE)] = None,
+    backend: Annotated[str | None, typer.Option(
+        help="swimmer: its simulator, mujoco (C, through a host callback) or mjx (pure JAX "
+        "through mujoco.mjx, for GPUs/TPUs; pip install 'pes[mjx]'). [default: mujoco]",
+        show_default=False)] = None,
     devices: Annotated[int | None, typer.Option(
         help="Split the particles over this many devices (on CPU: start with XLA_FLAGS="
         "--xla_force_host_platform_device_count=N). [default: 1; --distributed: all devices "
@@ -224,7 +228,7 @@ def run_command(
             optimizer=optimizer, lr=lr, b1=b1, eval_every=eval_every, nonfinite=nonfinite,
             out=out, theta0=parse_theta0(theta0), checkpoint_every=checkpoint_every,
             data_dir=data_dir, dataset=dataset, size=size, objective=objective,
-            devices=devices, steps_per_call=steps_per_call)
+            backend=backend, devices=devices, steps_per_call=steps_per_call)
         try:
             if resume is not None:
                 for name, given in (("--config", config is not None),

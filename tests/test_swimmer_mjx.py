@@ -59,7 +59,7 @@ def test_mjx_equals_mujoco_to_float32_tolerance(tasks):
     (observations) while swimming; we allow 5x, 2e-5 and 3e-5. At a joint limit the stiff
     limit constraint switches on a substep earlier or later when the joint angle differs by a
     rounding error, which moved observations by up to 2e-4 and rewards by 8e-5 (measured);
-    we allow 1e-3 and 5e-4 there. In float64 (jax_enable_x64) the two backends agree to 1e-11
+    we allow 1e-3 and 5e-4 there. In float64 (jax_enable_x64) the two backends agree to 1e-14
     on both sequences (benchmarks/swimmer_mjx.py), so these gaps are float32's, not the
     physics'."""
     task, mjx_task = tasks
@@ -141,3 +141,26 @@ def test_bad_backend_is_one_clear_error():
         Swimmer(backend="warp")
     with pytest.raises(ValueError, match="threads=2 applies to the mujoco backend only"):
         Swimmer(backend="mjx", threads=2)
+
+
+def test_backend_is_a_run_setting():
+    """pes run swimmer --backend mjx reaches the task through the task options; a bad name or
+    another task's run is a configuration error (exit 2) naming backend."""
+    from typer.testing import CliRunner
+
+    from pes.cli import app
+    from pes.experiments.config import RunConfig
+
+    config = RunConfig(task="swimmer", estimator="pes").resolve()
+    assert config.backend == "mujoco" and config.task_options() == {"backend": "mujoco"}
+    assert RunConfig(task="swimmer", estimator="pes", backend="mjx").task_options() == {
+        "backend": "mjx"}
+    runner = CliRunner()
+    bad = runner.invoke(app, ["run", "swimmer", "-e", "pes", "--backend", "warp",
+                              "--no-progress"])
+    assert bad.exit_code == 2
+    assert "backend='warp' is not a known swimmer backend; valid swimmer backends: mujoco, mjx" \
+        in bad.output
+    other = runner.invoke(app, ["run", "lorenz", "-e", "pes", "--backend", "mjx",
+                                "--no-progress"])
+    assert other.exit_code == 2 and "only swimmer takes it" in other.output

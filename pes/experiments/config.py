@@ -42,6 +42,7 @@ from pes.experiments.registry import (
     unknown_name,
 )
 from pes.tasks.base import OPTIMIZER_NAMES, OptimizerSpec
+from pes.tasks.swimmer import BACKENDS as SWIMMER_BACKENDS  # no mujoco import until used
 from pes.train import NONFINITE_POLICIES
 
 MAX_SEED = 2**31 - 1
@@ -139,6 +140,8 @@ class RunConfig:
       'paper' or 'tiny') and objective ('loss' or 'accuracy'): options of the image tasks
       (mnist-lr-schedule; many-hyperparameters takes all but objective); None: the task's
       default, and must stay None for a task that does not take them.
+    backend: the swimmer's simulator, 'mujoco' (C, through a host callback) or 'mjx' (pure
+      JAX through mujoco.mjx, for accelerators); None: 'mujoco'. Other tasks take none.
     devices: split the particles over this many devices (a 1-D mesh; the pairs of antithetic
       estimators must divide evenly); None: one device, or every device of every process in a
       distributed run (:mod:`pes.experiments.distributed`). It changes where the particles
@@ -173,6 +176,7 @@ class RunConfig:
     data_dir: str | None = None
     size: str | None = None
     objective: str | None = None
+    backend: str | None = None
     devices: int | None = None
     steps_per_call: int | None = None
 
@@ -205,6 +209,8 @@ class RunConfig:
             "data_dir": _check_data_dir,
             "size": lambda v: _check_name("size", v, "size", TASK_SIZES),
             "objective": lambda v: _check_name("objective", v, "objective", OBJECTIVES),
+            "backend": lambda v: _check_name("backend", v, "swimmer backend",
+                                             SWIMMER_BACKENDS),
             "devices": lambda v: check_int("devices", v, 1),
             "steps_per_call": lambda v: check_int("steps_per_call", v, 1),
         }

@@ -122,8 +122,9 @@ def _many_hyperparameters(**options: Any) -> Any:
     return ManyHyperparameters(**options)
 
 
-# Options of the image tasks (RunConfig fields; --dataset, --data-dir, --size, --objective).
-TASK_OPTIONS = ("dataset", "data_dir", "size", "objective")
+# Task options (RunConfig fields): the image tasks' --dataset, --data-dir, --size,
+# --objective; the swimmer's --backend.
+TASK_OPTIONS = ("dataset", "data_dir", "size", "objective", "backend")
 _IMAGE_OPTIONS = {"dataset": "fashion-mnist", "data_dir": None, "size": "cpu"}
 
 TASKS["mnist-lr-schedule"] = TaskEntry(
@@ -202,10 +203,14 @@ for _suffix, _variant, _what in (("", "text", "the opening of Pride and Prejudic
     )
 
 
-def _swimmer() -> Any:
+def _swimmer(**options: Any) -> Any:
     from pes.tasks.swimmer import Swimmer  # imports mujoco only when the task is used
 
-    return Swimmer()
+    try:
+        return Swimmer(**options)
+    except ImportError as e:  # mujoco, or mujoco-mjx for backend mjx, is not installed
+        field_name = "backend" if options.get("backend") == "mjx" else "task"
+        raise ConfigError(f"task='swimmer': {e}", field=field_name) from None
 
 
 TASKS["swimmer"] = TaskEntry(
@@ -217,6 +222,7 @@ TASKS["swimmer"] = TaskEntry(
     metric_label="episode return (1000 steps, mean of 5 episodes)",
     log_y=False,
     theta_names=tuple(f"W[{a},{o}]" for a in range(2) for o in range(8)),
+    options={"backend": "mujoco"},
 )
 
 TASK_NAMES = tuple(TASKS)

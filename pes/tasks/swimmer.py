@@ -42,7 +42,7 @@ state the float32 arrays (qpos, qvel), and a step that computes the policy, clip
 to its range (MuJoCo's ctrllimited) and takes ``frame_skip`` ``mjx.step`` calls, all inside
 JAX. So it jits, vmaps and runs on GPU/TPU with no host round trip, and every estimator runs on
 it unchanged. Its physics is MuJoCo's: with float64 (``jax_enable_x64``) its rewards and
-observations equal the C backend's to ~1e-11; in float32 they differ by float32 rounding only,
+observations equal the C backend's to ~1e-14; in float32 they differ by float32 rounding only,
 which grows where the joints hit their limits (the limit constraint switches on a step earlier
 or later): ~1e-6 per-step reward while swimming, up to ~1e-4 at the limits (measured; see
 tests/test_swimmer_mjx.py). Its dot products are pinned to true float32, since accelerators
