@@ -264,3 +264,29 @@ def test_state_is_a_pytree_and_estimate_is_deterministic():
         np.testing.assert_array_equal(a, b)
     assert isinstance(s1.noise, PESNoise)
     assert len(jax.tree_util.tree_leaves(s1)) > 3
+
+
+@pytest.mark.parametrize("make", [
+    lambda s: pes.PES(s, num_particles=6, sigma=0.1, truncation_length=4),
+    lambda s: pes.NRES(s, num_particles=6, sigma=0.1, truncation_length=4),
+], ids=["pes", "nres"])
+def test_keys_drawn_before_the_window_equal_keys_drawn_per_step(make, monkeypatch):
+    # Windows draw their per-step keys and small fresh states up front when they fit in
+    # PREDRAW_MAX elements; the other path draws them step by step. Same bits either way,
+    # across episode ends (horizon 5 < 3 windows of 4) and the stagger burn-in.
+    import pes.estimators._particles as particles
+
+    def run():
+        est = make(LinearQuadratic(horizon=5))
+        theta = theta_dict()
+        state = est.init(jax.random.PRNGKey(0), theta)
+        out = []
+        for i in range(3):
+            g, state, _ = est.estimate(state, theta, jax.random.PRNGKey(i + 1))
+            out.append((g, state))
+        return jax.tree_util.tree_leaves(out)
+
+    predrawn = run()
+    monkeypatch.setattr(particles, "PREDRAW_MAX", 0)
+    for a, b in zip(predrawn, run(), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
