@@ -1,0 +1,112 @@
+"""The swimmer's two backends: PES window throughput of MJX (pure JAX) against MuJoCo (C
+through one host callback per step) at the same batch, and how closely their steps agree.
+
+* throughput: ``pes.PES(Swimmer(backend=...), num_particles=B, K=100).estimate`` after a
+  compile and warm-up, inner_steps / time, the median of ``--repeats`` interleaved repeats;
+* agreement (``--agreement``): the largest per-step |reward| and |observation| differences over
+  100 steps from the same initial state under the same actions (a trained policy's, which
+  swim, and a bang-bang control that drives both joints into their limits), in JAX's float
+  precision: float32 by default, float64 with ``JAX_ENABLE_X64=1``.
+
+Run:
+
+    nice -n 5 .venv/bin/python benchmarks/swimmer_mjx.py --batch 20 --repeats 5
+    JAX_ENABLE_X64=1 .venv/bin/python benchmarks/swimmer_mjx.py --agreement
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import pes
+from pes.tasks.swimmer import Swimmer, from_bits
+
+# A policy PES trained (seed 0 of docs/results/swimmer, rounded), as in the tests.
+W_SWIM = np.array([[0.162, -0.473, -1.026, -0.052, 0.851, -0.565, 0.100, -0.544],
+                   [0.063, 0.685, -0.782, -0.058, 0.159, -1.455, 0.516, 0.314]], np.float32)
+
+
+def throughput(batch: int, repeats: int, K: int) -> dict[str, float]:
+    theta = jnp.asarray(W_SWIM)
+    ests = {}
+    for backend in ("mujoco", "mjx"):
+        est = pes.PES(Swimmer(backend=backend), num_particles=batch, sigma=0.3,
+                      truncation_length=K)
+        state = est.init(jax.random.PRNGKey(0), theta)
+        estimate = jax.jit(est.estimate)
+        grad, state, _ = estimate(state, theta, jax.random.PRNGKey(1))  # compile, warm up
+        jax.block_until_ready(grad)
+        ests[backend] = [estimate, state]
+    rates: dict[str, list[float]] = {b: [] for b in ests}
+    for r in range(repeats):
+        for backend, entry in ests.items():
+            t0 = time.perf_counter()
+            grad, entry[1], info = entry[0](entry[1], theta, jax.random.PRNGKey(2 + r))
+            jax.block_until_ready(grad)
+            rates[backend].append(int(info.inner_steps) / (time.perf_counter() - t0))
+    return {b: statistics.median(v) for b, v in rates.items()}
+
+
+def agreement(steps: int = 100) -> dict[str, tuple[float, float]]:
+    """{sequence: (max |reward difference|, max |observation difference|)}."""
+    ref, task = Swimmer(horizon=steps), Swimmer(horizon=steps, backend="mjx")
+    key = jax.random.PRNGKey(0)
+    start = from_bits(np.asarray(ref.init(key).physics))[None]
+    step = jax.jit(task.transition)
+    bang = np.where((np.arange(steps) // 25 % 2 == 0)[:, None], [1.0, -1.0], [-1.0, 1.0])
+    out = {}
+    for name in ("trained policy", "bang-bang (joint limits)"):
+        states, s = start, task.init(key)
+        dr = do = 0.0
+        for i in range(steps):
+            obs = ref.sim.observe(states)
+            action = (ref.policy_host(W_SWIM, obs) if name == "trained policy"
+                      else bang[i][None].astype(np.float32))
+            new = ref.sim.simulate(states, action)
+            reward = ref._reward(states, new, action)[0]
+            s, r = step(s, jnp.asarray(action[0]))
+            mjx_obs = np.concatenate([np.asarray(s.qpos)[2:], np.asarray(s.qvel)])
+            dr = max(dr, abs(float(r) - reward))
+            do = max(do, float(np.max(np.abs(mjx_obs - ref.sim.observe(new)[0]))))
+            states = new
+        out[name] = (dr, do)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[20])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--agreement", action="store_true",
+                        help="report the backends' step differences instead of throughput")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: B = 2, windows of 5 steps, 1 repeat (numbers mean "
+                        "nothing)")
+    args = parser.parse_args(argv)
+    if args.agreement:
+        precision = "float64" if jax.config.jax_enable_x64 else "float32"
+        print(f"| actions (100 steps, {precision}) | max reward difference | "
+              "max observation difference |\n|---|---|---|")
+        for name, (dr, do) in agreement().items():
+            print(f"| {name} | {dr:.1e} | {do:.1e} |")
+        return
+    K = 100
+    if args.quick:
+        args.batch, args.repeats, K = [2], 1, 5
+    print(f"device: {jax.devices()[0].device_kind}")
+    print("| batch B | MuJoCo backend (steps/s) | MJX backend (steps/s) | MJX / MuJoCo |\n"
+          "|---|---|---|---|")
+    for batch in args.batch:
+        rate = throughput(batch, args.repeats, K)
+        print(f"| {batch} | {rate['mujoco']:,.0f} | {rate['mjx']:,.0f} | "
+              f"{rate['mjx'] / rate['mujoco']:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
