@@ -4,14 +4,21 @@ through one host callback per step) at the same batch, and how closely their ste
 * throughput: ``pes.PES(Swimmer(backend=...), num_particles=B, K=100).estimate`` after a
   compile and warm-up, inner_steps / time, the median of ``--repeats`` interleaved repeats;
 * agreement (``--agreement``): the largest per-step |reward| and |observation| differences over
-  100 steps from the same initial state under the same actions (a trained policy's, which
-  swim, and a bang-bang control that drives both joints into their limits), in JAX's float
-  precision: float32 by default, float64 with ``JAX_ENABLE_X64=1``.
+  ``--steps`` (100) steps from the same initial state under the same actions (a trained
+  policy's, which swim; a bang-bang control that drives both joints into their limits; a
+  weak policy's, 0.5 N(0, 1), which holds both joints at a limit from step ~100 on), and the
+  difference of their sums, in JAX's float precision: float32 by default, float64 with
+  ``JAX_ENABLE_X64=1``;
+* returns (``--returns``): whole 1000-step episodes under a policy, 5 starts: the MuJoCo
+  backend's returns, the same with every start coordinate moved by 1e-7, and the MJX
+  backend's, to show how far closed-loop episodes amplify a rounding-size difference.
 
 Run:
 
     nice -n 5 .venv/bin/python benchmarks/swimmer_mjx.py --batch 20 --repeats 5
     JAX_ENABLE_X64=1 .venv/bin/python benchmarks/swimmer_mjx.py --agreement
+    .venv/bin/python benchmarks/swimmer_mjx.py --agreement --steps 1000
+    .venv/bin/python benchmarks/swimmer_mjx.py --returns
 """
 
 from __future__ import annotations
@@ -53,20 +60,28 @@ def throughput(batch: int, repeats: int, K: int) -> dict[str, float]:
     return {b: statistics.median(v) for b, v in rates.items()}
 
 
-def agreement(steps: int = 100) -> dict[str, tuple[float, float]]:
-    """{sequence: (max |reward difference|, max |observation difference|)}."""
+def weak_policy() -> np.ndarray:
+    """0.5 N(0, 1) [2, 8], drawn in float32 whatever JAX's precision."""
+    return 0.5 * np.asarray(jax.random.normal(jax.random.PRNGKey(0), (2, 8), jnp.float32))
+
+
+def agreement(steps: int = 100) -> dict[str, tuple[float, float, float]]:
+    """{sequence: (max |reward difference|, max |observation difference|, |difference of the
+    reward sums|)}."""
     ref, task = Swimmer(horizon=steps), Swimmer(horizon=steps, backend="mjx")
     key = jax.random.PRNGKey(0)
     start = from_bits(np.asarray(ref.init(key).physics))[None]
     step = jax.jit(task.transition)
     bang = np.where((np.arange(steps) // 25 % 2 == 0)[:, None], [1.0, -1.0], [-1.0, 1.0])
+    policies = {"trained policy": W_SWIM, "bang-bang (joint limits)": None,
+                "0.5 N(0, 1) policy (held at a limit)": weak_policy()}
     out = {}
-    for name in ("trained policy", "bang-bang (joint limits)"):
+    for name, W in policies.items():
         states, s = start, task.init(key)
-        dr = do = 0.0
+        dr = do = total = 0.0
         for i in range(steps):
             obs = ref.sim.observe(states)
-            action = (ref.policy_host(W_SWIM, obs) if name == "trained policy"
+            action = (ref.policy_host(W, obs) if W is not None
                       else bang[i][None].astype(np.float32))
             new = ref.sim.simulate(states, action)
             reward = ref._reward(states, new, action)[0]
@@ -74,8 +89,25 @@ def agreement(steps: int = 100) -> dict[str, tuple[float, float]]:
             mjx_obs = np.concatenate([np.asarray(s.qpos)[2:], np.asarray(s.qvel)])
             dr = max(dr, abs(float(r) - reward))
             do = max(do, float(np.max(np.abs(mjx_obs - ref.sim.observe(new)[0]))))
+            total += float(r) - reward
             states = new
-        out[name] = (dr, do)
+        out[name] = (dr, do, abs(total))
+    return out
+
+
+def returns() -> dict[str, np.ndarray]:
+    """{policy: [3, 5] returns: MuJoCo, MuJoCo from starts moved by 1e-7, MJX}."""
+    ref, task = Swimmer(), Swimmer(backend="mjx")
+    keys = jax.random.split(jax.random.PRNGKey(0), 5)
+    # evaluate's starts: init(split(key_i)[0]), i.e. this noise.
+    noise = np.asarray(jax.vmap(lambda k: jax.random.uniform(
+        jax.random.split(k)[0], (10,), jnp.float32, -0.1, 0.1))(keys))
+    mjx_returns = jax.jit(jax.vmap(task._mjx_return, in_axes=(None, 0)))
+    out = {}
+    for name, W in (("trained policy", W_SWIM), ("0.5 N(0, 1) policy", weak_policy())):
+        out[name] = np.stack([
+            ref._returns_host(W, noise), ref._returns_host(W, noise + np.float32(1e-7)),
+            np.asarray(mjx_returns(jnp.asarray(W), keys))])
     return out
 
 
@@ -85,16 +117,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--agreement", action="store_true",
                         help="report the backends' step differences instead of throughput")
+    parser.add_argument("--steps", type=int, default=100, help="--agreement: steps compared")
+    parser.add_argument("--returns", action="store_true",
+                        help="report whole-episode returns of both backends instead")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: B = 2, windows of 5 steps, 1 repeat (numbers mean "
                         "nothing)")
     args = parser.parse_args(argv)
     if args.agreement:
         precision = "float64" if jax.config.jax_enable_x64 else "float32"
-        print(f"| actions (100 steps, {precision}) | max reward difference | "
-              "max observation difference |\n|---|---|---|")
-        for name, (dr, do) in agreement().items():
-            print(f"| {name} | {dr:.1e} | {do:.1e} |")
+        print(f"| actions ({args.steps} steps, {precision}) | max reward difference | "
+              "max observation difference | difference of the return |\n|---|---|---|---|")
+        for name, (dr, do, dt) in agreement(args.steps).items():
+            print(f"| {name} | {dr:.1e} | {do:.1e} | {dt:.1e} |")
+        return
+    if args.returns:
+        print("| policy | MuJoCo returns | MuJoCo, starts + 1e-7 | MJX returns |\n"
+              "|---|---|---|---|")
+        for name, (a, b, c) in returns().items():
+            print(f"| {name} | {' '.join(f'{x:.2f}' for x in a)} | "
+                  f"{' '.join(f'{x:.2f}' for x in b)} | {' '.join(f'{x:.2f}' for x in c)} |")
         return
     K = 100
     if args.quick:

@@ -38,16 +38,18 @@ only the floor's and bodies' looks differ, which the physics never sees (nothing
 
 The MJX backend. ``Swimmer(backend="mjx")`` is the same System in pure JAX: the same model XML
 put on the device by MuJoCo's JAX port (``mujoco.mjx``, the optional extra ``pes[mjx]``), the
-state the float32 arrays (qpos, qvel), and a step that computes the policy, clips the control
-to its range (MuJoCo's ctrllimited) and takes ``frame_skip`` ``mjx.step`` calls, all inside
-JAX. So it jits, vmaps and runs on GPU/TPU with no host round trip, and every estimator runs on
-it unchanged. Its physics is MuJoCo's: with float64 (``jax_enable_x64``) its rewards and
-observations equal the C backend's to ~1e-14; in float32 they differ by float32 rounding only,
-which grows where the joints hit their limits (the limit constraint switches on a step earlier
-or later): ~1e-6 per-step reward while swimming, up to ~1e-4 at the limits (measured; see
-tests/test_swimmer_mjx.py). Its dot products are pinned to true float32, since accelerators
-would otherwise use TF32/bfloat16 passes. On a CPU it is slower than the C backend; it is for
-accelerators, where the particles' batch runs in parallel.
+state the float32 arrays qpos, qvel and the solver's warm start, and a step that computes the
+policy, clips the control to its range (MuJoCo's ctrllimited) and takes ``frame_skip``
+``mjx.step`` calls, all inside JAX. So it jits, vmaps and runs on GPU/TPU with no host round
+trip, and every estimator runs on it unchanged. Its physics is MuJoCo's: with float64
+(``jax_enable_x64``) its steps equal the C backend's to ~1e-14 (to the solver's tolerance,
+~1e-5, while a joint is pressed into its limit). In float32 they differ by float32 rounding:
+over 100 steps ~4e-6 in the reward while swimming, up to ~1e-4 where the joints hit their
+limits (tests/test_swimmer_mjx.py). Whole 1000-step episodes amplify any such difference: the
+C backend itself, started 1e-7 away under the same actions, ends up to ~0.2 away, and float32
+episode returns differ between the backends by about as much as that (benchmarks/README.md).
+Its dot products are pinned to true float32, since accelerators would otherwise use
+TF32/bfloat16 passes. On a CPU it is slower than the C backend; it is for accelerators.
 """
 
 from __future__ import annotations
@@ -237,11 +239,13 @@ class SwimmerSim:
 
 
 class SwimmerMJXState(NamedTuple):
-    """The MJX backend's state: qpos [5] (front tip x, y, body angle, two joint angles) and
-    qvel [5], float32 (float64 under jax_enable_x64)."""
+    """The MJX backend's state: qpos [5] (front tip x, y, body angle, two joint angles), qvel
+    [5] and qacc_warmstart [5], the constraint solver's warm start (MuJoCo's
+    mjSTATE_WARMSTART), float32 (float64 under jax_enable_x64)."""
 
     qpos: jax.Array
     qvel: jax.Array
+    qacc_warmstart: jax.Array
 
 
 class SwimmerMJXSim:
@@ -254,8 +258,7 @@ class SwimmerMJXSim:
         mjx = _import_mjx()
         self._step = mjx.step
         self.model = mjx.put_model(model, impl="jax")
-        # Everything but qpos, qvel and ctrl comes from here at each environment step: a zero
-        # constraint warm start, as MuJoCo's rollout begins every call from the state alone.
+        # Everything but the state and ctrl comes from here at each environment step.
         self.data = mjx.make_data(self.model, impl="jax")
         self.dtype = self.data.qpos.dtype
         self.frame_skip = frame_skip
@@ -265,10 +268,10 @@ class SwimmerMJXSim:
         self.ctrl_high = np.asarray(model.actuator_ctrlrange[:, 1])
 
     def reset_state(self, noise: jax.Array) -> SwimmerMJXState:
-        """noise [nq + nv] -> qpos = qpos0 + noise[:nq], qvel = noise[nq:]."""
+        """noise [nq + nv] -> qpos = qpos0 + noise[:nq], qvel = noise[nq:], no warm start."""
         noise = jnp.asarray(noise, self.dtype)
         return SwimmerMJXState(jnp.asarray(self.qpos0, self.dtype) + noise[:self.nq],
-                               noise[self.nq:])
+                               noise[self.nq:], jnp.zeros((self.nv,), self.dtype))
 
     def observe(self, state: SwimmerMJXState) -> jax.Array:
         """[obs_dim]: (qpos[2:], qvel), as gymnasium's Swimmer-v5."""
@@ -280,16 +283,24 @@ class SwimmerMJXSim:
                         jnp.asarray(self.ctrl_high, ctrl.dtype))
 
     def simulate(self, state: SwimmerMJXState, ctrl: jax.Array) -> SwimmerMJXState:
-        """frame_skip ``mjx.step`` calls holding ctrl [nu] (clipped); returns the new state."""
+        """frame_skip ``mjx.step`` calls holding ctrl [nu] (clipped); returns the new state.
+
+        The warm start is carried from step to step, as a MuJoCo MjData carries it (and
+        gymnasium's environment with it): in float32 the constraint solver stops once its
+        improvements fall below rounding, and restarting it from zero every environment step
+        biased the joint-limit forces (a policy that holds both joints at a limit lost 2.9 of
+        its 41 return over an episode; carried, 0.16: benchmarks/README.md).
+        """
         # Pinned to true float32: on GPUs/TPUs JAX's default float32 dot products round their
         # inputs to TF32/bfloat16, 1e-3 relative, far more than float32 rounding.
         with jax.default_matmul_precision("float32"):
-            data = self.data.replace(qpos=jnp.asarray(state.qpos, self.dtype),
-                                     qvel=jnp.asarray(state.qvel, self.dtype),
-                                     ctrl=jnp.asarray(self.clip(ctrl), self.dtype))
+            data = self.data.replace(
+                qpos=jnp.asarray(state.qpos, self.dtype), qvel=jnp.asarray(state.qvel, self.dtype),
+                qacc_warmstart=jnp.asarray(state.qacc_warmstart, self.dtype),
+                ctrl=jnp.asarray(self.clip(ctrl), self.dtype))
             data = jax.lax.fori_loop(0, self.frame_skip,
                                      lambda _, d: self._step(self.model, d), data)
-        return SwimmerMJXState(data.qpos, data.qvel)
+        return SwimmerMJXState(data.qpos, data.qvel, data.qacc_warmstart)
 
 
 class SwimmerState(NamedTuple):
