@@ -171,3 +171,22 @@ def test_backend_is_a_run_setting():
     other = runner.invoke(app, ["run", "lorenz", "-e", "pes", "--backend", "mjx",
                                 "--no-progress"])
     assert other.exit_code == 2 and "only swimmer takes it" in other.output
+
+
+def test_missing_mjx_is_one_clear_error(monkeypatch):
+    """Without mujoco-mjx the backend says what to install; on the command line that is a
+    configuration error naming backend."""
+    import sys
+
+    import mujoco
+
+    from pes.experiments.errors import ConfigError
+    from pes.experiments.registry import TASKS
+
+    monkeypatch.setitem(sys.modules, "mujoco.mjx", None)  # makes the import fail
+    monkeypatch.delattr(mujoco, "mjx", raising=False)
+    with pytest.raises(ImportError, match=r"MJX backend needs .*pip install 'pes\[mjx\]'"):
+        Swimmer(backend="mjx")
+    with pytest.raises(ConfigError, match=r"task='swimmer': .*pes\[mjx\]") as info:
+        TASKS["swimmer"].factory(backend="mjx")
+    assert info.value.field == "backend"
