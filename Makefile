@@ -27,7 +27,7 @@ quickstart: $(STAMP)
 	$(PY) examples/quickstart.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses=4
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
