@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pes.estimators._particles import check_positive_int, theta_spec
+from pes.estimators._particles import EstimateInfo, check_positive_int, theta_spec
 from pes.system import PyTree, check_theta, evaluate
 
 
@@ -231,14 +231,10 @@ def train(
 
 class _ChunkOut(NamedTuple):
     """Per-step outputs of one chunk, leaves [steps_per_call, ...] (rows past the steps run
-    are zeros): the EstimateInfo fields train reads, the update's finiteness and, when a
-    callback wants them, theta after each step."""
+    are zeros): each step's EstimateInfo, the update's finiteness and, when a callback wants
+    them, theta after each step."""
 
-    loss: jax.Array
-    inner_steps: jax.Array
-    num_nonfinite: jax.Array
-    nonfinite_particle: jax.Array
-    nonfinite_step: jax.Array
+    info: EstimateInfo
     finite: jax.Array
     thetas: PyTree
 
@@ -259,10 +255,8 @@ def _chunk_runner(estimator, apply, k_train, steps_per_call, stop_on_nonfinite_l
 
     def run(theta, opt_state, state, first, count):
         probe = jax.eval_shape(estimator.estimate, state, theta, k_train)[2]
-        out = _ChunkOut(
-            rows(probe.loss), rows(probe.inner_steps), rows(probe.num_nonfinite),
-            rows(probe.nonfinite_particle), rows(probe.nonfinite_step), rows(jnp.bool_(True)),
-            jax.tree_util.tree_map(rows, theta) if keep_thetas else ())
+        out = _ChunkOut(jax.tree_util.tree_map(rows, probe), rows(jnp.bool_(True)),
+                        jax.tree_util.tree_map(rows, theta) if keep_thetas else ())
 
         def body(carry):
             i, theta, opt_state, state, _, out = carry
@@ -274,10 +268,7 @@ def _chunk_runner(estimator, apply, k_train, steps_per_call, stop_on_nonfinite_l
                 stop = stop | (info.num_nonfinite > 0)
             put = lambda buf, x: buf.at[i].set(x)
             out = _ChunkOut(
-                put(out.loss, info.loss), put(out.inner_steps, info.inner_steps),
-                put(out.num_nonfinite, info.num_nonfinite),
-                put(out.nonfinite_particle, info.nonfinite_particle),
-                put(out.nonfinite_step, info.nonfinite_step), put(out.finite, finite),
+                jax.tree_util.tree_map(put, out.info, info), put(out.finite, finite),
                 jax.tree_util.tree_map(put, out.thetas, theta) if keep_thetas else ())
             return i + 1, theta, opt_state, state, stop, out
 
@@ -322,14 +313,14 @@ def _train_in_chunks(estimator, apply, theta, opt_state, state, start, inner_ste
             theta, opt_state, state = new_theta, new_opt_state, new_state
         for i in range(good):
             step = first + i
-            inner_steps += int(out.inner_steps[i])
+            inner_steps += int(out.info.inner_steps[i])
             last = i == good - 1
             meta = None
             if (last and not stopped and eval_every is not None
                     and (step % eval_every == 0 or step == num_steps)):
                 meta = evaluation(step, theta)
-            record = Record(step, inner_steps, float(out.loss[i]), meta,
-                            int(out.num_nonfinite[i]))
+            record = Record(step, inner_steps, float(out.info.loss[i]), meta,
+                            int(out.info.num_nonfinite[i]))
             history.append(record)
             if last and on_state is not None:
                 on_state(TrainState(theta, opt_state, state, step, inner_steps))
@@ -341,8 +332,8 @@ def _train_in_chunks(estimator, apply, theta, opt_state, state, start, inner_ste
             b = ran - 1
             raise _nonfinite_error(
                 first + b, TrainState(theta, opt_state, state, first + b - 1, inner_steps),
-                float(out.loss[b]), int(out.num_nonfinite[b]),
-                int(out.nonfinite_particle[b]), int(out.nonfinite_step[b]))
+                float(out.info.loss[b]), int(out.info.num_nonfinite[b]),
+                int(out.info.nonfinite_particle[b]), int(out.info.nonfinite_step[b]))
         if stopped:
             break
     return TrainResult(theta, history)
