@@ -380,6 +380,10 @@ class Swimmer:
         action = np.zeros(theta.shape[:2], np.float32)
         for j in range(theta.shape[2]):
             action += theta[:, :, j] * obs[:, None, j]
+        return self._clip_host(action)
+
+    def _clip_host(self, action: np.ndarray) -> np.ndarray:
+        """float32 [B, 2] clipped to the actuators' range, as MuJoCo's ctrllimited does."""
         low, high = self.sim.ctrl_low.astype(np.float32), self.sim.ctrl_high.astype(np.float32)
         return np.clip(action, low, high)
 
@@ -399,19 +403,18 @@ class Swimmer:
         obs = self.sim.observe(states).astype(np.float32)
         theta = np.ascontiguousarray(packed[:, n:]).view(np.float32).reshape(
             (-1,) + self.theta_shape)
-        action = self.policy_host(theta, obs)
-        new = self.sim.simulate(states, action)
-        reward = self._reward(states, new, action).astype(np.float32)
-        return np.concatenate([to_bits(new), reward[:, None].view(np.uint32)],
-                              axis=1).reshape(lead + (-1,))
+        return self._advance_host(states, self.policy_host(theta, obs), lead)
 
     def _transition_host(self, physics, action):
         physics, action = np.asarray(physics), np.asarray(action, np.float32)
         lead = physics.shape[:-1]
         states = from_bits(physics.reshape(-1, physics.shape[-1]))
-        action = np.clip(action.reshape(-1, action.shape[-1]),
-                         self.sim.ctrl_low.astype(np.float32),
-                         self.sim.ctrl_high.astype(np.float32))
+        return self._advance_host(states, self._clip_host(action.reshape(-1, action.shape[-1])),
+                                  lead)
+
+    def _advance_host(self, states: np.ndarray, action: np.ndarray, lead: tuple) -> np.ndarray:
+        """Simulate float64 states [B, nstate] under clipped actions [B, 2]: the new states'
+        bits and the float32 reward's bits, uint32 lead + [2 nstate + 1]."""
         new = self.sim.simulate(states, action)
         reward = self._reward(states, new, action).astype(np.float32)
         return np.concatenate([to_bits(new), reward[:, None].view(np.uint32)],
