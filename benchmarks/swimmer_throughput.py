@@ -1,16 +1,22 @@
 """Environment steps per second on the MuJoCo swimmer: a PES window against the raw batched
 simulator at the same batch size, and against gymnasium's vector environment.
 
-* raw: the closed-loop linear policy in NumPy and one ``mujoco.rollout`` call per environment
-  step for the whole batch (frame_skip 4), with preallocated arrays: the least a policy-driven
-  batched simulation costs in Python;
-* PES: ``pes.PES(Swimmer(), num_particles=B, K=100).estimate`` (a window of 100 steps for B
-  particles in one jitted scan, one host callback per step), inner_steps / time;
-* gymnasium: ``gymnasium.make_vec("Swimmer-v5", B, vectorization_mode="sync")`` stepped with
-  the same policy (one MjData per environment, a Python loop over them);
-* open-loop: one ``mujoco.rollout`` call for 100 steps of all B environments (no policy): the
-  simulator's own speed, for scale.
+* PES: ``pes.PES(Swimmer(), num_particles=B, sigma=0.3, K=100, stagger=False).estimate`` (a
+  window of 100 steps for B particles in one jitted scan, one host callback per step),
+  inner_steps / time;
+* raw: the same work with nothing but NumPy and one ``mujoco.rollout`` call per environment
+  step for the whole batch (frame_skip 4), preallocated arrays: B environments at antithetic
+  linear policies W +/- 0.3 z, z redrawn per window, persisting between windows and reset at
+  the horizon as the PES particles are (the least a policy-driven batched simulation costs in
+  Python);
+* gymnasium: ``gymnasium.make_vec("Swimmer-v5", B, vectorization_mode="sync")`` driven the same
+  way (one MjData per environment, a Python loop over them);
+* open-loop: one ``mujoco.rollout`` call for 100 steps of all B environments from the reset
+  state (no policy): the simulator's own speed, for scale.
 
+The three closed-loop ones each run one warm-up window and then one window per repeat, so that
+every repeat's window covers the same episode steps in all three (the simulator is ~10% slower
+later in an episode than in its first 100 steps).
 Each measurement is the median of ``--repeats`` interleaved repeats after a warm-up; run:
 
     .venv/bin/python benchmarks/swimmer_throughput.py --batch 20 100 --repeats 5
@@ -33,26 +39,50 @@ import pes
 from pes.tasks.swimmer import Swimmer
 
 K = 100
+SIGMA = 0.3  # the paper's PES perturbation scale on the swimmer
 
 
-def raw_closed_loop(task: Swimmer, W: np.ndarray, batch: int, steps: int) -> float:
-    """Seconds for ``steps`` policy steps of ``batch`` environments, NumPy + rollout."""
-    sim = task.sim
-    model, data = sim.model, mujoco.MjData(sim.model)
-    models = [model] * batch
-    states = sim.reset_states(np.random.default_rng(0).uniform(-0.1, 0.1, (batch, 10)))
-    out = np.empty((batch, sim.frame_skip, sim.nstate))
-    sensors = np.empty((batch, sim.frame_skip, 0))
-    control = np.empty((batch, sim.frame_skip, sim.nu))
-    obs_cols = np.r_[sim.qpos][2:].tolist() + np.r_[sim.qvel].tolist()
-    start = time.perf_counter()
-    for _ in range(steps):
-        action = np.clip(states[:, obs_cols] @ W.T, -1.0, 1.0)
-        control[:] = action[:, None, :]
-        rollout.rollout(models, data, states, control, skip_checks=True, nstep=sim.frame_skip,
-                        state=out, sensordata=sensors)
-        states = out[:, -1].copy()
-    return time.perf_counter() - start
+class RawClosedLoop:
+    """The raw baseline: B environments stepped by NumPy and one ``mujoco.rollout`` call per
+    environment step, with preallocated arrays. Like the PES particles it is compared with, its
+    environments persist from window to window (reset together at the horizon) and each window
+    draws new antithetic policies W +/- sigma z: the simulator's cost depends on the episode's
+    phase (at B = 20, ~880 us per step over an episode's first 100 steps, 950-1000 us later),
+    so a baseline that always restarted from the reset state would do cheaper work."""
+
+    def __init__(self, task: Swimmer, batch: int, seed: int = 0):
+        sim = self.sim = task.sim
+        self.task, self.batch = task, batch
+        self.rng = np.random.default_rng(seed)
+        self.data = mujoco.MjData(sim.model)
+        self.models = [sim.model] * batch
+        self.out = np.empty((batch, sim.frame_skip, sim.nstate))
+        self.sensors = np.empty((batch, sim.frame_skip, 0))
+        self.control = np.empty((batch, sim.frame_skip, sim.nu))
+        self.obs_cols = np.r_[sim.qpos][2:].tolist() + np.r_[sim.qvel].tolist()
+        self._reset()
+
+    def _reset(self):
+        s = self.task.reset_noise_scale
+        self.states = self.sim.reset_states(self.rng.uniform(-s, s, (self.batch, 10)))
+        self.t = 0
+
+    def window(self, W: np.ndarray, sigma: float, steps: int) -> float:
+        """Seconds for ``steps`` policy steps of the batch at W +/- sigma z (z per pair)."""
+        z = sigma * self.rng.standard_normal((self.batch // 2,) + W.shape)
+        Ws = np.concatenate([W + z, W - z])
+        start = time.perf_counter()
+        for _ in range(steps):
+            action = np.clip(np.einsum("bij,bj->bi", Ws, self.states[:, self.obs_cols]),
+                             -1.0, 1.0)
+            self.control[:] = action[:, None, :]
+            rollout.rollout(self.models, self.data, self.states, self.control, skip_checks=True,
+                            nstep=self.sim.frame_skip, state=self.out, sensordata=self.sensors)
+            self.states = self.out[:, -1].copy()
+            self.t += 1
+            if self.t >= self.task.horizon:
+                self._reset()
+        return time.perf_counter() - start
 
 
 def open_loop(task: Swimmer, batch: int, steps: int) -> float:
@@ -65,15 +95,24 @@ def open_loop(task: Swimmer, batch: int, steps: int) -> float:
     return time.perf_counter() - start
 
 
-def gym_vector(W: np.ndarray, batch: int, steps: int) -> float:
-    envs = gymnasium.make_vec("Swimmer-v5", num_envs=batch, vectorization_mode="sync")
-    obs, _ = envs.reset(seed=0)
-    start = time.perf_counter()
-    for _ in range(steps):
-        obs, *_ = envs.step(np.clip(obs @ W.T, -1.0, 1.0))
-    elapsed = time.perf_counter() - start
-    envs.close()
-    return elapsed
+class GymVector:
+    """gymnasium's synchronous vector environment (one MjData per environment, a Python loop
+    over them), persistent and driven by antithetic policies like RawClosedLoop (its own
+    autoreset at the horizon)."""
+
+    def __init__(self, batch: int, seed: int = 0):
+        self.envs = gymnasium.make_vec("Swimmer-v5", num_envs=batch, vectorization_mode="sync")
+        self.obs, _ = self.envs.reset(seed=seed)
+        self.batch, self.rng = batch, np.random.default_rng(seed)
+
+    def window(self, W: np.ndarray, sigma: float, steps: int) -> float:
+        z = sigma * self.rng.standard_normal((self.batch // 2,) + W.shape)
+        Ws = np.concatenate([W + z, W - z])
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.obs, *_ = self.envs.step(np.clip(np.einsum("bij,bj->bi", Ws, self.obs),
+                                                  -1.0, 1.0))
+        return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,20 +131,26 @@ def main(argv: list[str] | None = None) -> None:
     theta = jnp.asarray(W, jnp.float32)
     rows = []
     for batch in args.batch:
-        est = pes.PES(task, num_particles=batch, sigma=0.3, truncation_length=K)
+        # The paper's swimmer PES (and `pes run swimmer`'s default): pairs not staggered, so
+        # all particles are at the same step of their episodes, as the baselines' are.
+        est = pes.PES(task, num_particles=batch, sigma=SIGMA, truncation_length=K,
+                      stagger=False)
         state = est.init(jax.random.PRNGKey(0), theta)
         grad, state, _ = est.estimate(state, theta, jax.random.PRNGKey(1))  # compile, warm up
         jax.block_until_ready(grad)
-        raw_closed_loop(task, W, batch, 10)
-        gym_vector(W, batch, 10)
+        # One warm-up window each, so that every repeat's window covers the same episode
+        # steps in all three.
+        raw, gym = RawClosedLoop(task, batch), GymVector(batch)
+        raw.window(W, SIGMA, K)
+        gym.window(W, SIGMA, K)
         times: dict[str, list[float]] = {"raw": [], "pes": [], "gym": [], "open": []}
         for r in range(args.repeats):
             t0 = time.perf_counter()
             grad, state, info = est.estimate(state, theta, jax.random.PRNGKey(2 + r))
             jax.block_until_ready(grad)
             times["pes"].append(int(info.inner_steps) / (time.perf_counter() - t0))
-            times["raw"].append(batch * K / raw_closed_loop(task, W, batch, K))
-            times["gym"].append(batch * K / gym_vector(W, batch, K))
+            times["raw"].append(batch * K / raw.window(W, SIGMA, K))
+            times["gym"].append(batch * K / gym.window(W, SIGMA, K))
             times["open"].append(batch * K / open_loop(task, batch, K))
         med = {k: statistics.median(v) for k, v in times.items()}
         rows.append((batch, med))
