@@ -11,8 +11,8 @@ It trains the same freshly initialised 64-32-32-32-10 MLP on Fashion-MNIST downs
 (the task family the optimizer was meta-trained on) with each optimizer, on the same
 minibatches, and plots the training loss (smoothed, log scale) and the final test accuracy.
 The default 200 steps is the horizon the shipped optimizer was meta-trained for (T of
-`--size cpu`); a learned optimizer is only trained for what it saw, and this one falls behind
-Adam and SGD beyond it (try --steps 1000). Adam's and
+`--size cpu`); a learned optimizer is only trained for what it saw (--steps 1000 shows how
+this one does beyond it: level with Adam). Adam's and
 SGD's learning rates are the ones `pes compare learned-optimizer` tuned (its results.json),
 or 1e-2 and 0.3 without one.
 """
