@@ -1,4 +1,10 @@
-"""Run by test_sharding.py in a process with 4 forced CPU devices: sharded == unsharded."""
+"""Run by test_sharding.py in a process with 4 forced CPU devices: sharded == unsharded.
+
+    python tests/sharded_check.py [NAME,NAME,...]
+
+checks the named estimators (keys of ``makers`` below), ``train`` (the chunked train loop on
+the mesh) and ``errors`` (a pair count the mesh does not divide); all of them by default.
+"""
 
 import os
 import sys
@@ -47,14 +53,26 @@ def main():
         "rtrl": lambda m: pes.RTRL(system, num_particles=4, truncation_length=2, mesh=m),
         "uoro": lambda m: pes.UORO(system, num_particles=8, truncation_length=2, mesh=m),
     }
-    for name, make in makers.items():
+    names = sys.argv[1].split(",") if len(sys.argv) > 1 else [*makers, "train", "errors"]
+    unknown = set(names) - set(makers) - {"train", "errors"}
+    assert not unknown, f"unknown checks {sorted(unknown)}"
+    for name in (n for n in names if n in makers):
+        make = makers[name]
         plain, _ = run(make, None)
         sharded, sharding = run(make, mesh)
         np.testing.assert_allclose(sharded, plain, rtol=2e-5, atol=1e-6, err_msg=name)
         assert len(sharding.device_set) == 4, (name, sharding)
         print(name, "ok", sharding.spec)
+    if "train" in names:
+        check_train(makers["pes"], mesh)
+    if "errors" in names:
+        check_errors(system, mesh)
+    print("ALL OK")
+
+
+def check_train(make_pes, mesh):
     # train's chunked mode traces the sharded estimate into its compiled loop.
-    trained = [pes.train(makers["pes"](m), theta_dict(), optax.adam(0.01), num_steps=6,
+    trained = [pes.train(make_pes(m), theta_dict(), optax.adam(0.01), num_steps=6,
                          key=jax.random.PRNGKey(5), steps_per_call=spc)
                for m, spc in ((None, 1), (mesh, 4))]
     (theta1, h1), (theta4, h4) = trained
@@ -63,13 +81,15 @@ def main():
                     strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
     print("train steps_per_call=4 on the mesh ok")
+
+
+def check_errors(system, mesh):
     try:
         pes.PES(system, num_particles=6, sigma=0.1, truncation_length=2, mesh=mesh)
     except ValueError as e:
         assert "do not divide the 3 particle pairs" in str(e), e
     else:
         raise AssertionError("3 pairs on 4 devices were accepted")
-    print("ALL OK")
 
 
 if __name__ == "__main__":

@@ -10,12 +10,17 @@ from systems import LinearQuadratic
 
 import pes
 
+# Groups of checks, each in its own 4-device process, so that test workers can share them.
+GROUPS = ["pes,pes-plain,errors", "tes,nres,full-es", "train", "tbptt,tbptt-deep,full-bptt",
+          "rtrl,uoro"]
 
-def test_sharded_estimates_equal_unsharded():
+
+@pytest.mark.parametrize("checks", GROUPS)
+def test_sharded_estimates_equal_unsharded(checks):
     script = os.path.join(os.path.dirname(__file__), "sharded_check.py")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    out = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env,
-                         timeout=600)
+    out = subprocess.run([sys.executable, script, checks], capture_output=True, text=True,
+                         env=env, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "ALL OK" in out.stdout
 
