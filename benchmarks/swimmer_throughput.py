@@ -42,6 +42,13 @@ K = 100
 SIGMA = 0.3  # the paper's PES perturbation scale on the swimmer
 
 
+def antithetic(W: np.ndarray, sigma: float, batch: int, rng: np.random.Generator) -> np.ndarray:
+    """[batch, *W.shape] policies W + sigma z_p for the first half, W - sigma z_p for the second
+    (z_p standard normal, one per pair), as a PES window's pairs."""
+    z = sigma * rng.standard_normal((batch // 2,) + W.shape)
+    return np.concatenate([W + z, W - z])
+
+
 class RawClosedLoop:
     """The raw baseline: B environments stepped by NumPy and one ``mujoco.rollout`` call per
     environment step, with preallocated arrays. Like the PES particles it is compared with, its
@@ -69,8 +76,7 @@ class RawClosedLoop:
 
     def window(self, W: np.ndarray, sigma: float, steps: int) -> float:
         """Seconds for ``steps`` policy steps of the batch at W +/- sigma z (z per pair)."""
-        z = sigma * self.rng.standard_normal((self.batch // 2,) + W.shape)
-        Ws = np.concatenate([W + z, W - z])
+        Ws = antithetic(W, sigma, self.batch, self.rng)
         start = time.perf_counter()
         for _ in range(steps):
             action = np.clip(np.einsum("bij,bj->bi", Ws, self.states[:, self.obs_cols]),
@@ -106,8 +112,7 @@ class GymVector:
         self.batch, self.rng = batch, np.random.default_rng(seed)
 
     def window(self, W: np.ndarray, sigma: float, steps: int) -> float:
-        z = sigma * self.rng.standard_normal((self.batch // 2,) + W.shape)
-        Ws = np.concatenate([W + z, W - z])
+        Ws = antithetic(W, sigma, self.batch, self.rng)
         start = time.perf_counter()
         for _ in range(steps):
             self.obs, *_ = self.envs.step(np.clip(np.einsum("bij,bj->bi", Ws, self.obs),
@@ -152,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
             times["raw"].append(batch * K / raw.window(W, SIGMA, K))
             times["gym"].append(batch * K / gym.window(W, SIGMA, K))
             times["open"].append(batch * K / open_loop(task, batch, K))
+        gym.envs.close()
         med = {k: statistics.median(v) for k, v in times.items()}
         rows.append((batch, med))
         print(f"B={batch}: " + ", ".join(f"{k} {v:,.0f} steps/s" for k, v in med.items()),
