@@ -338,10 +338,10 @@ def compare_command(
         return
     if experiment == "learned-optimizer":
         _learned_optimizer_compare(seeds=seeds, out=out, num_steps=num_steps,
-                                   overwrite=overwrite, progress=progress, data_dir=data_dir,
-                                   dataset=dataset, size=size, given={
-                                       "--estimators": estimators, "--objective": objective,
-                                       "--heatmap-points": heatmap_points})
+                                   estimators=estimators, overwrite=overwrite,
+                                   progress=progress, data_dir=data_dir, dataset=dataset,
+                                   size=size, given={"--objective": objective,
+                                                     "--heatmap-points": heatmap_points})
         return
     if experiment in images.IMAGE_COMPARISONS:
         _image_compare(experiment, seeds=seeds, out=out, num_steps=num_steps,
@@ -477,20 +477,22 @@ def _refuse_given(given: dict[str, object], experiment: str, takes: str) -> None
 
 
 def _learned_optimizer_compare(*, seeds: str | None, out: str | None, num_steps: int | None,
-                               overwrite: bool, progress: bool, data_dir: str | None,
-                               dataset: str | None, size: str | None,
+                               estimators: str | None, overwrite: bool, progress: bool,
+                               data_dir: str | None, dataset: str | None, size: str | None,
                                given: dict[str, object]) -> None:
     """pes compare learned-optimizer (pes.experiments.learned_optimizer)."""
     from pes.experiments import learned_optimizer as lopt
 
-    _refuse_given(given, "learned-optimizer",
-                  "--seeds, --num-steps, --size, --dataset, --data-dir, --out")
+    _refuse_given(given, "learned-optimizer", "--seeds, --num-steps, --estimators, --size, "
+                  "--dataset, --data-dir, --out")
     with _user_errors():
         seed_list = parse_seeds(seeds if seeds is not None else lopt.DEFAULT_SEEDS)
+        chosen = [e.strip() for e in estimators.split(",") if e.strip()] if estimators else None
         try:
             result = lopt.run_learned_optimizer_comparison(
                 seeds=seed_list, out=out, dataset=dataset, data_dir=data_dir, size=size,
-                num_steps=num_steps, overwrite=overwrite, progress=progress, echo=typer.echo)
+                num_steps=num_steps, estimators=chosen, overwrite=overwrite,
+                progress=progress, echo=typer.echo)
         except RunInterrupted as e:
             _fail(str(e), code=e.exit_code)
     for line in Path(result["files"][-1]).read_text().splitlines():

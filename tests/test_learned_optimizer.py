@@ -282,3 +282,26 @@ def test_listed_and_compared(tmp_path, data_dir):
     bad = RUNNER.invoke(app, ["compare", "learned-optimizer", "--objective", "loss",
                               "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "--objective does not apply" in bad.output
+
+
+def test_compare_runs_a_subset_of_estimators(tmp_path, data_dir):
+    out = tmp_path / "cmp"
+    result = RUNNER.invoke(app, ["compare", "learned-optimizer", "--size", "tiny",
+                                 "--data-dir", str(data_dir), "--seeds", "0,1", "--num-steps",
+                                 "2", "--estimators", "full-es,pes", "--out", str(out),
+                                 "--no-progress"])
+    assert result.exit_code == 0, result.output
+    res = json.loads((out / "results.json").read_text())
+    assert res["estimators"] == ["pes", "full-es"]  # the comparison's order
+    assert all(set(row) == {"seed", "pes", "full-es"} for row in res["per_seed"])
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["full-es", "pes"]
+    # Findings that need TES are not measured; the spread one is.
+    assert res["pes_beats_tes_seeds"] is None and res["pes_beats_tes_in_most_seeds"] is None
+    assert isinstance(res["pes_spread_smaller_than_full_es"], bool)
+    assert "--estimators pes,full-es" in res["command"]
+    md = (out / "results.md").read_text()
+    assert "meta-test loss than TES" not in md and "Not run (--estimators): tes, nres" in md
+    bad = RUNNER.invoke(app, ["compare", "learned-optimizer", "--estimators", "pes,tbptt",
+                              "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "'tbptt' is not in the learned-optimizer comparison" in \
+        bad.output

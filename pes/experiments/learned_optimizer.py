@@ -16,7 +16,8 @@ rates are chosen on a grid by their meta-loss on separate tuning problems
     <pes|tes|full-es|nres>/seed-<s>/      (run directories, with learned_optimizer.npz)
 
 Inner steps count meta-training steps (windows and stagger burn-in); the evaluations that
-trace the curves are not counted.
+trace the curves are not counted. ``--estimators`` runs a subset of the four (the findings
+that need a left-out one are not reported).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from pes.experiments.compare import (
     prepare_comparison_dir,
     run_arm,
 )
-from pes.experiments.config import RunConfig, check_int, make_task
+from pes.experiments.config import ConfigError, RunConfig, check_int, make_task
 from pes.experiments.run import RunResult, write_json
 
 NAME = "learned-optimizer"
@@ -54,6 +55,17 @@ SGD_GRID = tuple(float(v) for v in np.geomspace(0.01, 3.0, 11))
 ADAM_GRID = tuple(float(v) for v in np.geomspace(1e-4, 0.1, 10))
 PROBLEMS = {"paper": 32, "full": 32, "cpu": 16, "tiny": 3}  # tuning and test problems each
 COLORS = {"pes": "tab:red", "tes": "tab:orange", "full-es": "tab:blue", "nres": "tab:green"}
+
+
+def select_estimators(estimators: Sequence[str] | None) -> tuple[str, ...]:
+    """The named estimators among ARMS, in ARMS's order (all four for None or empty)."""
+    if not estimators:
+        return ARMS
+    unknown = [e for e in estimators if e not in ARMS]
+    if unknown:
+        raise ConfigError(f"estimators: {unknown[0]!r} is not in the {NAME} comparison; "
+                          f"valid: {', '.join(ARMS)}", field="estimators")
+    return tuple(e for e in ARMS if e in estimators)
 
 
 def _curve(run: RunResult) -> tuple[np.ndarray, np.ndarray]:
@@ -100,14 +112,17 @@ def run_learned_optimizer_comparison(
     data_dir: str | None = None,
     size: str | None = None,
     num_steps: int | None = None,
+    estimators: Sequence[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
     echo: Callable[[str], Any] | None = None,
 ) -> dict[str, Any]:
     """The comparison of the module docstring; returns the results dict written to
-    results.json (plus 'files')."""
+    results.json (plus 'files'). ``estimators``: a subset of ARMS (all four by default); a
+    finding that needs an estimator left out is reported as not measured."""
     say = echo or (lambda line: None)
     seeds = check_seeds(seeds)
+    arms = select_estimators(estimators)
     if num_steps is not None:
         num_steps = check_int("num_steps", num_steps, 1)
     out_dir = Path(out) if out is not None else Path("runs") / "compare" / NAME
@@ -115,20 +130,21 @@ def run_learned_optimizer_comparison(
     probe = RunConfig(task=NAME, estimator="pes", num_steps=num_steps, **base).resolve()
     options = probe.task_options()
     task = make_task(NAME, options)
-    steps = {est: num_steps for est in ARMS}
-    if num_steps is not None:  # full ES keeps PES's inner steps
+    steps = {est: num_steps for est in arms}
+    if num_steps is not None and "full-es" in arms:  # full ES keeps PES's inner steps
         steps["full-es"] = max(1, math.ceil(num_steps * probe.truncation_length / task.horizon))
     plan = []
     for s in seeds:
         row = []
-        for est in ARMS:
+        for est in arms:
             cfg = RunConfig(task=NAME, estimator=est, seed=s, num_steps=steps[est],
                             out=str(out_dir / est / f"seed-{s}"), **base).resolve()
             cfg = RunConfig(**{**cfg.to_dict(), "theta0": None,
                                "eval_every": max(1, cfg.num_steps // EVALUATIONS)}).resolve()
             row.append(cfg)
         plan.append(row)
-    cmd = options_command(NAME, seeds, base, num_steps, out_dir)
+    cmd = options_command(NAME, seeds, base, num_steps, out_dir,
+                          extra="" if arms == ARMS else f" --estimators {','.join(arms)}")
     prepare_comparison_dir(out_dir, overwrite)
     write_json(out_dir / MARKER, {"experiment": NAME, "seeds": list(seeds),
                                   "num_steps": num_steps, "options": options, "command": cmd})
@@ -150,7 +166,7 @@ def run_learned_optimizer_comparison(
     say(f"untrained learned optimizer: meta-test loss {untrained.mean():.4f} "
         f"({time.perf_counter() - t0:.1f} s for the baselines)")
 
-    curves: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {est: [] for est in ARMS}
+    curves: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {est: [] for est in arms}
     per_seed = []
     for s, configs in zip(seeds, plan, strict=True):
         row: dict[str, Any] = {"seed": s}
@@ -173,8 +189,8 @@ def run_learned_optimizer_comparison(
         per_seed.append(row)
     wall = time.perf_counter() - start
     result = _summarise(seeds, options, cmd, wall, plan, per_seed, baselines, task,
-                        n_problems)
-    result["spread_along_curve"] = {est: curve_spread(curves[est]) for est in ARMS}
+                        n_problems, arms)
+    result["spread_along_curve"] = {est: curve_spread(curves[est]) for est in arms}
     files = [_plot(out_dir / "meta_loss.png", curves, baselines, options, task)]
     write_json(out_dir / RESULTS_JSON, result)
     files.append(out_dir / RESULTS_JSON)
@@ -182,26 +198,29 @@ def run_learned_optimizer_comparison(
     return {**result, "files": files}
 
 
-def _summarise(seeds, options, cmd, wall, plan, per_seed, baselines, task, n_problems):
-    test = {est: np.array([r[est]["test_meta_loss"] for r in per_seed]) for est in ARMS}
+def _summarise(seeds, options, cmd, wall, plan, per_seed, baselines, task, n_problems, arms):
+    test = {est: np.array([r[est]["test_meta_loss"] for r in per_seed]) for est in arms}
     sgd = baselines["sgd"]["test_meta_loss"]
     n = len(seeds)
-    pes_beats_tes = int(np.sum(test["pes"] < test["tes"]))
-    pes_beats_sgd = int(np.sum(test["pes"] < sgd))
     spread = {est: float(np.std(v, ddof=1)) if n > 1 else None for est, v in test.items()}
+    has = set(arms)
+    # Each finding needs its estimators; without them it is None (not measured).
+    beats_tes = int(np.sum(test["pes"] < test["tes"])) if {"pes", "tes"} <= has else None
+    beats_sgd = int(np.sum(test["pes"] < sgd)) if "pes" in has else None
+    smaller = (spread["pes"] < spread["full-es"]
+               if {"pes", "full-es"} <= has and spread["pes"] is not None else None)
     return {
-        "experiment": NAME, "seeds": list(seeds), "options": options, "command": cmd,
-        "wall_time_s": round(wall, 2), "test_problems": n_problems,
-        "settings": {est: c.settings_text() for est, c in zip(ARMS, plan[0], strict=True)},
+        "experiment": NAME, "seeds": list(seeds), "estimators": list(arms), "options": options,
+        "command": cmd, "wall_time_s": round(wall, 2), "test_problems": n_problems,
+        "settings": {est: c.settings_text() for est, c in zip(arms, plan[0], strict=True)},
         "task": repr(task), "baselines": baselines, "per_seed": per_seed,
         "mean_test_meta_loss": {est: float(v.mean()) for est, v in test.items()},
         "spread_test_meta_loss": spread,
-        "pes_beats_tes_seeds": pes_beats_tes,
-        "pes_beats_tes_in_most_seeds": pes_beats_tes > n / 2,
-        "pes_spread_smaller_than_full_es": (None if spread["pes"] is None
-                                            else spread["pes"] < spread["full-es"]),
-        "pes_beats_tuned_sgd_seeds": pes_beats_sgd,
-        "pes_beats_tuned_sgd_in_most_seeds": pes_beats_sgd > n / 2,
+        "pes_beats_tes_seeds": beats_tes,
+        "pes_beats_tes_in_most_seeds": None if beats_tes is None else beats_tes > n / 2,
+        "pes_spread_smaller_than_full_es": smaller,
+        "pes_beats_tuned_sgd_seeds": beats_sgd,
+        "pes_beats_tuned_sgd_in_most_seeds": None if beats_sgd is None else beats_sgd > n / 2,
     }
 
 
@@ -247,6 +266,7 @@ def _fmt(v: Any) -> str:
 
 def _results_md(out_dir: Path, result: dict[str, Any], task: Any) -> Path:
     o, n = result["options"], len(result["seeds"])
+    arms = tuple(result["estimators"])
     b = result["baselines"]
     lines = [
         "# Meta-training a learned optimizer (PES paper, experiment 5)",
@@ -275,40 +295,47 @@ def _results_md(out_dir: Path, result: dict[str, Any], task: Any) -> Path:
         f": {b['sgd']['test_meta_loss']:.4f}; Adam, tuned lr {b['adam']['learning_rate']:.3g}: "
         f"{b['adam']['test_meta_loss']:.4f}.",
         "",
-        "| seed | " + " | ".join(f"{e} meta-test loss" for e in ARMS)
-        + " | inner steps (" + " / ".join(ARMS) + ") |",
-        "|---|" + "---|" * (len(ARMS) + 1),
+        "| seed | " + " | ".join(f"{e} meta-test loss" for e in arms)
+        + " | inner steps (" + " / ".join(arms) + ") |",
+        "|---|" + "---|" * (len(arms) + 1),
     ]
     for r in result["per_seed"]:
         lines.append(f"| {r['seed']} | " + " | ".join(
             f"{r[e]['test_meta_loss']:.4f}" + ("" if r[e]["status"] == "completed"
-                                               else f" ({r[e]['status']})") for e in ARMS)
-            + " | " + " / ".join(f"{r[e]['inner_steps']:,}" for e in ARMS) + " |")
+                                               else f" ({r[e]['status']})") for e in arms)
+            + " | " + " / ".join(f"{r[e]['inner_steps']:,}" for e in arms) + " |")
     mean, spread = result["mean_test_meta_loss"], result["spread_test_meta_loss"]
-    lines.append("| mean | " + " | ".join(f"{mean[e]:.4f}" for e in ARMS) + " | |")
-    lines.append("| std across seeds | " + " | ".join(_fmt(spread[e]) for e in ARMS) + " | |")
+    lines.append("| mean | " + " | ".join(f"{mean[e]:.4f}" for e in arms) + " | |")
+    lines.append("| std across seeds | " + " | ".join(_fmt(spread[e]) for e in arms) + " | |")
     smaller = result["pes_spread_smaller_than_full_es"]
     along = result.get("spread_along_curve", {})
-    lines += [
-        "",
-        "Findings:",
-        "",
-        f"* PES reaches a lower meta-test loss than TES in {result['pes_beats_tes_seeds']} of "
-        f"{n} seeds ({'most' if result['pes_beats_tes_in_most_seeds'] else 'NOT most'}).",
-        "* Spread across seeds at equal inner steps: PES "
-        f"{_fmt(spread['pes'])}, full ES {_fmt(spread['full-es'])} ("
-        + ("n/a with one seed" if smaller is None else
-           f"PES's is {'smaller' if smaller else 'NOT smaller'}") + ").",
+    findings = []
+    if result["pes_beats_tes_seeds"] is not None:
+        findings.append(
+            f"* PES reaches a lower meta-test loss than TES in {result['pes_beats_tes_seeds']} "
+            f"of {n} seeds ({'most' if result['pes_beats_tes_in_most_seeds'] else 'NOT most'}).")
+    if {"pes", "full-es"} <= set(arms):
+        findings.append(
+            "* Spread across seeds at equal inner steps: PES "
+            f"{_fmt(spread['pes'])}, full ES {_fmt(spread['full-es'])} ("
+            + ("n/a with one seed" if smaller is None else
+               f"PES's is {'smaller' if smaller else 'NOT smaller'}") + ").")
+    findings.append(
         "* Second view (std over seeds of the evaluation curves, mean over the second half "
         "of the inner steps; includes the sampling noise of each evaluation's few problems): "
-        + ", ".join(f"{e} {_fmt(along.get(e))}" for e in ARMS) + ".",
-        f"* The PES-trained optimizer beats SGD with a tuned constant learning rate "
-        f"({b['sgd']['test_meta_loss']:.4f}) in {result['pes_beats_tuned_sgd_seeds']} of {n} "
-        f"seeds ({'most' if result['pes_beats_tuned_sgd_in_most_seeds'] else 'NOT most'}).",
-        "",
-        "![meta-loss against inner steps](meta_loss.png)",
-        "",
-    ]
+        + ", ".join(f"{e} {_fmt(along.get(e))}" for e in arms) + ".")
+    if result["pes_beats_tuned_sgd_seeds"] is not None:
+        findings.append(
+            f"* The PES-trained optimizer beats SGD with a tuned constant learning rate "
+            f"({b['sgd']['test_meta_loss']:.4f}) in {result['pes_beats_tuned_sgd_seeds']} of "
+            f"{n} seeds "
+            f"({'most' if result['pes_beats_tuned_sgd_in_most_seeds'] else 'NOT most'}).")
+    left_out = [e for e in ARMS if e not in arms]
+    if left_out:
+        findings.append(f"* Not run (--estimators): {', '.join(left_out)}; the findings that "
+                        "need them are left out.")
+    lines += ["", "Findings:", "", *findings, "",
+              "![meta-loss against inner steps](meta_loss.png)", ""]
     path = out_dir / RESULTS_MD
     path.write_text("\n".join(lines))
     return path
