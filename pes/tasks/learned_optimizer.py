@@ -28,14 +28,15 @@ Sizes (:data:`SIZES`):
 * ``'cpu'``: the same network and data with T = 200, N = 16, sigma = 0.01, K = 10 and 300
   outer steps of Adam, its rate multiplied by 0.3 at half and again at three quarters of the
   steps (48k inner steps per PES/TES/NRES run, 15-25 s on 2 cores), so the four estimators
-  over three seeds take about 4 minutes and over twelve 15; full ES gets the same inner steps (15 outer
-  steps of whole episodes, its rate decayed at the same fractions). Each estimator has its
-  own Adam rate (``learning_rates``: 5.6e-3 for PES and NRES, 1e-2 for TES, 3.2e-2 for full
-  ES), chosen by examples/tune_learned_optimizer_lr.py on tuning seeds 100-105 and the
-  comparison's tuning problems. A first tuning on two seeds had chosen 1e-2 for PES and NRES,
-  at the edge of stability: one seed in six then stalled or diverged. The first comparisons
-  used 3e-3 for all four, which left full ES's 15 updates near the untrained optimizer. With N = 8 and a constant 3e-3 (400 steps), PES and
-  NRES first improved fastest and then lost it again or diverged.
+  over three seeds take about 4 minutes and over twelve 15; full ES gets the same inner
+  steps (15 outer steps of whole episodes, its rate decayed at the same fractions). Each
+  estimator has its own Adam rate (``learning_rates``: 5.6e-3 for PES and NRES, 1e-2 for
+  TES, 3.2e-2 for full ES), chosen by examples/tune_learned_optimizer_lr.py on tuning seeds
+  100-105 and the comparison's tuning problems. A first tuning on two seeds had chosen 1e-2
+  for PES and NRES, at the edge of stability: one seed in six then stalled or diverged. The
+  first comparisons used 3e-3 for all four, which left full ES's 15 updates near the
+  untrained optimizer. With N = 8 and a constant 3e-3 (400 steps), PES and NRES first
+  improved fastest and then lost it again or diverged.
 * ``'tiny'``: seconds, for tests.
 """
 
