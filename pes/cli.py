@@ -359,7 +359,7 @@ def compare_command(
         seeds = "0,1,2"
     with _user_errors():
         seed_list = parse_seeds(seeds)
-        chosen = [e.strip() for e in estimators.split(",") if e.strip()] if estimators else None
+        chosen = _csv(estimators)
         try:
             result = run_comparison(experiment, seeds=seed_list, out=out, num_steps=num_steps,
                                     estimators=chosen, overwrite=overwrite, progress=progress,
@@ -487,7 +487,7 @@ def _learned_optimizer_compare(*, seeds: str | None, out: str | None, num_steps:
                   "--dataset, --data-dir, --out")
     with _user_errors():
         seed_list = parse_seeds(seeds if seeds is not None else lopt.DEFAULT_SEEDS)
-        chosen = [e.strip() for e in estimators.split(",") if e.strip()] if estimators else None
+        chosen = _csv(estimators)
         try:
             result = lopt.run_learned_optimizer_comparison(
                 seeds=seed_list, out=out, dataset=dataset, data_dir=data_dir, size=size,
