@@ -4,6 +4,7 @@
 
 checks the named estimators (keys of ``makers`` below), ``train`` (the chunked train loop on
 the mesh) and ``errors`` (a pair count the mesh does not divide); all of them by default.
+``--list`` prints every check's name, comma-separated, and checks nothing.
 """
 
 import os
@@ -53,8 +54,12 @@ def main():
         "rtrl": lambda m: pes.RTRL(system, num_particles=4, truncation_length=2, mesh=m),
         "uoro": lambda m: pes.UORO(system, num_particles=8, truncation_length=2, mesh=m),
     }
-    names = sys.argv[1].split(",") if len(sys.argv) > 1 else [*makers, "train", "errors"]
-    unknown = set(names) - set(makers) - {"train", "errors"}
+    every = [*makers, "train", "errors"]
+    if sys.argv[1:] == ["--list"]:
+        print(",".join(every))
+        return
+    names = sys.argv[1].split(",") if len(sys.argv) > 1 else every
+    unknown = set(names) - set(every)
     assert not unknown, f"unknown checks {sorted(unknown)}"
     for name in (n for n in names if n in makers):
         make = makers[name]
