@@ -1,0 +1,578 @@
+"""A batched C fast path for gymnasium's MuJoCo v5 locomotion suite.
+
+Each environment is a small :class:`EnvSpec`: gymnasium's model file, ``frame_skip``, its v5
+keyword defaults, and its observation, reward, termination and reset noise written once in
+vectorised NumPy over a batch of environments (the observation is written against an array
+module ``xp``, so the same function gives the first observation of an episode in JAX). A
+:class:`SuiteSim` steps a whole batch per call in C and :class:`MuJoCo` wraps it as a
+``pes`` System whose policy is a JAX function, one host callback per step for every particle.
+
+Why it matches gymnasium bit for bit. gymnasium steps one ``MjData`` per environment with
+``mj_step(nstep=frame_skip)``; between steps the data keeps, besides time, qpos and qvel, the
+constraint solver's warm start (``qacc_warmstart``), and its observations and rewards read
+fields "one substep behind" (``xpos``, ``site_xpos``, ``qfrc_constraint``: from the forward
+pass of the last substep) and, for Ant, ``cfrc_ext`` from ``mj_rnePostConstraint`` after the
+step. Here the carried state is MuJoCo's ``mjSTATE_FULLPHYSICS | mjSTATE_WARMSTART`` vector,
+expanded on the host into ``mjSTATE_INTEGRATION`` rows (controls from the action, applied
+forces zero) and stepped by ``mujoco.batch.Batch`` (MuJoCo >= 4: one C call for the batch,
+bit-identical to an ``mj_step`` loop) or, where ``mj_rnePostConstraint`` is needed or
+``mujoco.batch`` is missing, by a loop of ``mj_step`` over one ``MjData``. Rewards use the
+action as given (MuJoCo clamps the control to ``ctrlrange``, gymnasium charges the control
+cost on the unclamped action), as gymnasium does.
+
+Resets. gymnasium draws ``qpos = qpos0 + U(-s, s)`` and ``qvel = U(-s, s)`` (or
+``s * N(0, 1)``), then ``mj_forward``. :meth:`MuJoCo.init` draws the noise in JAX (float32) and
+stores it with a "fresh" flag; the host adds ``qpos0`` in float64 at the next step, exactly as
+gymnasium's ``init_qpos + noise``. The first observation is computed in JAX from the same
+float32 numbers (equal to the host's float32 observation where the observation is a slice or
+clip of qpos and qvel; IDP's sin/cos may differ in the last float32 bit).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pes.tasks.swimmer import float32_to_bits64, from_bits, to_bits
+
+# --------------------------------------------------------------------------- environments
+
+
+class Frame(NamedTuple):
+    """What gymnasium's reward code reads of a batch of MjData after a step (or a reset).
+
+    qpos [B, nq], qvel [B, nv]: the state; data: derived MjData fields by name, [B, ...], as
+    after ``mj_step`` (from the last substep's forward pass); carry [B, ncarry]: the spec's own
+    values carried from the previous step (e.g. Ant's torso position before the step).
+    """
+
+    qpos: np.ndarray
+    qvel: np.ndarray
+    data: dict[str, np.ndarray]
+    carry: np.ndarray
+
+
+class EnvSpec:
+    """One environment of the suite. Subclasses set the class attributes and write
+    :meth:`observe` and :meth:`reward`; ``self.p`` holds the v5 keyword arguments (``params``
+    updated with the user's)."""
+
+    env_id: ClassVar[str]
+    xml: ClassVar[str]                      # file in gymnasium/envs/mujoco/assets
+    params: ClassVar[dict[str, Any]]        # the v5 keyword defaults this spec implements
+    qvel_noise: ClassVar[str] = "uniform"   # 'uniform': U(-s, s); 'normal': s * N(0, 1)
+    fields: ClassVar[tuple[str, ...]] = ()  # derived MjData fields observe/reward read
+    post_constraint: ClassVar[bool] = False  # needs mj_rnePostConstraint (cfrc_ext)
+    ncarry: ClassVar[int] = 0
+
+    def __init__(self, model: Any, **kwargs: Any):
+        unknown = sorted(set(kwargs) - set(self.params))
+        if unknown:
+            raise ValueError(f"{self.env_id}'s fast path does not implement "
+                             f"{', '.join(unknown)} (it implements {', '.join(self.params)})")
+        self.p = {**self.params, **kwargs}
+        fs = self.p["frame_skip"]
+        if isinstance(fs, bool) or not isinstance(fs, int) or fs < 1:
+            raise ValueError(f"{self.env_id} frame_skip={fs!r} must be an int >= 1")
+        self.dt = model.opt.timestep * fs  # gymnasium's MujocoEnv.dt, the same product
+        self.nbody = model.nbody
+
+    def observe(self, xp: Any, qpos: Any, qvel: Any, data: dict[str, Any]) -> Any:
+        """[B, obs_dim] from qpos [B, nq], qvel [B, nv] and derived fields (xp: numpy or
+        jax.numpy)."""
+        raise NotImplementedError
+
+    def reward(self, before: Frame, after: Frame, action: np.ndarray):
+        """(reward float64 [B], terminated bool [B]) of a step from ``before`` to ``after``
+        under ``action`` float32 [B, nu]."""
+        raise NotImplementedError
+
+    def carry(self, frame: Frame) -> np.ndarray:
+        """[B, ncarry] values of this step's data the next step's reward reads."""
+        return np.zeros((frame.qpos.shape[0], 0))
+
+    def reset_data(self, xp: Any, qpos: Any, qvel: Any) -> dict[str, Any]:
+        """The derived fields :meth:`observe` reads, right after a reset (``mj_resetData``,
+        then ``mj_forward``)."""
+        return {}
+
+    def reset_carry(self, qpos: np.ndarray, qvel: np.ndarray) -> np.ndarray:
+        """[B, ncarry] after a reset."""
+        return np.zeros((qpos.shape[0], 0))
+
+    def ctrl_cost(self, action: np.ndarray) -> np.ndarray:
+        """w_ctrl * sum(a^2) in the action's dtype, as gymnasium's control_cost."""
+        return self.p["ctrl_cost_weight"] * np.sum(np.square(action), axis=1)
+
+    def forward(self, before: Frame, after: Frame) -> np.ndarray:
+        """w_fwd * (x_after - x_before) / dt with x = qpos[0]."""
+        return self.p["forward_reward_weight"] * ((after.qpos[:, 0] - before.qpos[:, 0])
+                                                  / self.dt)
+
+
+def _skip(p: dict, n: int) -> int:
+    return n if p["exclude_current_positions_from_observation"] else 0
+
+
+class Swimmer(EnvSpec):
+    env_id, xml = "Swimmer-v5", "swimmer.xml"
+    params = {"frame_skip": 4, "forward_reward_weight": 1.0, "ctrl_cost_weight": 1e-4,
+              "reset_noise_scale": 0.1, "exclude_current_positions_from_observation": True}
+
+    def observe(self, xp, qpos, qvel, data):
+        return xp.concatenate([qpos[:, _skip(self.p, 2):], qvel], axis=1)
+
+    def reward(self, before, after, action):
+        reward = self.forward(before, after) - self.ctrl_cost(action)
+        return reward, np.zeros(reward.shape, bool)
+
+
+class HalfCheetah(EnvSpec):
+    env_id, xml, qvel_noise = "HalfCheetah-v5", "half_cheetah.xml", "normal"
+    params = {"frame_skip": 5, "forward_reward_weight": 1.0, "ctrl_cost_weight": 0.1,
+              "reset_noise_scale": 0.1, "exclude_current_positions_from_observation": True}
+
+    def observe(self, xp, qpos, qvel, data):
+        return xp.concatenate([qpos[:, _skip(self.p, 1):], qvel], axis=1)
+
+    def reward(self, before, after, action):
+        reward = self.forward(before, after) - self.ctrl_cost(action)
+        return reward, np.zeros(reward.shape, bool)
+
+
+class Hopper(EnvSpec):
+    env_id, xml = "Hopper-v5", "hopper.xml"
+    params = {"frame_skip": 4, "forward_reward_weight": 1.0, "ctrl_cost_weight": 1e-3,
+              "healthy_reward": 1.0, "terminate_when_unhealthy": True,
+              "healthy_state_range": (-100.0, 100.0), "healthy_z_range": (0.7, float("inf")),
+              "healthy_angle_range": (-0.2, 0.2), "reset_noise_scale": 5e-3,
+              "exclude_current_positions_from_observation": True}
+
+    def observe(self, xp, qpos, qvel, data):
+        return xp.concatenate([qpos[:, _skip(self.p, 1):], xp.clip(qvel, -10, 10)], axis=1)
+
+    def healthy(self, f: Frame) -> np.ndarray:
+        state = np.concatenate([f.qpos, f.qvel], axis=1)[:, 2:]
+        lo, hi = self.p["healthy_state_range"]
+        ok = np.all((lo < state) & (state < hi), axis=1)
+        lo, hi = self.p["healthy_z_range"]
+        ok &= (lo < f.qpos[:, 1]) & (f.qpos[:, 1] < hi)
+        lo, hi = self.p["healthy_angle_range"]
+        return ok & (lo < f.qpos[:, 2]) & (f.qpos[:, 2] < hi)
+
+    def reward(self, before, after, action):
+        healthy = self.healthy(after)
+        reward = (self.forward(before, after) + healthy * self.p["healthy_reward"]
+                  - self.ctrl_cost(action))
+        return reward, ~healthy & bool(self.p["terminate_when_unhealthy"])
+
+
+class Walker2d(Hopper):
+    env_id, xml = "Walker2d-v5", "walker2d_v5.xml"
+    params = {"frame_skip": 4, "forward_reward_weight": 1.0, "ctrl_cost_weight": 1e-3,
+              "healthy_reward": 1.0, "terminate_when_unhealthy": True,
+              "healthy_z_range": (0.8, 2.0), "healthy_angle_range": (-1.0, 1.0),
+              "reset_noise_scale": 5e-3, "exclude_current_positions_from_observation": True}
+
+    def healthy(self, f: Frame) -> np.ndarray:
+        z, angle = f.qpos[:, 1], f.qpos[:, 2]
+        (zlo, zhi), (alo, ahi) = self.p["healthy_z_range"], self.p["healthy_angle_range"]
+        return (zlo < z) & (z < zhi) & (alo < angle) & (angle < ahi)
+
+
+class Ant(EnvSpec):
+    """Ant's x velocity is the torso's ``xpos`` (one substep behind), carried between steps;
+    its contact cost and observation read ``cfrc_ext`` after ``mj_rnePostConstraint``."""
+
+    env_id, xml, qvel_noise = "Ant-v5", "ant.xml", "normal"
+    params = {"frame_skip": 5, "forward_reward_weight": 1.0, "ctrl_cost_weight": 0.5,
+              "contact_cost_weight": 5e-4, "healthy_reward": 1.0,
+              "terminate_when_unhealthy": True, "healthy_z_range": (0.2, 1.0),
+              "contact_force_range": (-1.0, 1.0), "reset_noise_scale": 0.1,
+              "exclude_current_positions_from_observation": True,
+              "include_cfrc_ext_in_observation": True}
+    fields = ("xpos", "cfrc_ext")
+    post_constraint = True
+    ncarry = 2
+    main_body = 1  # the torso, whose free joint makes its xpos qpos[0:3]
+
+    def observe(self, xp, qpos, qvel, data):
+        parts = [qpos[:, _skip(self.p, 2):], qvel]
+        if self.p["include_cfrc_ext_in_observation"]:
+            lo, hi = self.p["contact_force_range"]
+            force = xp.clip(data["cfrc_ext"], lo, hi)[:, 1:]
+            parts.append(force.reshape(force.shape[0], -1))
+        return xp.concatenate(parts, axis=1)
+
+    def reward(self, before, after, action):
+        x_velocity = (after.carry[:, 0] - before.carry[:, 0]) / self.dt
+        state = np.concatenate([after.qpos, after.qvel], axis=1)
+        lo, hi = self.p["healthy_z_range"]
+        healthy = (np.isfinite(state).all(axis=1) & (lo <= after.qpos[:, 2])
+                   & (after.qpos[:, 2] <= hi))
+        lo, hi = self.p["contact_force_range"]
+        force = np.clip(after.data["cfrc_ext"], lo, hi).reshape(len(action), -1)
+        contact = self.p["contact_cost_weight"] * np.sum(np.square(force), axis=1)
+        rewards = x_velocity * self.p["forward_reward_weight"] + healthy * self.p[
+            "healthy_reward"]
+        reward = rewards - (self.ctrl_cost(action) + contact)
+        return reward, ~healthy & bool(self.p["terminate_when_unhealthy"])
+
+    def carry(self, frame):
+        return frame.data["xpos"][:, self.main_body, :2]
+
+    def reset_data(self, xp, qpos, qvel):
+        return {"cfrc_ext": xp.zeros((qpos.shape[0], self.nbody, 6), qpos.dtype)}
+
+    def reset_carry(self, qpos, qvel):
+        return qpos[:, :2]
+
+
+class InvertedPendulum(EnvSpec):
+    env_id, xml = "InvertedPendulum-v5", "inverted_pendulum.xml"
+    params = {"frame_skip": 2, "reset_noise_scale": 0.01}
+
+    def observe(self, xp, qpos, qvel, data):
+        return xp.concatenate([qpos, qvel], axis=1)
+
+    def reward(self, before, after, action):
+        obs = self.observe(np, after.qpos, after.qvel, after.data)
+        terminated = ~np.isfinite(obs).all(axis=1) | (np.abs(obs[:, 1]) > 0.2)
+        return (~terminated).astype(np.float64), terminated
+
+
+class InvertedDoublePendulum(EnvSpec):
+    """The tip's position is ``site_xpos[0]`` and the observation's constraint force
+    ``qfrc_constraint``, both one substep behind; after a reset no constraint is active."""
+
+    env_id, xml, qvel_noise = "InvertedDoublePendulum-v5", "inverted_double_pendulum.xml", \
+        "normal"
+    params = {"frame_skip": 5, "healthy_reward": 10.0, "reset_noise_scale": 0.1}
+    fields = ("site_xpos", "qfrc_constraint")
+
+    def observe(self, xp, qpos, qvel, data):
+        return xp.concatenate([qpos[:, :1], xp.sin(qpos[:, 1:]), xp.cos(qpos[:, 1:]),
+                               xp.clip(qvel, -10, 10),
+                               xp.clip(data["qfrc_constraint"], -10, 10)[:, :1]], axis=1)
+
+    def reward(self, before, after, action):
+        x, y = after.data["site_xpos"][:, 0, 0], after.data["site_xpos"][:, 0, 2]
+        terminated = y <= 1
+        v1, v2 = after.qvel[:, 1], after.qvel[:, 2]
+        dist_penalty = 0.01 * x**2 + (y - 2) ** 2
+        vel_penalty = 1e-3 * v1**2 + 5e-3 * v2**2
+        alive = self.p["healthy_reward"] * (~terminated)
+        return alive - dist_penalty - vel_penalty, terminated
+
+    def reset_data(self, xp, qpos, qvel):
+        return {"qfrc_constraint": xp.zeros(qvel.shape, qvel.dtype)}
+
+
+SPECS: dict[str, type[EnvSpec]] = {
+    cls.env_id: cls for cls in (Swimmer, HalfCheetah, Hopper, Walker2d, Ant, InvertedPendulum,
+                                InvertedDoublePendulum)}
+# gymnasium registers every v5 environment with a 1000-step TimeLimit.
+MAX_EPISODE_STEPS = 1000
+
+
+def has_fast_path(env_id: str, **make_kwargs: Any) -> bool:
+    """Whether ``env_id`` with these keyword arguments has a fast path here."""
+    spec = SPECS.get(env_id)
+    kwargs = {k: v for k, v in make_kwargs.items() if k != "max_episode_steps"}
+    return spec is not None and set(kwargs) <= set(spec.params)
+
+
+def asset_path(xml: str) -> str:
+    """Path of a model file shipped with gymnasium (found without importing gymnasium)."""
+    found = importlib.util.find_spec("gymnasium")
+    if found is None or not found.submodule_search_locations:
+        raise ImportError("the MuJoCo suite's fast path reads gymnasium's model files: "
+                          "pip install 'gymnasium[mujoco]>=1.0'")
+    path = os.path.join(found.submodule_search_locations[0], "envs", "mujoco", "assets", xml)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"gymnasium's model file {path} is missing")
+    return path
+
+
+# --------------------------------------------------------------------------- the simulator
+
+INTEGRATION_BITS = 20  # mjtState's component bits are below 2^20
+
+
+def _layout(mujoco: Any, model: Any, spec: int, sub: int) -> np.ndarray:
+    """Indices, in an mjState vector of ``spec``, of its components that are in ``sub``
+    (components are laid out in the order of their bits)."""
+    idx, offset = [], 0
+    for k in range(INTEGRATION_BITS):
+        bit = 1 << k
+        if not bit & spec:
+            continue
+        n = mujoco.mj_stateSize(model, bit)
+        if bit & sub:
+            idx.extend(range(offset, offset + n))
+        offset += n
+    return np.asarray(idx, np.int64)
+
+
+class _BatchEngine:
+    """``mujoco.batch.Batch``: the batch's INTEGRATION rows stepped in one C call."""
+
+    def __init__(self, model, frame_skip, fields, threads):
+        from mujoco import batch
+
+        self._batch_cls, self.model, self.frame_skip = batch.Batch, model, frame_skip
+        self.fields, self.threads = fields, threads
+        self._cache: dict[int, Any] = {}
+
+    def step(self, rows: np.ndarray):
+        n = rows.shape[0]
+        b = self._cache.get(n)
+        if b is None:
+            b = self._cache[n] = self._batch_cls(self.model, n, nthread=self.threads)
+            for f in self.fields:
+                b.bind(f)
+        b.state[:] = rows
+        b.step(nstep=self.frame_skip)
+        return b.state.copy(), {f: b.bind(f).copy() for f in self.fields}
+
+
+class _LoopEngine:
+    """``mj_step`` (then ``mj_rnePostConstraint`` if asked) on one MjData, env by env."""
+
+    def __init__(self, mujoco, model, frame_skip, fields, post_constraint):
+        self.mj, self.model, self.frame_skip = mujoco, model, frame_skip
+        self.fields, self.post = fields, post_constraint
+        self.data = mujoco.MjData(model)
+        self.spec = int(mujoco.mjtState.mjSTATE_INTEGRATION)
+
+    def step(self, rows: np.ndarray):
+        mj, m, d = self.mj, self.model, self.data
+        out = np.empty_like(rows)
+        derived = {f: np.empty((len(rows),) + getattr(d, f).shape) for f in self.fields}
+        for i in range(len(rows)):
+            mj.mj_setState(m, d, rows[i], self.spec)
+            mj.mj_step(m, d, nstep=self.frame_skip)
+            if self.post:
+                mj.mj_rnePostConstraint(m, d)
+            mj.mj_getState(m, d, out[i], self.spec)
+            for f in self.fields:
+                derived[f][i] = getattr(d, f)
+        return out, derived
+
+
+class SuiteSim:
+    """A batch of one suite environment on the host, float64 throughout.
+
+    A host state is ``(phys [B, nphys], carry [B, ncarry])``: ``phys`` the
+    ``mjSTATE_FULLPHYSICS | mjSTATE_WARMSTART`` vector (time, qpos, qvel, act, ..., warm
+    start), ``carry`` the spec's values from the previous step. ``engine``: 'auto' (batch
+    where it applies), 'batch' or 'loop'. Not re-entrant: calls are serialised by a lock.
+    """
+
+    def __init__(self, env_id: str, threads: int = 1, engine: str = "auto", **kwargs: Any):
+        import mujoco
+
+        if env_id not in SPECS:
+            raise ValueError(f"{env_id!r} has no fast path; the suite has "
+                             f"{', '.join(SPECS)}")
+        self.mj = mujoco
+        self.model = mujoco.MjModel.from_xml_path(asset_path(SPECS[env_id].xml))
+        self.spec = spec = SPECS[env_id](self.model, **kwargs)
+        m = self.model
+        self.frame_skip, self.nq, self.nv, self.nu = spec.p["frame_skip"], m.nq, m.nv, m.nu
+        integ = int(mujoco.mjtState.mjSTATE_INTEGRATION)
+        carried = int(mujoco.mjtState.mjSTATE_FULLPHYSICS) | int(
+            mujoco.mjtState.mjSTATE_WARMSTART)
+        self.phys_idx = _layout(mujoco, m, integ, carried)
+        self.ctrl_idx = _layout(mujoco, m, integ, int(mujoco.mjtState.mjSTATE_CTRL))
+        qpos = _layout(mujoco, m, carried, int(mujoco.mjtState.mjSTATE_QPOS))
+        qvel = _layout(mujoco, m, carried, int(mujoco.mjtState.mjSTATE_QVEL))
+        self.qpos, self.qvel = slice(qpos[0], qpos[-1] + 1), slice(qvel[0], qvel[-1] + 1)
+        self.time = int(_layout(mujoco, m, carried, int(mujoco.mjtState.mjSTATE_TIME))[0])
+        self.nphys = len(self.phys_idx)
+        data = mujoco.MjData(m)
+        mujoco.mj_resetData(m, data)
+        self.template = np.empty(mujoco.mj_stateSize(m, integ))
+        mujoco.mj_getState(m, data, self.template, integ)  # mj_resetData's state
+        self.qpos0, self.qvel0 = data.qpos.copy(), data.qvel.copy()
+        self.ctrl_low = m.actuator_ctrlrange[:, 0].astype(np.float32)
+        self.ctrl_high = m.actuator_ctrlrange[:, 1].astype(np.float32)
+        self.obs_dim = self.observe_reset(self.reset(self.qpos0[None], self.qvel0[None])).shape[1]
+        if engine not in ("auto", "batch", "loop"):
+            raise ValueError(f"engine={engine!r} is not one of auto, batch, loop")
+        has_batch = importlib.util.find_spec("mujoco.batch") is not None
+        if engine == "batch" and (spec.post_constraint or not has_batch):
+            raise ValueError(f"{env_id} cannot run on mujoco.batch (needs "
+                             f"{'mj_rnePostConstraint' if has_batch else 'mujoco >= 4'})")
+        if engine == "batch" or (engine == "auto" and has_batch and not spec.post_constraint):
+            self.engine = _BatchEngine(m, self.frame_skip, spec.fields, threads)
+        else:
+            self.engine = _LoopEngine(mujoco, m, self.frame_skip, spec.fields,
+                                      spec.post_constraint)
+        self._lock = threading.Lock()
+
+    # -- host states
+
+    def reset(self, qpos: np.ndarray, qvel: np.ndarray):
+        """A reset to qpos [B, nq], qvel [B, nv] (gymnasium's ``set_state`` after
+        ``mj_resetData``: time 0, no warm start). Returns the host state (phys, carry)."""
+        qpos, qvel = np.asarray(qpos, np.float64), np.asarray(qvel, np.float64)
+        phys = np.repeat(self.template[self.phys_idx][None], len(qpos), axis=0)
+        phys[:, self.qpos], phys[:, self.qvel] = qpos, qvel
+        return phys, self.spec.reset_carry(qpos, qvel)
+
+    def reset_from_noise(self, phys: np.ndarray) -> None:
+        """In place: rows whose qpos/qvel hold reset noise become ``qpos0 + noise``,
+        ``qvel0 + noise`` (gymnasium's ``init_qpos + noise``)."""
+        phys[:, self.qpos] = self.qpos0 + phys[:, self.qpos]
+        phys[:, self.qvel] = self.qvel0 + phys[:, self.qvel]
+
+    def observe_reset(self, state) -> np.ndarray:
+        """float64 [B, obs_dim]: the observation right after a reset."""
+        phys = state[0]
+        qpos, qvel = phys[:, self.qpos], phys[:, self.qvel]
+        return self.spec.observe(np, qpos, qvel, self.spec.reset_data(np, qpos, qvel))
+
+    def step(self, state, action: np.ndarray):
+        """One environment step of the batch holding ``action`` float32 [B, nu].
+
+        Returns (new host state, obs float64 [B, obs_dim], reward float64 [B],
+        terminated bool [B])."""
+        phys, carry = state
+        action = np.asarray(action, np.float32)
+        rows = np.repeat(self.template[None], len(phys), axis=0)
+        rows[:, self.phys_idx] = phys
+        rows[:, self.ctrl_idx] = action
+        with self._lock:
+            rows, derived = self.engine.step(rows)
+        new = rows[:, self.phys_idx]
+        before = Frame(phys[:, self.qpos], phys[:, self.qvel], {}, carry)
+        after = Frame(new[:, self.qpos], new[:, self.qvel], derived, carry)
+        after = after._replace(carry=self.spec.carry(after))
+        obs = self.spec.observe(np, after.qpos, after.qvel, derived)
+        reward, terminated = self.spec.reward(before, after, action)
+        return (new, after.carry), obs, reward, terminated
+
+
+# --------------------------------------------------------------------------- the System
+
+
+class MuJoCoState(NamedTuple):
+    """physics: uint32 [2 (nphys + ncarry) + 1], the float64 host state bit for bit and a
+    'fresh' word (1: qpos/qvel hold reset noise, the host adds qpos0); obs: float32
+    [obs_dim], the observation the policy sees."""
+
+    physics: jax.Array
+    obs: jax.Array
+
+
+class MuJoCo:
+    """A suite environment as a ``pes`` System: ``pes.envs.mujoco_suite.MuJoCo("Hopper-v5",
+    policy=...)``.
+
+    policy: a JAX function ``(theta, obs float32 [obs_dim]) -> action [nu]``; the action is
+      handed to MuJoCo as given (as gymnasium does; clip it in the policy).
+    horizon: the time limit (gymnasium's 1000, or ``max_episode_steps``).
+    step returns ``(state, loss, done)`` with loss = -reward (float32) and done = terminated.
+    threads: MuJoCo threads per batched call (``mujoco.batch`` engine only).
+    Other keyword arguments are the environment's v5 keywords (e.g. ``ctrl_cost_weight``).
+    """
+
+    def __init__(self, env_id: str, policy: Any, *, threads: int = 1, engine: str = "auto",
+                 max_episode_steps: int = MAX_EPISODE_STEPS, **kwargs: Any):
+        if not callable(policy):
+            raise TypeError(f"policy={policy!r} must be a function (theta, obs) -> action")
+        self.env_id, self.policy = env_id, policy
+        self.sim = SuiteSim(env_id, threads=threads, engine=engine, **kwargs)
+        self.horizon = int(max_episode_steps)
+        sim, spec = self.sim, self.sim.spec
+        self.obs_dim, self.action_dim = sim.obs_dim, sim.nu
+        self.action_low, self.action_high = sim.ctrl_low, sim.ctrl_high
+        self._nwords = 2 * (sim.nphys + spec.ncarry) + 1
+        template = np.concatenate([sim.template[sim.phys_idx], np.zeros(spec.ncarry)])
+        self._template = to_bits(template)
+        q0 = sim.qpos0.astype(np.float32)
+        if not np.array_equal(q0, sim.qpos0):
+            raise RuntimeError(f"{env_id}'s qpos0 is not float32-exact; init assumes it")
+        self._qpos0 = q0
+        self._scale = float(spec.p["reset_noise_scale"])
+        if not (math.isfinite(self._scale) and self._scale >= 0):
+            raise ValueError(f"reset_noise_scale={self._scale!r} must be a finite number >= 0")
+
+    def init(self, key: jax.Array) -> MuJoCoState:
+        """A fresh episode: qpos = qpos0 + U(-s, s), qvel = U(-s, s) or s N(0, 1) (the
+        environment's v5 reset), drawn in float32; the first observation from them in JAX."""
+        sim, spec, s = self.sim, self.sim.spec, self._scale
+        kq, kv = jax.random.split(key)
+        nq = jax.random.uniform(kq, (sim.nq,), jnp.float32, -s, s)
+        if spec.qvel_noise == "normal":
+            nv = s * jax.random.normal(kv, (sim.nv,), jnp.float32)
+        else:
+            nv = jax.random.uniform(kv, (sim.nv,), jnp.float32, -s, s)
+        words = jnp.asarray(self._template)
+        words = words.at[2 * sim.qpos.start:2 * sim.qpos.stop].set(float32_to_bits64(nq))
+        words = words.at[2 * sim.qvel.start:2 * sim.qvel.stop].set(float32_to_bits64(nv))
+        words = jnp.concatenate([words, jnp.ones((1,), jnp.uint32)])
+        qpos, qvel = (jnp.asarray(self._qpos0) + nq)[None], nv[None]
+        obs = spec.observe(jnp, qpos, qvel, spec.reset_data(jnp, qpos, qvel))[0]
+        return MuJoCoState(words, obs.astype(jnp.float32))
+
+    def step(self, state: MuJoCoState, theta: Any, t: jax.Array, key: jax.Array):
+        """action = policy(theta, obs); one host call steps every particle of the batch.
+        Returns (state, -reward, terminated)."""
+        del t, key
+        action = jnp.asarray(self.policy(theta, state.obs), jnp.float32).reshape(
+            self.action_dim)
+        packed = jnp.concatenate([state.physics,
+                                  jax.lax.bitcast_convert_type(action, jnp.uint32)])
+        n, od = self._nwords, self.obs_dim
+        out = jax.pure_callback(self._host_step, jax.ShapeDtypeStruct((n + od + 2,), jnp.uint32),
+                                packed, vmap_method="broadcast_all")
+        obs = jax.lax.bitcast_convert_type(out[n:n + od], jnp.float32)
+        reward = jax.lax.bitcast_convert_type(out[n + od], jnp.float32)
+        return MuJoCoState(out[:n], obs), -reward, out[n + od + 1] != 0
+
+    def _host_step(self, packed: np.ndarray) -> np.ndarray:
+        # One buffer in, one out: each extra argument or result costs host-call overhead.
+        packed = np.asarray(packed)
+        lead, n = packed.shape[:-1], self._nwords
+        packed = packed.reshape(-1, packed.shape[-1])
+        sim = self.sim
+        phys_carry = from_bits(packed[:, :n - 1])
+        phys, carry = phys_carry[:, :sim.nphys], phys_carry[:, sim.nphys:]
+        fresh = packed[:, n - 1] != 0
+        if fresh.any():
+            rows = phys[fresh]
+            sim.reset_from_noise(rows)
+            phys[fresh] = rows
+            carry[fresh] = sim.spec.reset_carry(rows[:, sim.qpos], rows[:, sim.qvel])
+        action = np.ascontiguousarray(packed[:, n:]).view(np.float32)
+        (new, new_carry), obs, reward, terminated = sim.step((phys, carry), action)
+        out = np.concatenate([
+            to_bits(np.concatenate([new, new_carry], axis=1)),
+            np.zeros((len(new), 1), np.uint32),
+            obs.astype(np.float32).view(np.uint32),
+            reward.astype(np.float32)[:, None].view(np.uint32),
+            terminated.astype(np.uint32)[:, None]], axis=1)
+        return out.reshape(lead + (-1,))
+
+
+@dataclass(frozen=True)
+class LinearPolicy:
+    """a = clip(W obs + b, low, high); theta = {'W': [nu, obs_dim], 'b': [nu]} (for tests and
+    benchmarks until ``pes.envs.Linear`` is here)."""
+
+    low: Any
+    high: Any
+
+    def __call__(self, theta, obs):
+        a = theta["W"] @ obs + theta["b"]
+        return jnp.clip(a, jnp.asarray(self.low), jnp.asarray(self.high))
