@@ -118,6 +118,12 @@ class EnvSpec:
                                                   / self.dt)
 
 
+def _square(x: np.ndarray) -> np.ndarray:
+    """x ** 2 as gymnasium computes it on a NumPy float64 scalar: C's pow(x, 2), which
+    differs from x * x (NumPy's array ``x ** 2``) in the last bit for ~0.1% of inputs."""
+    return np.power(x, np.full_like(x, 2.0))
+
+
 def _skip(p: dict, n: int) -> int:
     return n if p["exclude_current_positions_from_observation"] else 0
 
@@ -267,8 +273,8 @@ class InvertedDoublePendulum(EnvSpec):
         x, y = after.data["site_xpos"][:, 0, 0], after.data["site_xpos"][:, 0, 2]
         terminated = y <= 1
         v1, v2 = after.qvel[:, 1], after.qvel[:, 2]
-        dist_penalty = 0.01 * x**2 + (y - 2) ** 2
-        vel_penalty = 1e-3 * v1**2 + 5e-3 * v2**2
+        dist_penalty = 0.01 * _square(x) + _square(y - 2)
+        vel_penalty = 1e-3 * _square(v1) + 5e-3 * _square(v2)
         alive = self.p["healthy_reward"] * (~terminated)
         return alive - dist_penalty - vel_penalty, terminated
 
@@ -395,7 +401,9 @@ class SuiteSim:
         self.ctrl_idx = _layout(mujoco, m, integ, int(mujoco.mjtState.mjSTATE_CTRL))
         qpos = _layout(mujoco, m, carried, int(mujoco.mjtState.mjSTATE_QPOS))
         qvel = _layout(mujoco, m, carried, int(mujoco.mjtState.mjSTATE_QVEL))
+        warm = _layout(mujoco, m, carried, int(mujoco.mjtState.mjSTATE_WARMSTART))
         self.qpos, self.qvel = slice(qpos[0], qpos[-1] + 1), slice(qvel[0], qvel[-1] + 1)
+        self.warmstart = slice(warm[0], warm[-1] + 1)
         self.time = int(_layout(mujoco, m, carried, int(mujoco.mjtState.mjSTATE_TIME))[0])
         self.nphys = len(self.phys_idx)
         data = mujoco.MjData(m)
@@ -465,23 +473,27 @@ class SuiteSim:
 # --------------------------------------------------------------------------- the System
 
 
+RUNNING, ENDED, FRESH = 0, 1, 2
+
+
 class MuJoCoState(NamedTuple):
-    """physics: uint32 [2 (nphys + ncarry) + 1], the float64 host state bit for bit and a
-    'fresh' word (1: qpos/qvel hold reset noise, the host adds qpos0); obs: float32
-    [obs_dim], the observation the policy sees."""
+    """physics: uint32 [2 (nphys + ncarry) + 1], the float64 host state bit for bit, then a
+    status word: 0 running, 1 ended (the episode terminated: stepping it is a no-op with loss
+    0 and done), 2 fresh (qpos/qvel hold reset noise; the host adds qpos0 before stepping).
+    obs: float32 [obs_dim], the observation the policy acts on next."""
 
     physics: jax.Array
     obs: jax.Array
 
 
 class MuJoCo:
-    """A suite environment as a ``pes`` System: ``pes.envs.mujoco_suite.MuJoCo("Hopper-v5",
-    policy=...)``.
+    """A suite environment as a ``pes`` System: ``MuJoCo("Hopper-v5", policy=...)``.
 
     policy: a JAX function ``(theta, obs float32 [obs_dim]) -> action [nu]``; the action is
-      handed to MuJoCo as given (as gymnasium does; clip it in the policy).
+      handed to MuJoCo as given (as gymnasium does: MuJoCo clamps the control, the control
+      cost is charged on the action; clip it in the policy to stay in bounds).
     horizon: the time limit (gymnasium's 1000, or ``max_episode_steps``).
-    step returns ``(state, loss, done)`` with loss = -reward (float32) and done = terminated.
+    step returns ``(state, loss, done)``: loss = -reward (float32), done = terminated.
     threads: MuJoCo threads per batched call (``mujoco.batch`` engine only).
     Other keyword arguments are the environment's v5 keywords (e.g. ``ctrl_cost_weight``).
     """
@@ -490,6 +502,8 @@ class MuJoCo:
                  max_episode_steps: int = MAX_EPISODE_STEPS, **kwargs: Any):
         if not callable(policy):
             raise TypeError(f"policy={policy!r} must be a function (theta, obs) -> action")
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads={threads!r} must be an int >= 1")
         self.env_id, self.policy = env_id, policy
         self.sim = SuiteSim(env_id, threads=threads, engine=engine, **kwargs)
         self.horizon = int(max_episode_steps)
@@ -507,6 +521,9 @@ class MuJoCo:
         if not (math.isfinite(self._scale) and self._scale >= 0):
             raise ValueError(f"reset_noise_scale={self._scale!r} must be a finite number >= 0")
 
+    def __repr__(self) -> str:
+        return f"MuJoCo({self.env_id!r}, policy={self.policy!r})"
+
     def init(self, key: jax.Array) -> MuJoCoState:
         """A fresh episode: qpos = qpos0 + U(-s, s), qvel = U(-s, s) or s N(0, 1) (the
         environment's v5 reset), drawn in float32; the first observation from them in JAX."""
@@ -520,17 +537,21 @@ class MuJoCo:
         words = jnp.asarray(self._template)
         words = words.at[2 * sim.qpos.start:2 * sim.qpos.stop].set(float32_to_bits64(nq))
         words = words.at[2 * sim.qvel.start:2 * sim.qvel.stop].set(float32_to_bits64(nv))
-        words = jnp.concatenate([words, jnp.ones((1,), jnp.uint32)])
+        words = jnp.concatenate([words, jnp.full((1,), FRESH, jnp.uint32)])
         qpos, qvel = (jnp.asarray(self._qpos0) + nq)[None], nv[None]
         obs = spec.observe(jnp, qpos, qvel, spec.reset_data(jnp, qpos, qvel))[0]
         return MuJoCoState(words, obs.astype(jnp.float32))
 
     def step(self, state: MuJoCoState, theta: Any, t: jax.Array, key: jax.Array):
-        """action = policy(theta, obs); one host call steps every particle of the batch.
-        Returns (state, -reward, terminated)."""
-        del t, key
-        action = jnp.asarray(self.policy(theta, state.obs), jnp.float32).reshape(
-            self.action_dim)
+        """action = policy(theta, obs), then :meth:`transition`: one host call steps every
+        particle of the batch. Returns (state, -reward, terminated)."""
+        del t, key  # deterministic given the state; resets are drawn in init
+        return self.transition(state, self.policy(theta, state.obs))
+
+    def transition(self, state: MuJoCoState, action: Any):
+        """One environment step holding ``action`` [nu] (float32) -> (state, loss, done).
+        An ended state stays as it is (loss 0, done)."""
+        action = jnp.asarray(action, jnp.float32).reshape(self.action_dim)
         packed = jnp.concatenate([state.physics,
                                   jax.lax.bitcast_convert_type(action, jnp.uint32)])
         n, od = self._nwords, self.obs_dim
@@ -538,30 +559,41 @@ class MuJoCo:
                                 packed, vmap_method="broadcast_all")
         obs = jax.lax.bitcast_convert_type(out[n:n + od], jnp.float32)
         reward = jax.lax.bitcast_convert_type(out[n + od], jnp.float32)
-        return MuJoCoState(out[:n], obs), -reward, out[n + od + 1] != 0
+        ended = state.physics[n - 1] == ENDED
+        done = ended | (out[n + od + 1] != 0)
+        physics = jnp.where(ended, state.physics, out[:n])
+        physics = physics.at[n - 1].set(jnp.where(done, ENDED, RUNNING).astype(jnp.uint32))
+        return (MuJoCoState(physics, jnp.where(ended, state.obs, obs)),
+                jnp.where(ended, 0.0, -reward), done)
 
     def _host_step(self, packed: np.ndarray) -> np.ndarray:
+        """uint32 [..., W] (state bits, status, action bits) -> [..., n + obs_dim + 2] (new
+        state bits, status, observation, reward and terminated). Ended rows are not
+        simulated (their outputs are zeros; :meth:`transition` keeps their state)."""
         # One buffer in, one out: each extra argument or result costs host-call overhead.
         packed = np.asarray(packed)
         lead, n = packed.shape[:-1], self._nwords
         packed = packed.reshape(-1, packed.shape[-1])
         sim = self.sim
-        phys_carry = from_bits(packed[:, :n - 1])
+        status = packed[:, n - 1]
+        out = np.zeros((len(packed), n + self.obs_dim + 2), np.uint32)
+        rows = np.flatnonzero(status != ENDED)
+        if len(rows) == 0:
+            return out.reshape(lead + (-1,))
+        phys_carry = from_bits(packed[rows, :n - 1])
         phys, carry = phys_carry[:, :sim.nphys], phys_carry[:, sim.nphys:]
-        fresh = packed[:, n - 1] != 0
+        fresh = status[rows] == FRESH
         if fresh.any():
-            rows = phys[fresh]
-            sim.reset_from_noise(rows)
-            phys[fresh] = rows
-            carry[fresh] = sim.spec.reset_carry(rows[:, sim.qpos], rows[:, sim.qvel])
-        action = np.ascontiguousarray(packed[:, n:]).view(np.float32)
+            reset = phys[fresh]
+            sim.reset_from_noise(reset)
+            phys[fresh] = reset
+            carry[fresh] = sim.spec.reset_carry(reset[:, sim.qpos], reset[:, sim.qvel])
+        action = np.ascontiguousarray(packed[rows, n:]).view(np.float32)
         (new, new_carry), obs, reward, terminated = sim.step((phys, carry), action)
-        out = np.concatenate([
-            to_bits(np.concatenate([new, new_carry], axis=1)),
-            np.zeros((len(new), 1), np.uint32),
-            obs.astype(np.float32).view(np.uint32),
-            reward.astype(np.float32)[:, None].view(np.uint32),
-            terminated.astype(np.uint32)[:, None]], axis=1)
+        out[rows, :n - 1] = to_bits(np.concatenate([new, new_carry], axis=1))
+        out[rows, n:n + self.obs_dim] = obs.astype(np.float32).view(np.uint32)
+        out[rows, n + self.obs_dim] = reward.astype(np.float32).view(np.uint32)
+        out[rows, n + self.obs_dim + 1] = terminated
         return out.reshape(lead + (-1,))
 
 
