@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pes.envs._fastcall import available, host_call
 from pes.tasks.swimmer import float32_to_bits64, from_bits, to_bits
 
 # --------------------------------------------------------------------------- environments
@@ -328,50 +329,66 @@ def _layout(mujoco: Any, model: Any, spec: int, sub: int) -> np.ndarray:
     return np.asarray(idx, np.int64)
 
 
-class _BatchEngine:
-    """``mujoco.batch.Batch``: the batch's INTEGRATION rows stepped in one C call."""
+def _as_slice(idx: np.ndarray) -> slice | np.ndarray:
+    """A contiguous index array as a slice (cheaper to read and write), else the array."""
+    if len(idx) and np.array_equal(idx, np.arange(idx[0], idx[0] + len(idx))):
+        return slice(int(idx[0]), int(idx[0]) + len(idx))
+    return idx
 
-    def __init__(self, model, frame_skip, fields, threads):
+
+class _BatchEngine:
+    """``mujoco.batch.Batch``: the batch's INTEGRATION rows stepped in one C call. Each batch
+    size gets its own Batch, whose rows keep the template's other components (applied forces
+    zero, ...), which ``mj_step`` never changes."""
+
+    def __init__(self, model, frame_skip, fields, threads, template, phys, ctrl):
         from mujoco import batch
 
         self._batch_cls, self.model, self.frame_skip = batch.Batch, model, frame_skip
         self.fields, self.threads = fields, threads
+        self.template, self.phys, self.ctrl = template, phys, ctrl
         self._cache: dict[int, Any] = {}
 
-    def step(self, rows: np.ndarray):
-        n = rows.shape[0]
+    def step(self, phys: np.ndarray, ctrl: np.ndarray):
+        """phys [B, nphys], ctrl [B, nu] -> (phys after frame_skip steps, derived fields)."""
+        n = phys.shape[0]
         b = self._cache.get(n)
         if b is None:
             b = self._cache[n] = self._batch_cls(self.model, n, nthread=self.threads)
+            b.state[:] = self.template
             for f in self.fields:
                 b.bind(f)
-        b.state[:] = rows
+        b.state[:, self.phys] = phys
+        b.state[:, self.ctrl] = ctrl
         b.step(nstep=self.frame_skip)
-        return b.state.copy(), {f: b.bind(f).copy() for f in self.fields}
+        return b.state[:, self.phys].copy(), {f: b.bind(f).copy() for f in self.fields}
 
 
 class _LoopEngine:
     """``mj_step`` (then ``mj_rnePostConstraint`` if asked) on one MjData, env by env."""
 
-    def __init__(self, mujoco, model, frame_skip, fields, post_constraint):
+    def __init__(self, mujoco, model, frame_skip, fields, post_constraint, template, phys,
+                 ctrl):
         self.mj, self.model, self.frame_skip = mujoco, model, frame_skip
         self.fields, self.post = fields, post_constraint
+        self.template, self.phys, self.ctrl = template, phys, ctrl
         self.data = mujoco.MjData(model)
         self.spec = int(mujoco.mjtState.mjSTATE_INTEGRATION)
 
-    def step(self, rows: np.ndarray):
+    def step(self, phys: np.ndarray, ctrl: np.ndarray):
         mj, m, d = self.mj, self.model, self.data
-        out = np.empty_like(rows)
+        rows = np.repeat(self.template[None], len(phys), axis=0)
+        rows[:, self.phys], rows[:, self.ctrl] = phys, ctrl
         derived = {f: np.empty((len(rows),) + getattr(d, f).shape) for f in self.fields}
         for i in range(len(rows)):
             mj.mj_setState(m, d, rows[i], self.spec)
             mj.mj_step(m, d, nstep=self.frame_skip)
             if self.post:
                 mj.mj_rnePostConstraint(m, d)
-            mj.mj_getState(m, d, out[i], self.spec)
+            mj.mj_getState(m, d, rows[i], self.spec)
             for f in self.fields:
                 derived[f][i] = getattr(d, f)
-        return out, derived
+        return rows[:, self.phys], derived
 
 
 class SuiteSim:
@@ -397,15 +414,15 @@ class SuiteSim:
         integ = int(mujoco.mjtState.mjSTATE_INTEGRATION)
         carried = int(mujoco.mjtState.mjSTATE_FULLPHYSICS) | int(
             mujoco.mjtState.mjSTATE_WARMSTART)
-        self.phys_idx = _layout(mujoco, m, integ, carried)
-        self.ctrl_idx = _layout(mujoco, m, integ, int(mujoco.mjtState.mjSTATE_CTRL))
+        self.phys_idx = _as_slice(_layout(mujoco, m, integ, carried))
+        self.ctrl_idx = _as_slice(_layout(mujoco, m, integ, int(mujoco.mjtState.mjSTATE_CTRL)))
         qpos = _layout(mujoco, m, carried, int(mujoco.mjtState.mjSTATE_QPOS))
         qvel = _layout(mujoco, m, carried, int(mujoco.mjtState.mjSTATE_QVEL))
         warm = _layout(mujoco, m, carried, int(mujoco.mjtState.mjSTATE_WARMSTART))
         self.qpos, self.qvel = slice(qpos[0], qpos[-1] + 1), slice(qvel[0], qvel[-1] + 1)
         self.warmstart = slice(warm[0], warm[-1] + 1)
         self.time = int(_layout(mujoco, m, carried, int(mujoco.mjtState.mjSTATE_TIME))[0])
-        self.nphys = len(self.phys_idx)
+        self.nphys = mujoco.mj_stateSize(m, carried)
         data = mujoco.MjData(m)
         mujoco.mj_resetData(m, data)
         self.template = np.empty(mujoco.mj_stateSize(m, integ))
@@ -420,11 +437,12 @@ class SuiteSim:
         if engine == "batch" and (spec.post_constraint or not has_batch):
             raise ValueError(f"{env_id} cannot run on mujoco.batch (needs "
                              f"{'mj_rnePostConstraint' if has_batch else 'mujoco >= 4'})")
+        layout = (self.template, self.phys_idx, self.ctrl_idx)
         if engine == "batch" or (engine == "auto" and has_batch and not spec.post_constraint):
-            self.engine = _BatchEngine(m, self.frame_skip, spec.fields, threads)
+            self.engine = _BatchEngine(m, self.frame_skip, spec.fields, threads, *layout)
         else:
             self.engine = _LoopEngine(mujoco, m, self.frame_skip, spec.fields,
-                                      spec.post_constraint)
+                                      spec.post_constraint, *layout)
         self._lock = threading.Lock()
 
     # -- host states
@@ -456,12 +474,8 @@ class SuiteSim:
         terminated bool [B])."""
         phys, carry = state
         action = np.asarray(action, np.float32)
-        rows = np.repeat(self.template[None], len(phys), axis=0)
-        rows[:, self.phys_idx] = phys
-        rows[:, self.ctrl_idx] = action
         with self._lock:
-            rows, derived = self.engine.step(rows)
-        new = rows[:, self.phys_idx]
+            new, derived = self.engine.step(phys, action)
         before = Frame(phys[:, self.qpos], phys[:, self.qvel], {}, carry)
         after = Frame(new[:, self.qpos], new[:, self.qvel], derived, carry)
         after = after._replace(carry=self.spec.carry(after))
@@ -505,6 +519,7 @@ class MuJoCo:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads={threads!r} must be an int >= 1")
         self.env_id, self.policy = env_id, policy
+        available()  # decide the host call's path outside any trace
         self.sim = SuiteSim(env_id, threads=threads, engine=engine, **kwargs)
         self.horizon = int(max_episode_steps)
         sim, spec = self.sim, self.sim.spec
@@ -555,8 +570,8 @@ class MuJoCo:
         packed = jnp.concatenate([state.physics,
                                   jax.lax.bitcast_convert_type(action, jnp.uint32)])
         n, od = self._nwords, self.obs_dim
-        out = jax.pure_callback(self._host_step, jax.ShapeDtypeStruct((n + od + 2,), jnp.uint32),
-                                packed, vmap_method="broadcast_all")
+        out = host_call(self._host_step, jax.ShapeDtypeStruct((n + od + 2,), jnp.uint32),
+                        packed)
         obs = jax.lax.bitcast_convert_type(out[n:n + od], jnp.float32)
         reward = jax.lax.bitcast_convert_type(out[n + od], jnp.float32)
         ended = state.physics[n - 1] == ENDED
@@ -572,13 +587,14 @@ class MuJoCo:
         simulated (their outputs are zeros; :meth:`transition` keeps their state)."""
         # One buffer in, one out: each extra argument or result costs host-call overhead.
         packed = np.asarray(packed)
-        lead, n = packed.shape[:-1], self._nwords
+        lead, n, od = packed.shape[:-1], self._nwords, self.obs_dim
         packed = packed.reshape(-1, packed.shape[-1])
         sim = self.sim
         status = packed[:, n - 1]
-        out = np.zeros((len(packed), n + self.obs_dim + 2), np.uint32)
-        rows = np.flatnonzero(status != ENDED)
-        if len(rows) == 0:
+        out = np.zeros((len(packed), n + od + 2), np.uint32)
+        running = status != ENDED
+        rows = slice(None) if running.all() else np.flatnonzero(running)
+        if not running.any():
             return out.reshape(lead + (-1,))
         phys_carry = from_bits(packed[rows, :n - 1])
         phys, carry = phys_carry[:, :sim.nphys], phys_carry[:, sim.nphys:]
@@ -590,10 +606,12 @@ class MuJoCo:
             carry[fresh] = sim.spec.reset_carry(reset[:, sim.qpos], reset[:, sim.qvel])
         action = np.ascontiguousarray(packed[rows, n:]).view(np.float32)
         (new, new_carry), obs, reward, terminated = sim.step((phys, carry), action)
-        out[rows, :n - 1] = to_bits(np.concatenate([new, new_carry], axis=1))
-        out[rows, n:n + self.obs_dim] = obs.astype(np.float32).view(np.uint32)
-        out[rows, n + self.obs_dim] = reward.astype(np.float32).view(np.uint32)
-        out[rows, n + self.obs_dim + 1] = terminated
+        # rows: a slice while every particle runs (the usual case): no fancy indexing.
+        out[rows, :2 * sim.nphys] = to_bits(new)
+        out[rows, 2 * sim.nphys:n - 1] = to_bits(new_carry)
+        out[rows, n:n + od] = obs.astype(np.float32).view(np.uint32)
+        out[rows, n + od] = reward.astype(np.float32).view(np.uint32)
+        out[rows, n + od + 1] = terminated
         return out.reshape(lead + (-1,))
 
 
