@@ -179,8 +179,14 @@ def test_builtin_policies_fit_the_action_spaces():
     assert int(cart_mlp.act(th, jnp.zeros(4))) == 1  # argmax of the logits
     assert cart_mlp.act(th, jnp.zeros(4)).dtype == jnp.int32
     hopper_mlp = envs.Gymnasium("Hopper-v5", policy=envs.MLP())
-    out = hopper_mlp.act(hopper_mlp.theta0(key), jnp.ones(11))
+    th = hopper_mlp.theta0(key)
+    th["layers"][2]["W"] = 0.1 * jnp.ones((3, 32))
+    out = hopper_mlp.act(th, jnp.ones(11))
     assert out.shape == (3,) and out.dtype == jnp.float32
+    flat = hopper_mlp.flatten(th)  # the command line's flat theta acts the same
+    assert flat.shape == (11 * 32 + 32 + 32 * 32 + 32 + 32 * 3 + 3,)
+    np.testing.assert_array_equal(np.asarray(hopper_mlp.act(flat, jnp.ones(11))),
+                                  np.asarray(out))
 
 
 def test_custom_policies_plain_equinox_and_nnx():

@@ -50,6 +50,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
@@ -275,8 +276,25 @@ class Gymnasium:
         jax.eval_shape(self.act, theta, obs)
 
     def act(self, theta: Any, obs: jax.Array) -> jax.Array:
-        """The environment's action for obs under theta (policy output fitted to the space)."""
+        """The environment's action for obs under theta (policy output fitted to the space).
+        A built-in policy also takes theta flat (see :meth:`flatten`)."""
+        if hasattr(self.policy, "init") and getattr(theta, "ndim", None) == 1:
+            theta = self.unflatten(theta)
         return fit_action(self.policy(theta, obs), self.action, who=f"the policy {self.policy}")
+
+    def flatten(self, theta: Any) -> jax.Array:
+        """A built-in policy's theta as one float32 vector [D] (``ravel_pytree`` order: the
+        leaves of :meth:`theta0` in sorted-key order), the form the command line trains."""
+        return jax.flatten_util.ravel_pytree(theta)[0]
+
+    def unflatten(self, flat: jax.Array) -> Any:
+        """The inverse of :meth:`flatten`: [D] -> the policy's theta layout."""
+        template = self.theta0()
+        size = jax.flatten_util.ravel_pytree(template)[0].shape[0]
+        if tuple(jnp.shape(flat)) != (size,):
+            raise PolicyError(f"a flat theta of shape {tuple(jnp.shape(flat))} does not fit "
+                              f"{self.policy}: it has {size} numbers")
+        return jax.flatten_util.ravel_pytree(template)[1](flat)
 
     def init(self, key: jax.Array) -> GymState:
         """A fresh episode, reset on the host at the next step with seed = bits(key)."""
@@ -327,15 +345,21 @@ class Gymnasium:
                        jnp.where(done, ENDED, RUNNING).astype(jnp.int32), state.seed)
         return new, jnp.where(ended, 0.0, -reward), done
 
-    def evaluate(self, theta: Any, key: jax.Array) -> dict[str, Any]:
-        """{'meta_loss': -mean return / horizon, 'return', 'return_std', 'return_min',
-        'return_max', 'episode_length', 'env_steps'} over ``eval_episodes`` fresh episodes
-        (see :func:`pes.envs.evaluate_return`)."""
-        from pes.envs.returns import evaluate_return
+    def evaluate(self, theta: Any, key: jax.Array) -> dict[str, jax.Array]:
+        """{'meta_loss': -mean return / horizon, 'return': mean return, 'return_std': its
+        spread, 'return_min', 'return_max', 'episode_length': mean length, 'env_steps':
+        steps taken} of ``eval_episodes`` fresh episodes (of at most ``horizon`` steps, see
+        :func:`pes.envs.evaluate_return`). Jittable."""
+        from pes.envs.returns import episode_returns
 
-        out = evaluate_return(self, theta, key, episodes=self.eval_episodes)
-        out.pop("returns")
-        return {"meta_loss": -out["return"] / (self.horizon or 1), **out}
+        if self.horizon is None:
+            raise EnvError(f"{self.env_id} has no time limit; evaluate needs one (pass "
+                           "max_episode_steps=...)")
+        ret, length = episode_returns(self, theta, key, self.eval_episodes, self.horizon)
+        return {"meta_loss": -jnp.mean(ret) / self.horizon, "return": jnp.mean(ret),
+                "return_std": jnp.std(ret), "return_min": jnp.min(ret),
+                "return_max": jnp.max(ret), "episode_length": jnp.mean(length),
+                "env_steps": jnp.sum(length)}
 
     # ------------------------------------------------------------------- the host side
 

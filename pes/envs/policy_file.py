@@ -59,6 +59,8 @@ def save_policy(path: str | Path, system: Any, theta: Any) -> Path:
     leaves only); :func:`load_policy` then needs the function and a theta template back.
     """
     a: ActionSpec = system.action
+    if hasattr(system.policy, "init") and getattr(theta, "ndim", None) == 1:
+        theta = system.unflatten(theta)  # a flat theta (the command line's) -> its layout
     leaves = jax.tree_util.tree_flatten_with_path(theta)[0]
     arrays = {f"theta/{_path(p)}": np.asarray(x, np.float32) for p, x in leaves}
     if len(arrays) != len(leaves):

@@ -14,39 +14,36 @@ from pes.system import check_system, check_theta, step_key
 _CACHE: dict[tuple, tuple[Any, Callable]] = {}
 
 
-def _episodes_fn(system: Any, episodes: int, max_steps: int) -> Callable:
-    """jit(theta, key) -> (returns [E], lengths [E]) for ``episodes`` fresh episodes."""
+def episode_returns(system: Any, theta: Any, key: jax.Array, episodes: int,
+                    max_steps: int) -> tuple[jax.Array, jax.Array]:
+    """Pure JAX (jittable): (returns float32 [E], lengths int32 [E]) of ``episodes`` fresh
+    episodes, as :func:`evaluate_return` describes them."""
 
-    def one_step(state, theta, t, key):
+    def one_step(state, t, key):
         out = system.step(state, theta, t, key)
         done = out[2] if len(out) == 3 else jnp.zeros((), bool)
         return out[0], out[1], done
 
-    @jax.jit
-    def run(theta, key):
-        keys = jax.random.split(key, episodes)
-        pairs = jax.vmap(jax.random.split)(keys)
-        k_init, k_steps = pairs[:, 0], pairs[:, 1]
-        states = jax.vmap(system.init)(k_init)
+    pairs = jax.vmap(jax.random.split)(jax.random.split(key, episodes))
+    k_init, k_steps = pairs[:, 0], pairs[:, 1]
 
-        def cond(carry):
-            _, t, alive, _, _ = carry
-            return (t < max_steps) & jnp.any(alive)
+    def cond(carry):
+        _, t, alive, _, _ = carry
+        return (t < max_steps) & jnp.any(alive)
 
-        def body(carry):
-            s, t, alive, ret, length = carry
-            k = jax.vmap(lambda kk: step_key(kk, t)[0])(k_steps)
-            s, loss, done = jax.vmap(one_step, in_axes=(0, None, None, 0))(s, theta, t, k)
-            ret = ret - jnp.where(alive, loss, 0.0)
-            length = length + alive.astype(jnp.int32)
-            return s, t + 1, alive & ~done, ret, length
+    def body(carry):
+        s, t, alive, ret, length = carry
+        k = jax.vmap(lambda kk: step_key(kk, t)[0])(k_steps)
+        s, loss, done = jax.vmap(one_step, in_axes=(0, None, 0))(s, t, k)
+        ret = ret - jnp.where(alive, loss, 0.0)
+        length = length + alive.astype(jnp.int32)
+        return s, t + 1, alive & ~done, ret, length
 
-        start = (states, jnp.zeros((), jnp.int32), jnp.ones((episodes,), bool),
-                 jnp.zeros((episodes,), jnp.float32), jnp.zeros((episodes,), jnp.int32))
-        _, _, _, ret, length = jax.lax.while_loop(cond, body, start)
-        return ret, length
-
-    return run
+    start = (jax.vmap(system.init)(k_init), jnp.zeros((), jnp.int32),
+             jnp.ones((episodes,), bool), jnp.zeros((episodes,), jnp.float32),
+             jnp.zeros((episodes,), jnp.int32))
+    _, _, _, ret, length = jax.lax.while_loop(cond, body, start)
+    return ret, length
 
 
 def evaluate_return(system: Any, theta: Any, key: jax.Array, episodes: int = 10,
@@ -77,7 +74,8 @@ def evaluate_return(system: Any, theta: Any, key: jax.Array, episodes: int = 10,
     if hit is None or hit[0] is not system:
         if len(_CACHE) > 64:
             _CACHE.clear()
-        hit = _CACHE[cache_key] = (system, _episodes_fn(system, episodes, max_steps))
+        fn = jax.jit(lambda th, k: episode_returns(system, th, k, episodes, max_steps))
+        hit = _CACHE[cache_key] = (system, fn)
     ret, length = (np.asarray(x) for x in hit[1](theta, key))
     return {"return": float(ret.mean()), "return_std": float(ret.std()),
             "return_min": float(ret.min()), "return_max": float(ret.max()),
