@@ -344,3 +344,56 @@ def test_host_helpers_batch_over_nested_vmaps():
     none = run(jnp.zeros((2, 2), bool), v)
     np.testing.assert_array_equal(np.asarray(none), 0.0)
     assert host_calls == [(2, 2)]  # no particle asked: no host call
+
+
+def _estimators_take_done() -> bool:
+    """Whether this installation's estimators accept (state, loss, done) steps."""
+    import pes
+
+    class Ends:
+        horizon = 3
+
+        def init(self, key):
+            return jnp.zeros(())
+
+        def step(self, state, theta, t, key):
+            return state + 1, jnp.sum(theta) * state, state >= 1
+
+    try:
+        pes.PES(Ends(), num_particles=2, sigma=0.1, truncation_length=2).init(
+            jax.random.PRNGKey(0), jnp.zeros(1))
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _estimators_take_done(), reason="estimators without termination")
+def test_cli_trains_a_gym_task_and_writes_its_policy(tmp_path):
+    """pes run gym:CartPole-v1 --env-steps: return and env_steps in metrics.jsonl and
+    summary.json, policy.npz loadable; bad ids and options are one-line errors (exit 2)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from pes.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["run", "gym:CartPole-v1", "-e", "pes", "--env-steps", "4000",
+                              "--out", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["outer_steps"] == 2 and 0 < summary["env_steps"] <= 4000
+    assert summary["env_steps"] == summary["inner_steps"]
+    assert summary["return"] is not None and summary["initial_return"] is not None
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "return" in lines[0] and all("env_steps" in x for x in lines)
+    policy = envs.load_policy(out / "policy.npz")
+    assert policy.env_id == "CartPole-v1" and isinstance(policy(np.zeros(4)), int)
+    for args, text in ((["gym:Nope-v1"], "unknown gymnasium environment id 'Nope-v1'"),
+                       (["gym:FrozenLake-v1"], "observation space Discrete"),
+                       (["gym:CartPole-v1", "--policy", "cnn"], "policy='cnn'"),
+                       (["toy-regression", "--env-steps", "10"], "gym:ENV_ID tasks only")):
+        res = runner.invoke(app, ["run", *args, "-e", "pes", "--out", str(tmp_path / "x")])
+        assert res.exit_code == 2 and text in res.output, res.output
