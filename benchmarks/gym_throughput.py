@@ -14,7 +14,9 @@ gymnasium's own vector environment stepping the same policy on the same number o
   steps that only reset an env (gymnasium's next-step autoreset) are not counted.
 
 Both run the same number of steps per repeat, interleaved; the median of ``--repeats`` is
-reported after a warm-up (compilation, env creation). Run:
+reported after a warm-up (compilation, env creation), per second of wall time and per second
+of the process's CPU time (all threads; the steadier figure on a busy machine, where PES's
+handoffs between XLA's and Python's threads wait for a free core). Run:
 
     PYTHONPATH=. .venv/bin/python benchmarks/gym_throughput.py --pairs 10 --repeats 5
 """
@@ -76,12 +78,13 @@ class PESRunner:
         self.fn = jax.jit(self.est.estimate)
         self.calls = 0
 
-    def window(self) -> tuple[int, float]:
+    def window(self) -> tuple[int, float, float]:
         self.calls += 1
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         grad, self.state, info = self.fn(self.state, self.theta, jax.random.PRNGKey(self.calls))
         jax.block_until_ready(grad)
-        return int(info.inner_steps), time.perf_counter() - start
+        return (int(info.inner_steps), time.perf_counter() - start,
+                time.process_time() - cpu)
 
 
 class GymRunner:
@@ -100,17 +103,17 @@ class GymRunner:
         self.pairs = pairs
         self.ended = np.zeros(n, bool)
 
-    def window(self) -> tuple[int, float]:
+    def window(self) -> tuple[int, float, float]:
         z = SIGMA * self.rng.standard_normal((self.pairs, self.act_dim, self.obs_dim + 1))
         Wb = np.concatenate([z, -z]).astype(np.float32)  # theta = 0 +/- sigma z, as PES's
         steps = 0
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for _ in range(K):
             a = np.einsum("nij,nj->ni", Wb[:, :, :-1], self.obs.astype(np.float32)) + Wb[:, :, -1]
             self.obs, _, term, trunc, _ = self.env.step(np.clip(a, self.low, self.high))
             steps += int(np.sum(~self.ended))  # rows that only reset did not simulate
             self.ended = term | trunc
-        return steps, time.perf_counter() - start
+        return steps, time.perf_counter() - start, time.process_time() - cpu
 
 
 def measure(env_id: str, pairs: int, repeats: int, threads: int, modes: list[str]) -> None:
@@ -118,23 +121,29 @@ def measure(env_id: str, pairs: int, repeats: int, threads: int, modes: list[str
     for mode in modes:
         runners[mode] = GymRunner(env_id, pairs, mode)
     rates = {name: [] for name in runners}
+    cpu_rates = {name: [] for name in runners}
     for r in runners.values():
         r.window()  # warm-up: compilation, first resets
     for _ in range(repeats):
         for name, r in runners.items():
-            steps, seconds = r.window()
+            steps, seconds, cpu = r.window()
             rates[name].append(steps / seconds)
+            cpu_rates[name].append(steps / max(cpu, 1e-9))
     med = {name: statistics.median(v) for name, v in rates.items()}
+    cpu_med = {name: statistics.median(v) for name, v in cpu_rates.items()}
     print(f"{env_id}, {pairs} antithetic pairs ({2 * pairs} envs), K = {K}, "
           f"PES via {runners['pes'].label}, threads = {threads}")
     for name, rate in med.items():
         spread = f"[{min(rates[name]):.0f}, {max(rates[name]):.0f}]"
-        print(f"  {name:6s} {rate:9.0f} env steps/s  {spread}")
+        print(f"  {name:6s} {rate:9.0f} env steps/s  {spread}   "
+              f"{cpu_med[name]:9.0f} env steps per CPU second")
     for mode in modes:
-        print(f"  PES / gymnasium {mode}: {med['pes'] / med[mode]:.2f}")
+        print(f"  PES / gymnasium {mode}: {med['pes'] / med[mode]:.2f} (wall), "
+              f"{cpu_med['pes'] / cpu_med[mode]:.2f} (CPU time)")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    global K
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--envs", nargs="+", default=["Hopper-v5", "HalfCheetah-v5"])
     p.add_argument("--pairs", type=int, default=10)
@@ -142,7 +151,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--async", dest="use_async", action="store_true",
                    help="also measure gymnasium's AsyncVectorEnv (one process per env)")
-    args = p.parse_args()
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: InvertedPendulum-v5, 2 pairs, K = 10, one repeat")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.envs, args.pairs, args.repeats, K = ["InvertedPendulum-v5"], 2, 1, 10
     modes = ["sync"] + (["async"] if args.use_async else [])
     for env_id in args.envs:
         measure(env_id, args.pairs, args.repeats, args.threads, modes)

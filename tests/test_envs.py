@@ -125,6 +125,21 @@ def test_state_in_jax_determines_the_step():
         np.testing.assert_array_equal(loss, straight[t - 1][1])
 
 
+def test_threads_step_the_same_numbers():
+    one, two = system("HalfCheetah-v5"), envs.Gymnasium("HalfCheetah-v5", threads=2)
+    keys = jax.random.split(jax.random.PRNGKey(8), 3)
+    acts = random_actions(one, 15, 0).reshape(5, 3, 6)
+    out = []
+    for sys_ in (one, two):
+        states, tr = jax.vmap(sys_.init)(keys), jax.jit(jax.vmap(sys_.transition))
+        for a in acts:
+            states, loss, _ = tr(states, a)
+        out.append((np.asarray(states.sim), np.asarray(loss)))
+    np.testing.assert_array_equal(out[0][0], out[1][0])
+    np.testing.assert_array_equal(out[0][1], out[1][1])
+    two.close()
+
+
 def test_resets_are_seeded_and_made_only_when_needed():
     """The same key gives the same start; the reset host call runs only on steps where some
     particle is fresh; pure_callback's path gives the same numbers."""
