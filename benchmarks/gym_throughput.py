@@ -116,8 +116,16 @@ class GymRunner:
         return steps, time.perf_counter() - start, time.process_time() - cpu
 
 
-def measure(env_id: str, pairs: int, repeats: int, threads: int, modes: list[str]) -> None:
+def measure(env_id: str, pairs: int, repeats: int, threads: int, modes: list[str],
+            pure_callback: bool = False) -> None:
     runners = {"pes": PESRunner(env_id, pairs, threads)}
+    if pure_callback:  # the same window with jax.pure_callback as its host call
+        pes.envs.host.FAST = False
+        try:
+            runners["pes-pc"] = PESRunner(env_id, pairs, threads)
+            runners["pes-pc"].window()  # compiled now, with pure_callback
+        finally:
+            pes.envs.host.FAST = True
     for mode in modes:
         runners[mode] = GymRunner(env_id, pairs, mode)
     rates = {name: [] for name in runners}
@@ -137,6 +145,9 @@ def measure(env_id: str, pairs: int, repeats: int, threads: int, modes: list[str
         spread = f"[{min(rates[name]):.0f}, {max(rates[name]):.0f}]"
         print(f"  {name:6s} {rate:9.0f} env steps/s  {spread}   "
               f"{cpu_med[name]:9.0f} env steps per CPU second")
+    if pure_callback:
+        print(f"  PES with jax.pure_callback / PES: {med['pes-pc'] / med['pes']:.2f} (wall), "
+              f"{cpu_med['pes-pc'] / cpu_med['pes']:.2f} (CPU time)")
     for mode in modes:
         print(f"  PES / gymnasium {mode}: {med['pes'] / med[mode]:.2f} (wall), "
               f"{cpu_med['pes'] / cpu_med[mode]:.2f} (CPU time)")
@@ -151,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--async", dest="use_async", action="store_true",
                    help="also measure gymnasium's AsyncVectorEnv (one process per env)")
+    p.add_argument("--pure-callback", action="store_true",
+                   help="also measure PES with jax.pure_callback as the host call")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: InvertedPendulum-v5, 2 pairs, K = 10, one repeat")
     args = p.parse_args(argv)
@@ -158,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         args.envs, args.pairs, args.repeats, K = ["InvertedPendulum-v5"], 2, 1, 10
     modes = ["sync"] + (["async"] if args.use_async else [])
     for env_id in args.envs:
-        measure(env_id, args.pairs, args.repeats, args.threads, modes)
+        measure(env_id, args.pairs, args.repeats, args.threads, modes, args.pure_callback)
 
 
 if __name__ == "__main__":
