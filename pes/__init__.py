@@ -1,6 +1,6 @@
 """pes: Persistent Evolution Strategies and its rivals, on JAX."""
 
-from pes import learned_optimizer
+from pes import envs, learned_optimizer
 from pes.estimators import (
     NRES,
     PES,
@@ -28,7 +28,7 @@ __all__ = [
     "train", "TrainResult", "TrainState", "History", "Record", "NonFiniteGradientError",
     "Checkpointer", "abstract_state",
     "PES", "TruncatedES", "FullES", "NRES", "TBPTT", "FullBPTT", "RTRL", "UORO", "EstimateInfo",
-    "ParticleState", "learned_optimizer",
+    "ParticleState", "learned_optimizer", "envs",
 ]
 __version__ = "0.1.0"
 

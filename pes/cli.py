@@ -117,7 +117,8 @@ _OBJECTIVE = dict(show_default=False,
 @app.command("run")
 def run_command(
     task: Annotated[str | None, typer.Argument(
-        help=f"Task: {_names(TASK_NAMES)}. [default: from --config or --resume]",
+        help=f"Task: {_names(TASK_NAMES)}, or gym:ENV_ID (any gymnasium environment, e.g. "
+        "gym:Hopper-v5). [default: from --config or --resume]",
         show_default=False)] = None,
     estimator: Annotated[str | None, typer.Option(
         "--estimator", "-e", help=f"Estimator: {_names(ESTIMATOR_NAMES)}.",
@@ -191,6 +192,12 @@ def run_command(
         help="swimmer: its simulator, mujoco (C, through a host callback) or mjx (pure JAX "
         "through mujoco.mjx, for GPUs/TPUs; pip install 'pes[mjx]'). [default: mujoco]",
         show_default=False)] = None,
+    policy: Annotated[str | None, typer.Option(
+        help="gym:ENV_ID: the policy, linear (a = clip(W obs + b)) or mlp (32, 32 tanh). "
+        "[default: linear]", show_default=False)] = None,
+    env_steps: Annotated[int | None, typer.Option(
+        "--env-steps", help="gym:ENV_ID: a budget in environment steps instead of "
+        "--num-steps.", show_default=False)] = None,
     devices: Annotated[int | None, typer.Option(
         help="Split the particles over this many devices (on CPU: start with XLA_FLAGS="
         "--xla_force_host_platform_device_count=N). [default: 1; --distributed: all devices "
@@ -224,7 +231,8 @@ def run_command(
             optimizer=optimizer, lr=lr, b1=b1, eval_every=eval_every, nonfinite=nonfinite,
             out=out, theta0=parse_theta0(theta0), checkpoint_every=checkpoint_every,
             data_dir=data_dir, dataset=dataset, size=size, objective=objective,
-            backend=backend, devices=devices, steps_per_call=steps_per_call)
+            backend=backend, policy=policy, env_steps=env_steps, devices=devices,
+            steps_per_call=steps_per_call)
         try:
             if resume is not None:
                 for name, given in (("--config", config is not None),

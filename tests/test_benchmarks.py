@@ -24,6 +24,7 @@ def load(name):
     ("peers", ["| pes.train |", "| pes.train M=50 |", "| pes loop |", "| pes scan |", "| numpy |"]),
     ("memory", ["| 10 |"]),
     ("scaling", ["| toy regression | 8 | 2 | 1 |", "| toy regression | 8 | 2 | 2 |"]),
+    ("gym_throughput", ["InvertedPendulum-v5, 2 antithetic pairs", "PES / gymnasium sync:"]),
 ])
 def test_quick_mode_prints_its_table(name, rows, capsys):
     load(name).main(["--quick"])

@@ -31,6 +31,8 @@ import optax
 import yaml
 
 from pes.runs.errors import ConfigError
+from pes.runs.gym_task import POLICIES as GYM_POLICIES
+from pes.runs.gym_task import is_gym_task, steps_per_estimate
 from pes.runs.registry import (
     ESTIMATOR_NAMES,
     ESTIMATOR_SETTINGS,
@@ -39,6 +41,7 @@ from pes.runs.registry import (
     EstimatorEntry,
     get_estimator,
     get_task,
+    is_task_name,
     unknown_name,
 )
 from pes.tasks.base import OPTIMIZER_NAMES, OptimizerSpec
@@ -142,6 +145,12 @@ class RunConfig:
       default, and must stay None for a task that does not take them.
     backend: the swimmer's simulator, 'mujoco' (C, through a host callback) or 'mjx' (pure
       JAX through mujoco.mjx, for accelerators); None: 'mujoco'. Other tasks take none.
+    policy: gym:ENV_ID's policy, 'linear' or 'mlp' (32, 32 tanh); None: 'linear'.
+    env_steps: a budget in environment steps (gym:ENV_ID tasks), an alternative to
+      num_steps: num_steps = ceil(env_steps / the steps one estimate takes at most) (particles
+      x K; full ES: particles x horizon; TES adds its unperturbed member). ``inner_steps`` and
+      ``env_steps`` report the steps actually taken, fewer where particles wait after an
+      episode ends early.
     devices: split the particles over this many devices (a 1-D mesh; the pairs of antithetic
       estimators must divide evenly); None: one device, or every device of every process in a
       distributed run (:mod:`pes.runs.distributed`). It changes where the particles
@@ -177,12 +186,15 @@ class RunConfig:
     size: str | None = None
     objective: str | None = None
     backend: str | None = None
+    policy: str | None = None
+    env_steps: int | None = None
     devices: int | None = None
     steps_per_call: int | None = None
 
     def __post_init__(self) -> None:
         checked: dict[str, Any] = {
-            "task": _check_name("task", self.task, "task", TASK_NAMES),
+            "task": self.task if is_task_name(self.task) else _check_name(
+                "task", self.task, "task", TASK_NAMES + ("gym:ENV_ID",)),
             "estimator": _check_name("estimator", self.estimator, "estimator", ESTIMATOR_NAMES),
             "seed": check_int("seed", self.seed, 0, MAX_SEED),
             "nonfinite": _check_name("nonfinite", self.nonfinite, "non-finite policy",
@@ -211,6 +223,8 @@ class RunConfig:
             "objective": lambda v: _check_name("objective", v, "objective", OBJECTIVES),
             "backend": lambda v: _check_name("backend", v, "swimmer backend",
                                              SWIMMER_BACKENDS),
+            "policy": lambda v: _check_name("policy", v, "policy", GYM_POLICIES),
+            "env_steps": lambda v: check_int("env_steps", v, 1),
             "devices": lambda v: check_int("devices", v, 1),
             "steps_per_call": lambda v: check_int("steps_per_call", v, 1),
         }
@@ -336,6 +350,15 @@ class RunConfig:
         else:
             lr_schedule = ()
         num_steps = self.num_steps or defaults.num_steps_for(est.name)
+        if self.env_steps is not None:
+            if not is_gym_task(self.task):
+                raise ConfigError(f"env_steps={self.env_steps} applies to gym:ENV_ID tasks "
+                                  "only; use num_steps", field="env_steps")
+            per = steps_per_estimate(est.name, settings, horizon)
+            num_steps = max(1, -(-self.env_steps // per))
+            if self.num_steps is not None and self.num_steps != num_steps:
+                raise ConfigError(f"env_steps={self.env_steps} contradicts num_steps="
+                                  f"{self.num_steps}: give one budget", field="env_steps")
         eval_every = self.eval_every or max(1, num_steps // 100)
         seed = self.seed
         out = self.out or f"runs/{self.task}/{est.name}-seed{seed}"
@@ -356,6 +379,7 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and name not in entry.options:
                 takers = [t for t in TASK_NAMES if name in get_task(t).options]
+                takers += ["gym:ENV_ID"] if name == "policy" else []
                 raise ConfigError(
                     f"{name}={value!r} does not apply to task={self.task!r}; only "
                     f"{', '.join(takers)} take{'s' * (len(takers) == 1)} it", field=name)
@@ -473,6 +497,8 @@ def make_task(name: str, options: Mapping[str, Any] | None = None) -> Any:
         raise ConfigError(f"task={name!r}: {text}", field="dataset") from None
     except pes_data.CorruptFileError as e:
         raise ConfigError(f"task={name!r}: {e}", field="data_dir") from None
+    except ConfigError as e:  # the task's own (gym:ENV_ID: an unknown id, a bad space)
+        raise ConfigError(f"task={name!r}: {e}", field=e.field) from None
     except ValueError as e:  # e.g. a dataset too small for its validation split
         raise ConfigError(f"task={name!r}: {e}", field="dataset") from None
 

@@ -123,8 +123,8 @@ def _many_hyperparameters(**options: Any) -> Any:
 
 
 # Task options (RunConfig fields): the image tasks' --dataset, --data-dir, --size,
-# --objective; the swimmer's --backend.
-TASK_OPTIONS = ("dataset", "data_dir", "size", "objective", "backend")
+# --objective; the swimmer's --backend; gym:ENV_ID's --policy.
+TASK_OPTIONS = ("dataset", "data_dir", "size", "objective", "backend", "policy")
 _IMAGE_OPTIONS = {"dataset": "fashion-mnist", "data_dir": None, "size": "cpu"}
 
 TASKS["mnist-lr-schedule"] = TaskEntry(
@@ -235,9 +235,37 @@ def _make_task(name: str, options: tuple[tuple[str, Any], ...] = ()) -> Any:
     return TASKS[name].factory(**dict(options))
 
 
+def _gym_entry(name: str) -> TaskEntry:
+    """The TaskEntry of 'gym:ENV_ID' (any gymnasium environment), made on first use."""
+    from pes.runs import gym_task
+
+    env_id = name[len(gym_task.PREFIX):]
+    return TaskEntry(
+        name=name,
+        factory=functools.partial(gym_task.make_gym_task, env_id),
+        description=f"gymnasium's {env_id} with a linear or MLP policy (--policy); "
+        "rewards are maximised; writes policy.npz",
+        metric="return",
+        metric_label="episode return (mean of 10 episodes)",
+        log_y=False,
+        theta_names=("policy parameters",),
+        options={"policy": "linear"},
+        export=gym_task.export_policy,
+    )
+
+
+def is_task_name(name: Any) -> bool:
+    """A registered task, or 'gym:ENV_ID' (any gymnasium id; checked when the task is made)."""
+    if not isinstance(name, str):
+        return False
+    return name in TASKS or (name.startswith("gym:") and len(name) > len("gym:"))
+
+
 def get_task(name: str, field_name: str = "task") -> TaskEntry:
+    if name not in TASKS and is_task_name(name):
+        TASKS[name] = _gym_entry(name)
     if name not in TASKS:
-        raise unknown_name(field_name, name, "task", TASK_NAMES)
+        raise unknown_name(field_name, name, "task", TASK_NAMES + ("gym:ENV_ID",))
     return TASKS[name]
 
 

@@ -63,6 +63,7 @@ from pes.runs import plots
 from pes.runs.config import RunConfig, Setup, build_setup, resumed_config
 from pes.runs.distributed import barrier, is_primary, max_over_processes, multiprocess
 from pes.runs.errors import ConfigError, RunFailed, RunInterrupted
+from pes.runs.gym_task import is_gym_task
 from pes.runs.registry import TaskEntry, get_task
 from pes.training import NonFiniteGradientError, TrainState, train
 
@@ -527,6 +528,7 @@ class _Recorder:
         self.key = jax.random.PRNGKey(cfg.seed)
         self.evaluator = task_evaluator(setup.task)
         self.log_theta = int(np.size(setup.theta0)) <= MAX_LOGGED_THETA
+        self.env_task = is_gym_task(cfg.task)
         self.records: list[dict[str, Any]] = list(resumed.records) if resumed else []
         self.theta = resumed.state.theta if resumed else setup.theta0
         self.outer_steps = resumed.state.step if resumed else 0
@@ -571,6 +573,8 @@ class _Recorder:
     def _write(self, step: int, inner_steps: int, loss: float | None, theta: Any,
                evals: dict[str, float] | None, nonfinite: int = 0) -> None:
         obj: dict[str, Any] = {"step": step, "inner_steps": inner_steps}
+        if self.env_task:  # an environment's steps are its inner steps (training only)
+            obj["env_steps"] = inner_steps
         if loss is not None:
             obj["loss"] = loss
         if nonfinite:
@@ -578,6 +582,8 @@ class _Recorder:
             self.nonfinite_total += nonfinite
         if evals is not None:
             obj["meta_objective"] = evals["meta_loss"]
+            if self.env_task:
+                obj["return"] = evals["return"]
             obj["eval"] = evals
         if self.log_theta:
             obj["theta"] = _theta_value(theta)
@@ -757,6 +763,11 @@ class _Recorder:
             "initial_metrics": initial,
             "final_metrics": final,
             "estimator_repr": repr(self.setup.estimator),
+            **({"env_steps": self.inner_steps,
+                "initial_return": None if initial is None else initial.get("return"),
+                "return": None if final is None else final.get("return"),
+                "return_std": None if final is None else final.get("return_std")}
+               if self.env_task else {}),
             "versions": {"pes": _pes_version(), "jax": jax.__version__},
             "backend": jax.default_backend(),
             "devices": int(getattr(getattr(self.setup.estimator, "mesh", None), "size", 1)),

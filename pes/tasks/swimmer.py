@@ -65,6 +65,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pes.envs.host import float32_to_bits64, from_bits, to_bits
 from pes.tasks.base import OptimizerSpec, TaskDefaults
 
 SWIMMER_XML = """
@@ -137,33 +138,6 @@ def _import_mjx():
 
 
 BACKENDS = ("mujoco", "mjx")
-
-
-def to_bits(x: np.ndarray) -> np.ndarray:
-    """float64 [..., n] -> uint32 [..., 2n], the same bytes (exact round trip)."""
-    return np.ascontiguousarray(x, np.float64).view(np.uint32)
-
-
-def from_bits(bits: Any) -> np.ndarray:
-    """uint32 [..., 2n] -> float64 [..., n], the inverse of :func:`to_bits`."""
-    return np.ascontiguousarray(bits, np.uint32).view(np.float64)
-
-
-def float32_to_bits64(x: jax.Array) -> jax.Array:
-    """float32 [..., n] -> uint32 [..., 2n]: the bits of float64(x) as :func:`to_bits` lays
-    them out (little-endian: low word first), in JAX without 64-bit types. Exact for zeros and
-    normal numbers (the exponent is rebiased 127 -> 1023, the mantissa shifted by 29 bits);
-    subnormal float32 inputs are refused by the caller's construction (never drawn here)."""
-    b = jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.float32), jnp.uint32)
-    sign = b & jnp.uint32(0x80000000)
-    exp = (b >> 23) & jnp.uint32(0xFF)
-    man = b & jnp.uint32(0x7FFFFF)
-    hi = sign | ((exp + jnp.uint32(1023 - 127)) << 20) | (man >> 3)
-    lo = (man & jnp.uint32(7)) << 29
-    zero = exp == 0
-    hi = jnp.where(zero, sign, hi)
-    lo = jnp.where(zero, jnp.uint32(0), lo)
-    return jnp.stack([lo, hi], axis=-1).reshape(x.shape[:-1] + (2 * x.shape[-1],))
 
 
 class SwimmerSim:

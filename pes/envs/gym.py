@@ -1,0 +1,448 @@
+"""Any gymnasium environment as a pes System: ``Gymnasium(env_id, policy=...)``.
+
+The System. theta parameterises a policy, a JAX function ``(theta, obs) -> action``; one
+``step`` is one environment step under that policy, with ``loss = -reward`` and ``done =
+terminated`` (the episode ended with this step; its loss counts). ``horizon`` is the
+environment's time limit (``max_episode_steps``; gymnasium's truncation), None without one.
+
+The state (:class:`GymState`) holds everything the next step depends on, in JAX:
+
+* ``sim``: the environment's own state as the bits of its float64 numbers (see
+  :mod:`pes.envs.host`). For MuJoCo environments MuJoCo's ``mjSTATE_INTEGRATION`` (time, qpos,
+  qvel, actuator activations, the constraint solver's warm start, controls and applied forces:
+  everything ``mj_step`` reads); for others ``env.unwrapped.state`` (classic control:
+  CartPole, Pendulum, Acrobot, MountainCar), or what a user's ``state_io`` reads;
+* ``obs``: the current observation (float32), so the policy runs in JAX;
+* ``status``: running, ended (stepping it is a no-op: loss 0, done), or fresh (a reset
+  pending, with its ``seed``).
+
+``init(key)`` is pure JAX and cheap (the estimators call it every step and select): a fresh
+state holding the seed ``bits(key)``. The reset itself happens on the host at the start of the
+next ``step`` (``env.reset(seed=seed)``), in one host call for all particles that are fresh,
+made only on steps where some are (:func:`pes.envs.host.batch_cond`); then the policy
+acts on the reset observation in JAX and the environment steps, in one host call for the whole
+batch (:func:`pes.envs.host.batch_callback`). So a step costs one host call, two on steps where
+some particle starts an episode, and the same seeds give the same run.
+
+Host environments. Row i of a batch is stepped by host environment i (made on first use).
+Before stepping, the host compares the row's state with the one environment i last returned;
+only if they differ (a particle copied or restored from a checkpoint, another batch shape)
+does it write the state into the environment (``mj_setState`` + ``mj_forward``). The state in
+JAX therefore determines the step: particles can be copied, reset by selection, checkpointed
+and resumed. Required of an environment for this (checked where possible, documented in
+docs/environments.md): its step depends only on the state read and written here (no random
+draws inside ``step``, no other mutable attributes that matter), and it carries no wrapper
+beyond gymnasium's TimeLimit, OrderEnforcing and PassiveEnvChecker (the environment is
+stepped unwrapped, as those wrappers leave the numbers alone). One caveat for MuJoCo
+environments whose reward reads positions computed by the simulator (``xpos``, e.g. Ant,
+Humanoid) before stepping: after a state is *written*, those are recomputed from it, where
+an environment that stepped there holds their values from the last substep; the first reward
+after a restore can then differ slightly. Hopper, HalfCheetah, Walker2d, Swimmer,
+InvertedPendulum and the classic-control environments read only the state.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+
+from pes.envs.errors import EnvError
+from pes.envs.host import batch_callback, batch_cond, from_bits, host_call, to_bits
+from pes.envs.policies import ActionSpec, Linear, PolicyError, fit_action
+
+RUNNING, ENDED, FRESH = 0, 1, 2
+# Wrappers gymnasium.make adds that leave observations, rewards and actions alone.
+NEUTRAL_WRAPPERS = ("TimeLimit", "OrderEnforcing", "PassiveEnvChecker")
+
+
+class GymState(NamedTuple):
+    """One environment's state in JAX.
+
+    sim: uint32 [2 * state_size], the float64 environment state's bits.
+    obs: float32 [*observation_shape], the observation the policy acts on next.
+    status: int32 scalar: 0 running, 1 ended (terminated), 2 fresh (reset pending).
+    seed: uint32 scalar, the seed of a pending reset.
+    """
+
+    sim: jax.Array
+    obs: jax.Array
+    status: jax.Array
+    seed: jax.Array
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def import_gymnasium():
+    """gymnasium, or an EnvError saying how to install it."""
+    try:
+        import gymnasium
+    except ImportError as e:
+        raise EnvError(f"pes.envs needs gymnasium: pip install 'pes[gym]' (or "
+                       f"'gymnasium[mujoco]>=1.0') ({_one_line(e)})") from None
+    return gymnasium
+
+
+def make_env(env_id: str, make_kwargs: dict) -> Any:
+    """``gymnasium.make(env_id, **make_kwargs)`` with its failures as one-line EnvErrors."""
+    gym = import_gymnasium()
+    if not isinstance(env_id, str) or not env_id:
+        raise EnvError(f"env_id={env_id!r} must be a gymnasium environment id such as "
+                       "'Hopper-v5'")
+    try:
+        return gym.make(env_id, **make_kwargs)
+    except gym.error.DependencyNotInstalled as e:
+        raise EnvError(f"environment {env_id!r} needs a package that is not installed: "
+                       f"{_one_line(e)} (pip install 'pes[gym]' for MuJoCo)") from None
+    except (gym.error.NameNotFound, gym.error.NamespaceNotFound, gym.error.VersionNotFound,
+            gym.error.UnregisteredEnv, gym.error.DeprecatedEnv) as e:
+        raise EnvError(f"unknown gymnasium environment id {env_id!r}: {_one_line(e)}") from None
+    except ImportError as e:
+        raise EnvError(f"environment {env_id!r} could not be made: {_one_line(e)}") from None
+    except (gym.error.Error, TypeError, ValueError) as e:
+        raise EnvError(f"gymnasium.make({env_id!r}, ...) failed: {_one_line(e)}") from None
+
+
+def action_spec(space: Any, env_id: str) -> ActionSpec:
+    """A gymnasium Box or Discrete action space as an ActionSpec; EnvError for others."""
+    from gymnasium import spaces
+
+    if isinstance(space, spaces.Box):
+        return ActionSpec("box", tuple(space.shape), np.asarray(space.low, np.float32),
+                          np.asarray(space.high, np.float32))
+    if isinstance(space, spaces.Discrete):
+        return ActionSpec("discrete", (), n=int(space.n), start=int(space.start))
+    raise EnvError(f"{env_id}: action space {space} is not supported; pes.envs takes a Box or "
+                   "a Discrete action space")
+
+
+class MujocoStateIO:
+    """MuJoCo's mjSTATE_INTEGRATION of a gymnasium MujocoEnv: everything mj_step reads."""
+
+    def __init__(self, unwrapped: Any):
+        import mujoco
+
+        self._get_state, self._set_state = mujoco.mj_getState, mujoco.mj_setState
+        self._forward = mujoco.mj_forward
+        self.spec = mujoco.mjtState.mjSTATE_INTEGRATION
+        self.size = int(mujoco.mj_stateSize(unwrapped.model, self.spec))
+
+    def get(self, u: Any, out: np.ndarray) -> None:
+        self._get_state(u.model, u.data, out, self.spec)
+
+    def set(self, u: Any, x: np.ndarray) -> None:
+        self._set_state(u.model, u.data, x, self.spec)
+        self._forward(u.model, u.data)  # positions etc. that step reads before moving
+
+
+class AttributeStateIO:
+    """``env.unwrapped.state`` (classic control) as float64 numbers. Writing it also clears
+    CartPole's ``steps_beyond_terminated``: a written state is never past termination."""
+
+    def __init__(self, unwrapped: Any):
+        x = np.asarray(unwrapped.state, np.float64)
+        self.shape, self.size = x.shape, int(x.size)
+
+    def get(self, u: Any, out: np.ndarray) -> None:
+        out[:] = np.asarray(u.state, np.float64).ravel()
+
+    def set(self, u: Any, x: np.ndarray) -> None:
+        u.state = np.array(x, np.float64).reshape(self.shape)
+        if hasattr(u, "steps_beyond_terminated"):
+            u.steps_beyond_terminated = None
+
+
+class CustomStateIO:
+    """A user's ``(get, set)``: ``get(unwrapped_env) -> float64 array``, ``set(unwrapped_env,
+    float64 array)``."""
+
+    def __init__(self, unwrapped: Any, get: Callable, set: Callable):
+        self._get, self._set = get, set
+        self.size = int(np.asarray(get(unwrapped), np.float64).size)
+
+    def get(self, u: Any, out: np.ndarray) -> None:
+        out[:] = np.asarray(self._get(u), np.float64).ravel()
+
+    def set(self, u: Any, x: np.ndarray) -> None:
+        self._set(u, np.array(x, np.float64))
+
+
+def pick_state_io(env: Any, env_id: str, custom: tuple | None) -> Any:
+    """How to read and write this (reset) environment's state."""
+    u = env.unwrapped
+    if custom is not None:
+        if not (isinstance(custom, tuple | list) and len(custom) == 2
+                and all(callable(f) for f in custom)):
+            raise EnvError("state_io must be a pair of functions (get, set)")
+        return CustomStateIO(u, *custom)
+    if type(getattr(u, "model", None)).__name__ == "MjModel" and hasattr(u, "data"):
+        return MujocoStateIO(u)
+    state = getattr(u, "state", None)
+    if state is not None:
+        x = np.asarray(state)
+        if x.dtype.kind in "fiu" and x.size > 0:
+            return AttributeStateIO(u)
+    raise EnvError(f"{env_id}: pes.envs cannot read this environment's state (it is neither a "
+                   "MuJoCo environment nor has a numeric env.unwrapped.state); pass "
+                   "state_io=(get, set)")
+
+
+def _check_wrappers(env: Any, env_id: str) -> None:
+    while hasattr(env, "env"):
+        name = type(env).__name__
+        if name not in NEUTRAL_WRAPPERS:
+            raise EnvError(f"{env_id}: the environment carries the wrapper {name}, which "
+                           "pes.envs cannot apply (it steps the unwrapped environment); make "
+                           "it without that wrapper")
+        env = env.env
+
+
+class Gymnasium:
+    """A gymnasium environment with a policy as a pes System (see the module docstring).
+
+    Args:
+      env_id: a registered gymnasium id, e.g. 'Hopper-v5', 'CartPole-v1'.
+      policy: ``(theta, obs) -> raw action`` (fitted by :func:`pes.envs.policies.fit_action`);
+        :class:`~pes.envs.Linear` (the default) or :class:`~pes.envs.MLP`, or any JAX function.
+      threads: host threads stepping one batch (1: the calling thread). Helps where the
+        simulator releases Python's GIL for long enough (large MuJoCo models).
+      eval_episodes: episodes averaged by :meth:`evaluate`.
+      state_io: optional ``(get, set)`` reading/writing ``env.unwrapped``'s state as float64
+        numbers, for environments pes cannot read by itself.
+      make_kwargs: passed to ``gymnasium.make`` (e.g. ``max_episode_steps=500``).
+
+    Attributes: horizon, observation_shape, obs_dim, action (ActionSpec), state_size.
+    """
+
+    def __init__(self, env_id: str, policy: Callable | None = None, *, threads: int = 1,
+                 eval_episodes: int = 10, state_io: tuple | None = None, **make_kwargs: Any):
+        self.env_id, self.make_kwargs = env_id, dict(make_kwargs)
+        self.policy = Linear() if policy is None else policy
+        if not callable(self.policy):
+            raise EnvError(f"policy={self.policy!r} is not callable; pass pes.envs.Linear(), "
+                           "pes.envs.MLP() or a function (theta, obs) -> action")
+        for name, value in (("threads", threads), ("eval_episodes", eval_episodes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise EnvError(f"{name}={value!r} must be an int >= 1")
+        self.threads, self.eval_episodes = threads, eval_episodes
+        env = make_env(env_id, self.make_kwargs)
+        _check_wrappers(env, env_id)
+        from gymnasium import spaces
+
+        if not isinstance(env.observation_space, spaces.Box):
+            raise EnvError(f"{env_id}: observation space {env.observation_space} is not "
+                           "supported; pes.envs takes a Box observation space")
+        self.observation_shape = tuple(env.observation_space.shape)
+        self.obs_dim = int(math.prod(self.observation_shape))
+        self.action = action_spec(env.action_space, env_id)
+        limit = env.spec.max_episode_steps if env.spec is not None else None
+        self.horizon = None if limit is None else int(limit)
+        env.reset(seed=0)
+        self._io = pick_state_io(env, env_id, state_io)
+        self.state_size = self._io.size
+        self._envs, self._unwrapped = [env], [env.unwrapped]
+        self._cache = np.zeros((1, 2 * self.state_size), np.uint32)
+        self._valid = np.zeros(1, bool)
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
+        if hasattr(self.policy, "init"):
+            self.check_policy(self.theta0())
+
+    def __repr__(self) -> str:
+        return f"Gymnasium({self.env_id!r}, policy={self.policy!r})"
+
+    # ------------------------------------------------------------------------ the System
+
+    def theta0(self, key: jax.Array | None = None) -> Any:
+        """The built-in policy's initial theta (see its ``init``)."""
+        if not hasattr(self.policy, "init"):
+            raise EnvError("this policy is a plain function without init(); pass your own "
+                           "theta (its parameters)")
+        key = jax.random.PRNGKey(0) if key is None else key
+        return self.policy.init(key, self.obs_dim, self.action)
+
+    def check_policy(self, theta: Any) -> None:
+        """Trace the policy on theta: a PolicyError if its output does not fit the actions."""
+        obs = jax.ShapeDtypeStruct(self.observation_shape, jnp.float32)
+        jax.eval_shape(self.act, theta, obs)
+
+    def act(self, theta: Any, obs: jax.Array) -> jax.Array:
+        """The environment's action for obs under theta (policy output fitted to the space).
+        A built-in policy also takes theta flat (see :meth:`flatten`)."""
+        if hasattr(self.policy, "init") and getattr(theta, "ndim", None) == 1:
+            theta = self.unflatten(theta)
+        return fit_action(self.policy(theta, obs), self.action, who=f"the policy {self.policy}")
+
+    def flatten(self, theta: Any) -> jax.Array:
+        """A built-in policy's theta as one float32 vector [D] (``ravel_pytree`` order: the
+        leaves of :meth:`theta0` in sorted-key order), the form the command line trains."""
+        return jax.flatten_util.ravel_pytree(theta)[0]
+
+    def unflatten(self, flat: jax.Array) -> Any:
+        """The inverse of :meth:`flatten`: [D] -> the policy's theta layout."""
+        template = self.theta0()
+        size = jax.flatten_util.ravel_pytree(template)[0].shape[0]
+        if tuple(jnp.shape(flat)) != (size,):
+            raise PolicyError(f"a flat theta of shape {tuple(jnp.shape(flat))} does not fit "
+                              f"{self.policy}: it has {size} numbers")
+        return jax.flatten_util.ravel_pytree(template)[1](flat)
+
+    def init(self, key: jax.Array) -> GymState:
+        """A fresh episode, reset on the host at the next step with seed = bits(key)."""
+        return GymState(jnp.zeros((2 * self.state_size,), jnp.uint32),
+                        jnp.zeros(self.observation_shape, jnp.float32),
+                        jnp.asarray(FRESH, jnp.int32), jax.random.bits(key, (), jnp.uint32))
+
+    def step(self, state: GymState, theta: Any, t: jax.Array, key: jax.Array):
+        """One environment step under the policy -> (state, loss = -reward, done)."""
+        del t, key  # the environment is deterministic given its state; resets carry a seed
+        state = self.start(state)
+        return self._advance(state, self.act(theta, state.obs))
+
+    def transition(self, state: GymState, action: jax.Array):
+        """One environment step under a given action (fitted to the space: a Box's action is
+        clipped into its bounds) -> (state, loss, done): :meth:`step` without the policy."""
+        return self._advance(self.start(state), fit_action(action, self.action, "the action"))
+
+    def start(self, state: GymState) -> GymState:
+        """Reset fresh states on the host (seeded); others pass through. One host call for
+        the whole batch, made only on steps where some state is fresh."""
+        return batch_cond(state.status == FRESH, self._reset_batch, state)
+
+    def _reset_batch(self, fresh: jax.Array, state: GymState) -> GymState:
+        """fresh [*lead], state leaves [*lead, ...] -> the state with fresh rows reset."""
+        n2, lead = 2 * self.state_size, fresh.shape
+        out = host_call(self._reset_host,
+                        jax.ShapeDtypeStruct(lead + (n2 + self.obs_dim,), jnp.uint32),
+                        fresh, state.seed)
+        obs = jax.lax.bitcast_convert_type(out[..., n2:], jnp.float32).reshape(
+            lead + self.observation_shape)
+        f = fresh[..., None]
+        obs_f = fresh.reshape(lead + (1,) * len(self.observation_shape))
+        return GymState(jnp.where(f, out[..., :n2], state.sim), jnp.where(obs_f, obs, state.obs),
+                        jnp.where(fresh, RUNNING, state.status).astype(jnp.int32), state.seed)
+
+    def _advance(self, state: GymState, action: jax.Array):
+        n2 = 2 * self.state_size
+        bits = jax.lax.bitcast_convert_type(action, jnp.uint32).reshape(-1)
+        packed = jnp.concatenate([state.sim, bits, state.status.astype(jnp.uint32)[None]])
+        out = batch_callback(self._step_host,
+                             jax.ShapeDtypeStruct((n2 + self.obs_dim + 2,), jnp.uint32), packed)
+        obs = jax.lax.bitcast_convert_type(out[n2:n2 + self.obs_dim], jnp.float32)
+        reward = jax.lax.bitcast_convert_type(out[-2], jnp.float32)
+        ended = state.status == ENDED
+        done = ended | (out[-1] != 0)
+        new = GymState(out[:n2], jnp.where(ended, state.obs, obs.reshape(self.observation_shape)),
+                       jnp.where(done, ENDED, RUNNING).astype(jnp.int32), state.seed)
+        return new, jnp.where(ended, 0.0, -reward), done
+
+    def evaluate(self, theta: Any, key: jax.Array) -> dict[str, jax.Array]:
+        """{'meta_loss': -mean return / horizon, 'return': mean return, 'return_std': its
+        spread, 'return_min', 'return_max', 'episode_length': mean length, 'env_steps':
+        steps taken} of ``eval_episodes`` fresh episodes (of at most ``horizon`` steps, see
+        :func:`pes.envs.evaluate_return`). Jittable."""
+        from pes.envs.returns import episode_returns
+
+        if self.horizon is None:
+            raise EnvError(f"{self.env_id} has no time limit; evaluate needs one (pass "
+                           "max_episode_steps=...)")
+        ret, length = episode_returns(self, theta, key, self.eval_episodes, self.horizon)
+        return {"meta_loss": -jnp.mean(ret) / self.horizon, "return": jnp.mean(ret),
+                "return_std": jnp.std(ret), "return_min": jnp.min(ret),
+                "return_max": jnp.max(ret), "episode_length": jnp.mean(length),
+                "env_steps": jnp.sum(length)}
+
+    # ------------------------------------------------------------------- the host side
+
+    def _grow(self, batch: int) -> None:
+        while len(self._envs) < batch:
+            env = make_env(self.env_id, self.make_kwargs)
+            env.reset(seed=0)  # gymnasium wants a reset before anything else
+            self._envs.append(env)
+            self._unwrapped.append(env.unwrapped)
+        if self._cache.shape[0] < batch:
+            extra = batch - self._cache.shape[0]
+            self._cache = np.concatenate([self._cache, np.zeros((extra,) + self._cache.shape[1:],
+                                                                np.uint32)])
+            self._valid = np.concatenate([self._valid, np.zeros(extra, bool)])
+
+    def _reset_host(self, fresh: np.ndarray, seed: np.ndarray) -> np.ndarray:
+        """fresh [*lead] bool, seed [*lead] uint32 -> [*lead, 2 n + O] uint32: reset states'
+        bits and observations (zeros in rows that are not fresh); row-major rows."""
+        lead = fresh.shape
+        fresh, seed = fresh.reshape(-1), seed.reshape(-1)
+        batch = fresh.shape[0]
+        states = np.zeros((batch, self.state_size))
+        obs = np.zeros((batch, self.obs_dim), np.float32)
+        with self._lock:
+            self._grow(batch)
+            rows = np.flatnonzero(fresh)
+            for i in rows:
+                u = self._unwrapped[i]
+                o, _ = u.reset(seed=int(seed[i]))
+                self._io.get(u, states[i])
+                obs[i] = np.asarray(o, np.float32).ravel()
+            bits = to_bits(states)
+            self._cache[rows], self._valid[rows] = bits[rows], True
+        return np.concatenate([bits, obs.view(np.uint32)], axis=1).reshape(lead + (-1,))
+
+    def _step_host(self, packed: np.ndarray) -> np.ndarray:
+        """[B, 2 n + A + 1] (state bits, action bits, status) -> [B, 2 n + O + 2] (new state
+        bits, observation, reward as float32 bits, terminated). Ended rows pass through."""
+        batch, n2 = packed.shape[0], 2 * self.state_size
+        sim = packed[:, :n2]
+        status = packed[:, -1]
+        raw = np.ascontiguousarray(packed[:, n2:-1])
+        if self.action.kind == "box":
+            actions = raw.view(np.float32).reshape((batch,) + self.action.shape)
+        else:
+            actions = raw.view(np.int32)[:, 0] + self.action.start
+        states = from_bits(sim).copy()
+        obs = np.zeros((batch,) + self.observation_shape, np.float32)
+        reward = np.zeros(batch, np.float32)
+        term = np.zeros(batch, np.uint32)
+        with self._lock:
+            self._grow(batch)
+            rows = np.flatnonzero(status == RUNNING)
+            known = self._valid[:batch] & np.all(sim == self._cache[:batch], axis=1)
+            envs, get, put = self._unwrapped, self._io.get, self._io.set
+
+            def run(chunk):
+                # The per-environment loop is most of a step's host time: keep it lean.
+                for i in chunk:
+                    u = envs[i]
+                    if not known[i]:
+                        put(u, states[i])
+                    obs[i], reward[i], term[i], _, _ = u.step(actions[i])
+                    get(u, states[i])
+
+            if self._pool is None or len(rows) < 2:
+                run(rows)
+            else:
+                list(self._pool.map(run, np.array_split(rows, self.threads)))
+            bits = to_bits(states)
+            self._cache[rows], self._valid[rows] = bits[rows], True
+        return np.concatenate([bits, obs.reshape(batch, -1).view(np.uint32),
+                               reward[:, None].view(np.uint32), term[:, None]], axis=1)
+
+    def close(self) -> None:
+        """Close the host environments (the System cannot step afterwards)."""
+        with self._lock:
+            for env in self._envs:
+                env.close()
+            self._envs, self._unwrapped = [], []
+            self._valid = np.zeros_like(self._valid)
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
+__all__ = ["Gymnasium", "GymState", "PolicyError", "make_env", "import_gymnasium"]

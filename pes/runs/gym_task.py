@@ -1,0 +1,95 @@
+"""``gym:ENV_ID`` on the command line: a gymnasium environment as a run's task.
+
+The task is :class:`pes.envs.Gymnasium` with a built-in policy (``--policy linear`` or
+``mlp``), trained as one flat theta vector (``Gymnasium.flatten``'s order); its evaluation is
+the mean return of 10 fresh episodes (``return``, ``return_std``, ``env_steps``, and
+``meta_loss = -return / horizon``), and a run leaves its final policy as ``policy.npz`` (read
+it back with :func:`pes.envs.load_policy`).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from pes.runs.errors import ConfigError
+from pes.tasks.base import OptimizerSpec, TaskDefaults
+
+PREFIX = "gym:"
+POLICIES = ("linear", "mlp")
+POLICY_FILE = "policy.npz"
+
+
+def is_gym_task(name: Any) -> bool:
+    return isinstance(name, str) and name.startswith(PREFIX)
+
+
+class GymTask:
+    """A gymnasium environment with a built-in policy over a flat theta [D]."""
+
+    def __init__(self, env_id: str, policy: str = "linear"):
+        from pes import envs
+
+        if policy not in POLICIES:
+            raise ConfigError(f"policy={policy!r} is not a known policy; valid policies: "
+                              f"{', '.join(POLICIES)}", field="policy")
+        try:
+            self.system = envs.Gymnasium(
+                env_id, policy=envs.Linear() if policy == "linear" else envs.MLP())
+        except envs.EnvError as e:
+            raise ConfigError(str(e), field="task") from None
+        if self.system.horizon is None:
+            raise ConfigError(f"task='{PREFIX}{env_id}' has no time limit "
+                              "(max_episode_steps); pes needs episodes of bounded length",
+                              field="task")
+        self.env_id, self.policy = env_id, policy
+        self.horizon = self.system.horizon
+
+    def init(self, key: jax.Array) -> Any:
+        return self.system.init(key)
+
+    def step(self, state: Any, theta: jax.Array, t: jax.Array, key: jax.Array):
+        return self.system.step(state, theta, t, key)
+
+    def evaluate(self, theta: jax.Array, key: jax.Array) -> dict[str, jax.Array]:
+        return self.system.evaluate(theta, key)
+
+    def defaults(self) -> TaskDefaults:
+        """ARS-like starting settings: 10 antithetic pairs, sigma 0.05, windows of K = 100
+        aligned with the episodes, updates divided by the spread of the window losses, SGD
+        0.02 (full ES: whole episodes). Not tuned per environment."""
+        theta0 = np.asarray(self.system.flatten(self.system.theta0()), float)
+        es = {"num_particles": 20, "sigma": 0.05, "truncation_length": min(100, self.horizon),
+              "normalize_losses": True, "stagger": False}
+        return TaskDefaults(
+            theta0=tuple(float(v) for v in theta0), theta_shape=(theta0.size,), num_steps=100,
+            optimizer=OptimizerSpec("sgd", 0.02),
+            estimators={"pes": dict(es), "nres": dict(es), "tes": dict(es),
+                        "full-es": {"num_particles": 20, "sigma": 0.05,
+                                    "normalize_losses": True}})
+
+
+@functools.cache
+def make_gym_task(env_id: str, policy: str = "linear") -> GymTask:
+    return GymTask(env_id, policy)
+
+
+def export_policy(task: GymTask, theta: Any, run_dir: Any) -> Path:
+    """Write the run's final policy as ``policy.npz`` in its directory."""
+    from pes.envs import save_policy
+
+    return save_policy(Path(run_dir) / POLICY_FILE, task.system, jax.numpy.asarray(theta))
+
+
+def steps_per_estimate(estimator: str, settings: dict[str, Any], horizon: int) -> int:
+    """Environment steps one estimate takes at most: particles x window (x horizon for full
+    ES); TES also steps its unperturbed member."""
+    particles = int(settings.get("num_particles") or 1)
+    if estimator == "full-es":
+        return particles * horizon
+    k = int(settings.get("truncation_length") or horizon)
+    return (particles + particles // 2) * k if estimator == "tes" else particles * k
