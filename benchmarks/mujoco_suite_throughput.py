@@ -1,8 +1,9 @@
 """Environment steps per second on the MuJoCo suite's fast path: a PES window against bare
 batched ``mujoco.rollout`` at the same batch size, on Hopper-v5 and HalfCheetah-v5.
 
-* PES: ``pes.PES(MuJoCo(env, policy=linear), num_particles=B, sigma=0.3, K=100,
-  stagger=False).estimate`` (a window of K steps for B particles, 10 antithetic pairs at
+* PES: ``pes.PES(pes.envs.Gymnasium(env), num_particles=B, sigma=0.3, K=100,
+  stagger=False).estimate`` (Gymnasium takes the MuJoCo suite's fast path by itself; linear
+  policy) (a window of K steps for B particles, 10 antithetic pairs at
   B = 20, in one jitted scan with one host callback per step), inner_steps / time. Episodes
   that terminate restart from ``init`` (the estimators' termination support where present;
   otherwise a wrapper that resets on ``done`` inside ``step``, the same work).
@@ -31,7 +32,6 @@ import numpy as np
 from mujoco import rollout
 
 import pes
-from pes.envs.mujoco_suite import LinearPolicy, MuJoCo
 
 SIGMA = 0.3
 
@@ -59,24 +59,18 @@ def pes_estimator(system, batch: int, k: int):
     kwargs = dict(num_particles=batch, sigma=SIGMA, truncation_length=k, stagger=False)
     try:
         est = pes.PES(system, **kwargs)
-        theta = zero_theta(system)
-        est.init(jax.random.PRNGKey(0), theta)
+        est.init(jax.random.PRNGKey(0), system.theta0())
         return est
     except (TypeError, ValueError):  # no termination support in these estimators
         terminates = system.env_id not in ("HalfCheetah-v5", "Swimmer-v5")
         return pes.PES(ResetOnDone(system, terminates), **kwargs)
 
 
-def zero_theta(system):
-    return {"W": jnp.zeros((system.action_dim, system.obs_dim)),
-            "b": jnp.zeros(system.action_dim)}
-
-
 class RawRollout:
     """B environments stepped by NumPy and one ``mujoco.rollout`` call per step."""
 
-    def __init__(self, system: MuJoCo, batch: int, seed: int = 0):
-        sim = system.sim
+    def __init__(self, system, batch: int, seed: int = 0):
+        sim = system._fast.sim
         self.system, self.batch, self.rng = system, batch, np.random.default_rng(seed)
         self.model, self.fs = sim.model, sim.frame_skip
         self.data = mujoco.MjData(self.model)
@@ -88,6 +82,7 @@ class RawRollout:
         self.qpos = slice(1, 1 + sim.nq)
         self.qvel = slice(1 + sim.nq, 1 + sim.nq + sim.nv)
         self.skip = sim.nq + sim.nv - system.obs_dim  # positions left out of the observation
+        self.noise = sim.spec.p["reset_noise_scale"]
         self.out = np.empty((batch, self.fs, self.nstate))
         self.sensors = np.empty((batch, self.fs, 0))
         self.control = np.empty((batch, self.fs, sim.nu))
@@ -97,14 +92,14 @@ class RawRollout:
         self.t = np.zeros(batch, int)
 
     def _reset(self, n):
-        s = self.system.sim.spec.p["reset_noise_scale"]
+        s = self.noise
         states = np.repeat(self.template[None], n, axis=0)
         states[:, self.qpos] = self.qpos0 + self.rng.uniform(-s, s, (n, self.qpos.stop - 1))
         states[:, self.qvel] = s * self.rng.standard_normal((n, self.qvel.stop - self.qpos.stop))
         return states
 
     def window(self, steps: int) -> float:
-        obs_dim, nu = self.system.obs_dim, self.system.action_dim
+        obs_dim, nu = self.system.obs_dim, self.system.action.size
         z = SIGMA * self.rng.standard_normal((self.batch // 2, nu, obs_dim + 1))
         policies = np.concatenate([z, -z])
         start = time.perf_counter()
@@ -129,11 +124,10 @@ class RawRollout:
 
 
 def measure(env_id: str, batch: int, k: int, repeats: int) -> dict[str, float]:
-    probe = MuJoCo(env_id, policy=lambda th, o: jnp.zeros(1))
-    policy = LinearPolicy(probe.action_low, probe.action_high)
-    system = MuJoCo(env_id, policy=policy)
+    system = pes.envs.Gymnasium(env_id)
+    assert system.fast, f"{env_id} should take the fast path"
     est = pes_estimator(system, batch, k)
-    theta = zero_theta(system)
+    theta = system.theta0()
     state = est.init(jax.random.PRNGKey(0), theta)
     grad, state, _ = est.estimate(state, theta, jax.random.PRNGKey(1))  # compile, warm up
     jax.block_until_ready(grad)

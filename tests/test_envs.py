@@ -22,9 +22,10 @@ _SYSTEMS: dict[str, envs.Gymnasium] = {}
 
 
 def system(env_id: str) -> envs.Gymnasium:
-    """One System per id for the whole module (making MuJoCo environments costs time)."""
+    """One System per id for the whole module (making MuJoCo environments costs time); the
+    generic path (the MuJoCo suite's fast path has its own tests: test_mujoco_suite.py)."""
     if env_id not in _SYSTEMS:
-        _SYSTEMS[env_id] = envs.Gymnasium(env_id)
+        _SYSTEMS[env_id] = envs.Gymnasium(env_id, fast=False)
     return _SYSTEMS[env_id]
 
 
@@ -126,7 +127,8 @@ def test_state_in_jax_determines_the_step():
 
 
 def test_threads_step_the_same_numbers():
-    one, two = system("HalfCheetah-v5"), envs.Gymnasium("HalfCheetah-v5", threads=2)
+    one, two = system("HalfCheetah-v5"), envs.Gymnasium("HalfCheetah-v5", threads=2,
+                                                           fast=False)
     keys = jax.random.split(jax.random.PRNGKey(8), 3)
     acts = random_actions(one, 15, 0).reshape(5, 3, 6)
     out = []

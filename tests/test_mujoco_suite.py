@@ -9,15 +9,8 @@ import mujoco
 import numpy as np
 import pytest
 
-from pes.envs.mujoco_suite import (
-    ENDED,
-    SPECS,
-    LinearPolicy,
-    MuJoCo,
-    SuiteSim,
-    from_bits,
-    has_fast_path,
-)
+import pes.envs as envs
+from pes.envs.mujoco_suite import ENDED, SPECS, MuJoCo, SuiteSim, from_bits, has_fast_path
 
 STEPS = 200
 
@@ -106,28 +99,43 @@ def test_keywords_are_gymnasiums():
 
 
 def system_and_theta(env_id: str, scale: float = 0.3):
-    probe = SuiteSim(env_id)
-    policy = LinearPolicy(probe.ctrl_low, probe.ctrl_high)
+    """(System, its JAX policy, a random linear theta, its SuiteSim); ``gym:`` ids go through
+    pes.envs.Gymnasium (fast='auto', its Linear policy), others use MuJoCo directly."""
+    if env_id.startswith("gym:"):
+        system = envs.Gymnasium(env_id[4:])
+        assert system.fast
+        theta = system.theta0()
+        theta = {"W": scale * jax.random.normal(jax.random.PRNGKey(1), theta["W"].shape),
+                 "b": theta["b"]}
+        return system, system.act, theta, system._fast.sim
+    sim = SuiteSim(env_id)
+    low, high = sim.ctrl_low, sim.ctrl_high
+
+    def policy(theta, obs):
+        return jnp.clip(theta["W"] @ obs + theta["b"], low, high)
+
     system = MuJoCo(env_id, policy=policy)
     theta = {"W": scale * jax.random.normal(jax.random.PRNGKey(1),
                                             (system.action_dim, system.obs_dim)),
              "b": jnp.zeros(system.action_dim)}
-    return system, policy, theta
+    return system, policy, theta, system.sim
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("env_id", ["Hopper-v5", "Ant-v5", "InvertedDoublePendulum-v5"])
+@pytest.mark.parametrize("env_id", ["Hopper-v5", "Ant-v5", "InvertedDoublePendulum-v5",
+                                    "gym:Walker2d-v5"])
 def test_system_steps_equal_gymnasiums(env_id):
     """The System (init in JAX, one batched host call per step under jit and vmap) gives
     gymnasium's float32 observations, rewards and terminations for the same initial states
-    and the policy's actions; after ``done`` a particle stays ended (loss 0, done)."""
-    system, policy, theta = system_and_theta(env_id)
+    and the policy's actions; after ``done`` a particle stays ended (loss 0, done). Also
+    through pes.envs.Gymnasium, which takes the fast path by itself."""
+    system, policy, theta, sim = system_and_theta(env_id)
+    env_id = env_id.removeprefix("gym:")
     n = 4
     keys = jax.random.split(jax.random.PRNGKey(0), n)
     states = jax.vmap(system.init)(keys)
     step = jax.jit(jax.vmap(system.step, in_axes=(0, None, None, None)))
     act = jax.jit(jax.vmap(policy, in_axes=(None, 0)))
-    sim = system.sim
     phys = from_bits(np.asarray(states.physics)[:, :-1])[:, :sim.nphys].copy()
     sim.reset_from_noise(phys)  # the initial states init drew, as the host completes them
     envs = [gymnasium.make(env_id) for _ in range(n)]
@@ -155,9 +163,10 @@ def test_system_steps_equal_gymnasiums(env_id):
         assert not alive.all(), "the check should cover terminations"
 
 
+@pytest.mark.slow
 def test_init_is_the_v5_reset_distribution():
     """init draws qpos = qpos0 + U(-s, s) and Ant's qvel = s N(0, 1), as gymnasium's reset."""
-    system, _, _ = system_and_theta("Ant-v5")
+    system, _, _, _ = system_and_theta("Ant-v5")
     sim = system.sim
     states = jax.jit(jax.vmap(system.init))(jax.random.split(jax.random.PRNGKey(3), 2000))
     phys = from_bits(np.asarray(states.physics)[:, :-1])[:, :sim.nphys].copy()
@@ -167,3 +176,13 @@ def test_init_is_the_v5_reset_distribution():
     assert np.abs(noise_q).max() <= s and np.abs(noise_q.std() - s / np.sqrt(3)) < 0.003
     assert abs(phys[:, sim.qvel].std() - s) < 0.003
     assert np.all(phys[:, sim.time] == 0.0)
+
+
+def test_gymnasium_takes_the_fast_path_where_it_has_it():
+    assert envs.Gymnasium("HalfCheetah-v5", ctrl_cost_weight=0.2).fast
+    assert not envs.Gymnasium("HalfCheetah-v5", fast=False).fast
+    assert not envs.Gymnasium("CartPole-v1").fast
+    with pytest.raises(envs.EnvError, match="has no fast path"):
+        envs.Gymnasium("CartPole-v1", fast=True)
+    with pytest.raises(envs.EnvError, match="fast="):
+        envs.Gymnasium("Hopper-v5", fast="yes")

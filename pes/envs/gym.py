@@ -218,13 +218,19 @@ class Gymnasium:
       eval_episodes: episodes averaged by :meth:`evaluate`.
       state_io: optional ``(get, set)`` reading/writing ``env.unwrapped``'s state as float64
         numbers, for environments pes cannot read by itself.
+      fast: 'auto' (default), True or False: step gymnasium's MuJoCo v5 suite (Swimmer,
+        Hopper, HalfCheetah, Walker2d, Ant, InvertedPendulum, InvertedDoublePendulum) by the
+        batched C fast path of :mod:`pes.envs.mujoco_suite` (the same steps, bit for bit; the
+        reset noise drawn in JAX instead of by gymnasium's seeded generator) where it has the
+        environment and its keyword arguments. True: an error where it has not.
       make_kwargs: passed to ``gymnasium.make`` (e.g. ``max_episode_steps=500``).
 
     Attributes: horizon, observation_shape, obs_dim, action (ActionSpec), state_size.
     """
 
     def __init__(self, env_id: str, policy: Callable | None = None, *, threads: int = 1,
-                 eval_episodes: int = 10, state_io: tuple | None = None, **make_kwargs: Any):
+                 eval_episodes: int = 10, state_io: tuple | None = None,
+                 fast: bool | str = "auto", **make_kwargs: Any):
         self.env_id, self.make_kwargs = env_id, dict(make_kwargs)
         self.policy = Linear() if policy is None else policy
         if not callable(self.policy):
@@ -254,8 +260,32 @@ class Gymnasium:
         self._valid = np.zeros(1, bool)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
+        self._fast = self._make_fast(fast, state_io)
         if hasattr(self.policy, "init"):
             self.check_policy(self.theta0())
+
+    def _make_fast(self, fast: bool | str, state_io: tuple | None) -> Any:
+        """The fast path's System where ``fast`` asks for it and it has the environment."""
+        from pes.envs import mujoco_suite
+
+        if fast not in (True, False, "auto"):
+            raise EnvError(f"fast={fast!r} must be True, False or 'auto'")
+        kwargs = {k: v for k, v in self.make_kwargs.items() if k != "max_episode_steps"}
+        has = (mujoco_suite.has_fast_path(self.env_id, **kwargs) and state_io is None
+               and self.action.kind == "box" and self.horizon is not None)
+        if fast is True and not has:
+            raise EnvError(f"{self.env_id} (with {sorted(kwargs) or 'no keywords'}) has no fast "
+                           f"path; it has {', '.join(mujoco_suite.SPECS)} with their v5 "
+                           "keywords (pass fast='auto' to use the generic path)")
+        if fast is False or not has:
+            return None
+        return mujoco_suite.MuJoCo(self.env_id, policy=self.act, threads=self.threads,
+                                   max_episode_steps=self.horizon, **kwargs)
+
+    @property
+    def fast(self) -> bool:
+        """Whether this System steps through the MuJoCo suite's fast path."""
+        return self._fast is not None
 
     def __repr__(self) -> str:
         return f"Gymnasium({self.env_id!r}, policy={self.policy!r})"
@@ -297,13 +327,18 @@ class Gymnasium:
         return jax.flatten_util.ravel_pytree(template)[1](flat)
 
     def init(self, key: jax.Array) -> GymState:
-        """A fresh episode, reset on the host at the next step with seed = bits(key)."""
+        """A fresh episode, reset on the host at the next step with seed = bits(key) (on the
+        fast path: drawn in JAX from key, see :meth:`pes.envs.mujoco_suite.MuJoCo.init`)."""
+        if self._fast is not None:
+            return self._fast.init(key)
         return GymState(jnp.zeros((2 * self.state_size,), jnp.uint32),
                         jnp.zeros(self.observation_shape, jnp.float32),
                         jnp.asarray(FRESH, jnp.int32), jax.random.bits(key, (), jnp.uint32))
 
     def step(self, state: GymState, theta: Any, t: jax.Array, key: jax.Array):
         """One environment step under the policy -> (state, loss = -reward, done)."""
+        if self._fast is not None:
+            return self._fast.step(state, theta, t, key)
         del t, key  # the environment is deterministic given its state; resets carry a seed
         state = self.start(state)
         return self._advance(state, self.act(theta, state.obs))
@@ -311,6 +346,8 @@ class Gymnasium:
     def transition(self, state: GymState, action: jax.Array):
         """One environment step under a given action (fitted to the space: a Box's action is
         clipped into its bounds) -> (state, loss, done): :meth:`step` without the policy."""
+        if self._fast is not None:
+            return self._fast.transition(state, fit_action(action, self.action, "the action"))
         return self._advance(self.start(state), fit_action(action, self.action, "the action"))
 
     def start(self, state: GymState) -> GymState:

@@ -34,15 +34,13 @@ import importlib.util
 import math
 import os
 import threading
-from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pes.envs._fastcall import available, host_call
-from pes.tasks.swimmer import float32_to_bits64, from_bits, to_bits
+from pes.envs.host import batch_callback, float32_to_bits64, from_bits, to_bits
 
 # --------------------------------------------------------------------------- environments
 
@@ -519,7 +517,6 @@ class MuJoCo:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads={threads!r} must be an int >= 1")
         self.env_id, self.policy = env_id, policy
-        available()  # decide the host call's path outside any trace
         self.sim = SuiteSim(env_id, threads=threads, engine=engine, **kwargs)
         self.horizon = int(max_episode_steps)
         sim, spec = self.sim, self.sim.spec
@@ -570,8 +567,8 @@ class MuJoCo:
         packed = jnp.concatenate([state.physics,
                                   jax.lax.bitcast_convert_type(action, jnp.uint32)])
         n, od = self._nwords, self.obs_dim
-        out = host_call(self._host_step, jax.ShapeDtypeStruct((n + od + 2,), jnp.uint32),
-                        packed)
+        out = batch_callback(self._host_step,
+                             jax.ShapeDtypeStruct((n + od + 2,), jnp.uint32), packed)
         obs = jax.lax.bitcast_convert_type(out[n:n + od], jnp.float32)
         reward = jax.lax.bitcast_convert_type(out[n + od], jnp.float32)
         ended = state.physics[n - 1] == ENDED
@@ -613,16 +610,3 @@ class MuJoCo:
         out[rows, n + od] = reward.astype(np.float32).view(np.uint32)
         out[rows, n + od + 1] = terminated
         return out.reshape(lead + (-1,))
-
-
-@dataclass(frozen=True)
-class LinearPolicy:
-    """a = clip(W obs + b, low, high); theta = {'W': [nu, obs_dim], 'b': [nu]} (for tests and
-    benchmarks until ``pes.envs.Linear`` is here)."""
-
-    low: Any
-    high: Any
-
-    def __call__(self, theta, obs):
-        a = theta["W"] @ obs + theta["b"]
-        return jnp.clip(a, jnp.asarray(self.low), jnp.asarray(self.high))
