@@ -150,10 +150,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=int, default=100, help="PES truncation length")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true",
-                        help="smoke test: B = 4, K = 10, 1 repeat (numbers mean nothing)")
+                        help="smoke test: HalfCheetah, B = 4, K = 10, 1 repeat (numbers mean "
+                        "nothing)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.batch, args.k, args.repeats = 4, 10, 1
+        args.envs, args.batch, args.k, args.repeats = ["HalfCheetah-v5"], 4, 10, 1
     rows = []
     for env_id in args.envs:
         med = measure(env_id, args.batch, args.k, args.repeats)

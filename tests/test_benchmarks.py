@@ -25,6 +25,7 @@ def load(name):
     ("memory", ["| 10 |"]),
     ("scaling", ["| toy regression | 8 | 2 | 1 |", "| toy regression | 8 | 2 | 2 |"]),
     ("gym_throughput", ["InvertedPendulum-v5, 2 antithetic pairs", "PES / gymnasium sync:"]),
+    ("mujoco_suite_throughput", ["| HalfCheetah-v5 | 4 |"]),
 ])
 def test_quick_mode_prints_its_table(name, rows, capsys):
     load(name).main(["--quick"])
