@@ -4,14 +4,16 @@ batched ``mujoco.rollout`` at the same batch size, on Hopper-v5 and HalfCheetah-
 * PES: ``pes.PES(pes.envs.Gymnasium(env), num_particles=B, sigma=0.3, K=100,
   stagger=False).estimate`` (Gymnasium takes the MuJoCo suite's fast path by itself; linear
   policy) (a window of K steps for B particles, 10 antithetic pairs at
-  B = 20, in one jitted scan with one host callback per step), inner_steps / time. Episodes
-  that terminate restart from ``init`` (the estimators' termination support where present;
-  otherwise a wrapper that resets on ``done`` inside ``step``, the same work).
+  B = 20, in one jitted scan with one host callback per step), inner_steps / time.
+  Hopper runs with ``terminate_when_unhealthy=False``: the estimators let a terminated
+  particle wait (no simulation) until its pair's episode slot ends, so with termination a
+  window at a poor policy mostly waits, and would time the estimator's bookkeeping rather than
+  the simulator path. Every particle is simulated at every step, as in the baseline.
 * rollout: the same work with nothing but NumPy and one ``mujoco.rollout`` call per
   environment step for the batch (frame_skip substeps, preallocated arrays, float64 states
   carried between calls): B environments at antithetic linear policies clip(W obs + b),
-  redrawn per window, reset where Hopper's health check fails and at the horizon (the least a
-  policy-driven batched simulation costs in Python; no rewards, no warm start carried).
+  redrawn per window, reset at the horizon (the least a policy-driven batched simulation
+  costs in Python; no rewards, no warm start carried).
 
 Each measurement is the median of ``--repeats`` interleaved repeats after a warm-up window;
 the ratio PES / rollout is the figure of merit (goal: >= 80%). Run:
@@ -26,7 +28,6 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import mujoco
 import numpy as np
 from mujoco import rollout
@@ -36,23 +37,24 @@ import pes
 SIGMA = 0.3
 
 
-class ResetOnDone:
-    """A two-value System over a three-value one: a step that ends the episode continues from
-    ``init`` (for estimators without termination support; the same simulator work, and an
-    extra ``init`` per step). Environments that never terminate just drop ``done``."""
+# Keywords that keep every particle running (see the module docstring).
+NO_TERMINATION = {"Hopper-v5": {"terminate_when_unhealthy": False},
+                  "Walker2d-v5": {"terminate_when_unhealthy": False},
+                  "Ant-v5": {"terminate_when_unhealthy": False}}
 
-    def __init__(self, system, terminates: bool):
-        self.system, self.horizon, self.terminates = system, system.horizon, terminates
+
+class DropDone:
+    """A two-value System over a three-value one that never ends an episode early, for
+    estimators without termination support."""
+
+    def __init__(self, system):
+        self.system, self.horizon = system, system.horizon
 
     def init(self, key):
         return self.system.init(key)
 
     def step(self, state, theta, t, key):
-        new, loss, done = self.system.step(state, theta, t, key)
-        if not self.terminates:
-            return new, loss
-        fresh = self.system.init(jax.random.fold_in(key, 1))
-        return jax.tree.map(lambda a, b: jnp.where(done, a, b), fresh, new), loss
+        return self.system.step(state, theta, t, key)[:2]
 
 
 def pes_estimator(system, batch: int, k: int):
@@ -62,8 +64,7 @@ def pes_estimator(system, batch: int, k: int):
         est.init(jax.random.PRNGKey(0), system.theta0())
         return est
     except (TypeError, ValueError):  # no termination support in these estimators
-        terminates = system.env_id not in ("HalfCheetah-v5", "Swimmer-v5")
-        return pes.PES(ResetOnDone(system, terminates), **kwargs)
+        return pes.PES(DropDone(system), **kwargs)
 
 
 class RawRollout:
@@ -87,7 +88,6 @@ class RawRollout:
         self.sensors = np.empty((batch, self.fs, 0))
         self.control = np.empty((batch, self.fs, sim.nu))
         self.low, self.high = sim.ctrl_low, sim.ctrl_high
-        self.hopper = system.env_id == "Hopper-v5"
         self.states = self._reset(batch)
         self.t = np.zeros(batch, int)
 
@@ -114,9 +114,6 @@ class RawRollout:
             self.states = self.out[:, -1].copy()
             self.t += 1
             done = self.t >= self.system.horizon
-            if self.hopper:
-                q = self.states[:, self.qpos]
-                done |= ~((q[:, 1] > 0.7) & (np.abs(q[:, 2]) < 0.2))
             if done.any():
                 self.states[done] = self._reset(int(done.sum()))
                 self.t[done] = 0
@@ -124,7 +121,7 @@ class RawRollout:
 
 
 def measure(env_id: str, batch: int, k: int, repeats: int) -> dict[str, float]:
-    system = pes.envs.Gymnasium(env_id)
+    system = pes.envs.Gymnasium(env_id, **NO_TERMINATION.get(env_id, {}))
     assert system.fast, f"{env_id} should take the fast path"
     est = pes_estimator(system, batch, k)
     theta = system.theta0()
