@@ -151,3 +151,19 @@ def test_an_upward_import_is_caught(monkeypatch):
     monkeypatch.setitem(globals(), "imports_of", with_violation)
     assert any(b.startswith("pes.tasks.lorenz (tasks and envs) imports pes.runs.registry")
                for b in upward_imports())
+
+
+def test_every_reference_by_name_resolves():
+    """The runners and views the experiments name as "module:function" exist, in the paper
+    layer, and take what run_experiment and the training-runs runner pass them."""
+    import inspect
+
+    from pes.paper.experiments import EXPERIMENTS, load
+
+    for name, experiment in EXPERIMENTS.items():
+        for ref, arity in ((experiment.runner, 3), (experiment.views, 3)):
+            if ref is None:
+                continue
+            assert layer_of(ref.split(":")[0]) == layer_of("pes.paper"), (name, ref)
+            function = load(ref)
+            assert len(inspect.signature(function).parameters) == arity, (name, ref)
