@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pes.estimators._particles import EstimateInfo, check_positive_int, theta_spec
+from pes.estimators._particles import EstimateInfo, check_positive_int
 from pes.system import PyTree, check_theta, evaluate
 
 
@@ -192,8 +192,6 @@ def train(
     else:
         theta, opt_state, state = resume.theta, resume.opt_state, resume.estimator_state
         start, inner_steps = int(resume.step), int(resume.inner_steps)
-        if hasattr(estimator, "_spec"):  # lets estimate() check theta as after init
-            estimator._spec = theta_spec(check_theta(theta))
     history = History()
 
     def evaluation(step):
