@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pes.estimators._particles import EstimateInfo, check_positive_int, theta_spec
+from pes.estimators._particles import EstimateInfo, check_positive_int
 from pes.system import PyTree, check_theta, evaluate
 
 
@@ -222,8 +222,6 @@ def _setup(estimator, theta, optimizer, *, num_steps, key, eval_every, callback,
     else:
         theta, opt_state, state = resume.theta, resume.opt_state, resume.estimator_state
         start, inner_steps = int(resume.step), int(resume.inner_steps)
-        if hasattr(estimator, "_spec"):  # lets estimate() check theta as after init
-            estimator._spec = theta_spec(check_theta(theta))
 
     def evaluation(step, theta):
         return float(evaluate_fn(theta, jax.random.fold_in(k_eval, step)))

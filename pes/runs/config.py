@@ -524,9 +524,6 @@ class Setup:
     theta0: jax.Array
 
 
-_ESTIMATOR_CACHE: dict[tuple, Any] = {}
-
-
 def make_optimizer(name: str, lr: float, b1: float | None = None,
                    schedule: Any = ()) -> optax.GradientTransformation:
     """``schedule``: ((boundary, scale), ...) of a piecewise-constant rate; () is constant."""
@@ -539,22 +536,14 @@ def make_optimizer(name: str, lr: float, b1: float | None = None,
 
 
 def _construct(est: EstimatorEntry, task: Any, kwargs: dict[str, Any]) -> Any:
-    cls = est.cls()
-    # Estimators hold their jitted functions: reusing one across seeds skips recompiling.
-    key = (est.name, cls, task, tuple(sorted(kwargs.items())))
-    cached = _ESTIMATOR_CACHE.get(key)
-    if cached is not None:
-        return cached
+    # Estimators are immutable and jit keys on their value: an equal estimator built for
+    # another seed reuses the compiled code.
     try:
-        estimator = cls(task, **kwargs)
+        return est.cls()(task, **kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"estimator={est.name!r} refused its settings "
                           f"({', '.join(f'{k}={v}' for k, v in kwargs.items())}): {e}",
                           field="estimator") from None
-    if len(_ESTIMATOR_CACHE) > 32:
-        _ESTIMATOR_CACHE.clear()
-    _ESTIMATOR_CACHE[key] = estimator
-    return estimator
 
 
 def build_setup(config: RunConfig) -> Setup:
