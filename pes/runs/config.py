@@ -32,7 +32,7 @@ import yaml
 
 from pes.runs.errors import ConfigError
 from pes.runs.gym_task import POLICIES as GYM_POLICIES
-from pes.runs.gym_task import is_gym_task, steps_per_estimate
+from pes.runs.gym_task import is_gym_task, outer_step_cap
 from pes.runs.registry import (
     ESTIMATOR_NAMES,
     ESTIMATOR_SETTINGS,
@@ -147,10 +147,10 @@ class RunConfig:
       JAX through mujoco.mjx, for accelerators); None: 'mujoco'. Other tasks take none.
     policy: gym:ENV_ID's policy, 'linear' or 'mlp' (32, 32 tanh); None: 'linear'.
     env_steps: a budget in environment steps (gym:ENV_ID tasks), an alternative to
-      num_steps: num_steps = ceil(env_steps / the steps one estimate takes at most) (particles
-      x K; full ES: particles x horizon; TES adds its unperturbed member). ``inner_steps`` and
-      ``env_steps`` report the steps actually taken, fewer where particles wait after an
-      episode ends early.
+      num_steps: the run stops after the outer step at which ``inner_steps``, the steps
+      actually taken, reaches it. num_steps becomes a cap that surely spends the budget:
+      ceil(env_steps / members) x ceil(horizon / K) (full ES: ceil(env_steps / members)), as
+      every member takes at least one step per episode slot however early its episode ends.
     devices: split the particles over this many devices (a 1-D mesh; the pairs of antithetic
       estimators must divide evenly); None: one device, or every device of every process in a
       distributed run (:mod:`pes.runs.distributed`). It changes where the particles
@@ -353,8 +353,7 @@ class RunConfig:
             if not is_gym_task(self.task):
                 raise ConfigError(f"env_steps={self.env_steps} applies to gym:ENV_ID tasks "
                                   "only; use num_steps", field="env_steps")
-            per = steps_per_estimate(est.name, settings, horizon)
-            num_steps = max(1, -(-self.env_steps // per))
+            num_steps = outer_step_cap(est.name, settings, horizon, self.env_steps)
             if self.num_steps is not None and self.num_steps != num_steps:
                 raise ConfigError(f"env_steps={self.env_steps} contradicts num_steps="
                                   f"{self.num_steps}: give one budget", field="env_steps")

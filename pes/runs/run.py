@@ -621,16 +621,18 @@ class _Recorder:
         self.bar.update(1)
         state = self.pending_state
         stop = self.signal
+        budget = self.setup.config.env_steps  # gym tasks: a budget in environment steps
+        spent = budget is not None and record.inner_steps >= budget
         if state is not None and state.step == record.step:
             self.last_state = state
-            due = self._checkpoint_due(record.step)
+            due = self._checkpoint_due(record.step) or spent
             if self.multiprocess:  # one decision for all: a signal or a clock anywhere
                 agreed, due = max_over_processes([stop or 0, int(due)])
                 stop = agreed or None
             if stop is not None or due:
                 self.checkpoint(state)
         self.stop_signal = stop
-        return stop is not None
+        return stop is not None or spent
 
     def _checkpoint_due(self, step: int) -> bool:
         cfg = self.setup.config
