@@ -54,7 +54,9 @@ def compiled_bytes(kind: str, T: int, quick: bool) -> int:
     est, theta = build(kind, T, quick)
     key = jax.random.PRNGKey(0)
     state = jax.eval_shape(est._init, key, theta)
-    compiled = est._estimate_jit.lower(state, theta, key).compile()
+    from pes.estimators._particles import _estimate_jit
+
+    compiled = _estimate_jit.lower(est, state, theta, key).compile()
     m = compiled.memory_analysis()
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
                - m.alias_size_in_bytes)
@@ -70,7 +72,9 @@ def measure_run(kind: str, T: int, quick: bool) -> int:
     est, theta = build(kind, T, quick)
     key = jax.random.PRNGKey(0)
     state = est.init(key, theta)
-    compiled = est._estimate_jit.lower(state, theta, key).compile()
+    from pes.estimators._particles import _estimate_jit
+
+    compiled = _estimate_jit.lower(est, state, theta, key).compile()
     jax.block_until_ready(state)
     before = rss_bytes()
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -7,8 +7,16 @@ A System is any object with
 * ``step(state, theta, t, key) -> (state, loss)``: one inner step s_{t+1} = f(s_t, theta, t)
   and its scalar loss l_t. ``t`` is the step index inside the episode (an int32 scalar) and
   ``key`` carries all of the step's randomness (minibatches included).
+* or ``step(...) -> (state, loss, done)``: ``done`` (a bool scalar) says the episode ended with
+  this step (its loss counts); the particle's next episode starts from ``init``. ``horizon`` is
+  then the maximum episode length (``None``: no limit).
 
-The meta-objective is the mean per-step loss of an episode, L(theta) = mean_t l_t.
+``init`` must be cheap, pure JAX: the estimators call it (under vmap, on every step of a small
+state) to reset particles by selection.
+
+The meta-objective is the mean per-step loss of an episode, L(theta) = E[sum_{t<tau} l_t] / T,
+tau <= T the episode's length (T without termination: the mean of l_t). See
+docs/termination.md.
 """
 
 from __future__ import annotations
@@ -92,30 +100,57 @@ def check_theta(theta: PyTree, name: str = "theta") -> PyTree:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def check_step_output(system: Any, theta: PyTree, key: jax.Array) -> None:
-    """Trace ``system.init`` and one ``system.step`` abstractly; reject a non-scalar loss."""
+def check_step_output(system: Any, theta: PyTree, key: jax.Array) -> bool:
+    """Trace ``system.init`` and one ``system.step`` abstractly and check what step returns:
+    ``(state, loss)`` or ``(state, loss, done)`` with a float scalar loss, a bool (or int)
+    scalar done, and a state of init's structure whose leaves keep their shapes and dtypes.
+
+    Returns whether the step returns ``done`` (the system can end an episode early). Raises
+    TypeError/ValueError naming the offending part.
+    """
+    name = type(system).__name__
     state = jax.eval_shape(system.init, key)
     out = jax.eval_shape(system.step, state, theta, jnp.zeros((), jnp.int32), key)
-    if not (isinstance(out, tuple) and len(out) == 2):
+    if not (isinstance(out, tuple) and len(out) in (2, 3)):
         raise TypeError(
-            f"{type(system).__name__}.step must return (next_state, loss); got {out!r}"
+            f"{name}.step must return (next_state, loss) or (next_state, loss, done); got {out!r}"
         )
-    next_state, loss = out
+    next_state, loss = out[:2]
     if getattr(loss, "shape", None) != ():
         raise ValueError(
-            f"{type(system).__name__}.step returned loss of shape {getattr(loss, 'shape', loss)}; "
+            f"{name}.step returned loss of shape {getattr(loss, 'shape', loss)}; "
             "the loss must be a scalar"
         )
     if not jnp.issubdtype(loss.dtype, jnp.floating):
-        raise TypeError(
-            f"{type(system).__name__}.step returned loss of dtype {loss.dtype}; it must be float"
-        )
+        raise TypeError(f"{name}.step returned loss of dtype {loss.dtype}; it must be float")
+    if len(out) == 3:
+        done = out[2]
+        dtype = getattr(done, "dtype", None)
+        if getattr(done, "shape", None) != () or not (
+                jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(dtype, jnp.integer)):
+            raise TypeError(
+                f"{name}.step returned done={done!r}; done must be a bool (or int) scalar: "
+                "True when the episode ended with this step"
+            )
+    _check_same_state(name, state, next_state)
+    return len(out) == 3
+
+
+def _check_same_state(name: str, state: PyTree, next_state: PyTree) -> None:
+    """The state step returns must have init's structure, leaf shapes and dtypes."""
     s_in = jax.tree_util.tree_structure(state)
     s_out = jax.tree_util.tree_structure(next_state)
     if s_in != s_out:
-        raise ValueError(
-            f"{type(system).__name__}.step changed the state's structure from {s_in} to {s_out}"
-        )
+        raise ValueError(f"{name}.step changed the state's structure from {s_in} to {s_out}")
+    pairs = zip(jax.tree_util.tree_flatten_with_path(state)[0],
+                jax.tree_util.tree_leaves(next_state), strict=True)
+    for (path, a), b in pairs:
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise ValueError(
+                f"{name}.step changed state{jax.tree_util.keystr(path)} from "
+                f"{a.dtype}{list(a.shape)} (as init returns it) to {b.dtype}{list(b.shape)}; "
+                "step must keep every leaf's shape and dtype"
+            )
 
 
 def tree_shapes_match(a: PyTree, b: PyTree) -> bool:
@@ -147,6 +182,10 @@ def unroll(
     k_init, k_steps = jax.random.split(key)
     s0 = system.init(k_init) if state is None else state
     horizon = system.horizon
+    t0 = jnp.zeros((), jnp.int32)
+    out = jax.eval_shape(system.step, s0, theta, t0, k_init)
+    if len(out) == 3:
+        return _unroll_terminating(system, theta, k_steps, num_steps, s0)
 
     # Resets only where a later step needs the fresh state: a single episode never resets
     # (so the final state is the trained one), and no init runs on every step under vmap.
@@ -163,9 +202,32 @@ def unroll(
             t = jnp.where(done, 0, t)
         return (s, t), loss
 
-    (s, _), losses = jax.lax.scan(
-        body, (s0, jnp.zeros((), jnp.int32)), jnp.arange(num_steps, dtype=jnp.int32)
-    )
+    (s, _), losses = jax.lax.scan(body, (s0, t0), jnp.arange(num_steps, dtype=jnp.int32))
+    return s, losses
+
+
+def _unroll_terminating(system, theta, k_steps, num_steps, s0):
+    """unroll for a step returning (state, loss, done): after ``done`` the episode waits, its
+    state kept and its losses 0, until t reaches the horizon (then a fresh state); without a
+    horizon the next step starts a fresh episode at once. The final state is that of the last
+    step taken."""
+    horizon = system.horizon
+
+    def body(carry, j):
+        s, t, ended = carry
+        k_step, k_reset = step_key(k_steps, j)
+        new_s, loss, done = system.step(s, theta, t, k_step)
+        s = jax.tree_util.tree_map(lambda a, b: jnp.where(ended, a, b), s, new_s)
+        loss = jnp.where(ended, jnp.zeros_like(loss), loss)
+        ended = ended | jnp.asarray(done).astype(bool)
+        t = t + 1
+        slot_end = ended if horizon is None else t >= horizon
+        restart = slot_end & (j < num_steps - 1)
+        s = jax.lax.cond(restart, lambda: system.init(k_reset), lambda: s)
+        return (s, jnp.where(slot_end, 0, t), ended & ~slot_end), loss
+
+    carry = (s0, jnp.zeros((), jnp.int32), jnp.zeros((), bool))
+    (s, _, _), losses = jax.lax.scan(body, carry, jnp.arange(num_steps, dtype=jnp.int32))
     return s, losses
 
 

@@ -290,3 +290,45 @@ def test_keys_drawn_before_the_window_equal_keys_drawn_per_step(make, monkeypatc
     monkeypatch.setattr(particles, "PREDRAW_MAX", 0)
     for a, b in zip(predrawn, run(), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ----------------------------------------------------------------------------- immutability
+
+
+def test_estimators_are_immutable_values():
+    system = LinearQuadratic(horizon=5)
+    a = pes.PES(system, num_particles=4, sigma=0.1, truncation_length=2)
+    b = pes.PES(system, num_particles=4, sigma=0.1, truncation_length=2)
+    c = pes.PES(system, num_particles=4, sigma=0.2, truncation_length=2)
+    other = pes.PES(LinearQuadratic(horizon=5), num_particles=4, sigma=0.1, truncation_length=2)
+    assert a == b and hash(a) == hash(b)
+    assert a != c and a != other  # another unhashable-by-value system object
+    assert a != pes.NRES(system, num_particles=4, sigma=0.1, truncation_length=2)
+    with pytest.raises(AttributeError, match="immutable"):
+        a.sigma = 0.5
+    with pytest.raises(AttributeError, match="immutable"):
+        pes.TBPTT(system, truncation_length=2).backprop_depth = 4
+    # a resumed run passes a state from another process: no instance needs to have seen init
+    state = a.init(jax.random.PRNGKey(0), theta_dict())
+    g1, _, _ = a.estimate(state, theta_dict(), jax.random.PRNGKey(1))
+    g2, _, _ = b.estimate(state, theta_dict(), jax.random.PRNGKey(1))
+    for x, y in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2), strict=True):
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(ValueError, match="different structure"):
+        b.estimate(state, {**theta_dict(), "w": jnp.ones(4)}, jax.random.PRNGKey(1))
+
+
+def test_equal_estimators_share_one_compilation():
+    from pes.estimators._particles import _estimate_jit
+    from pes.tasks import ToyRegression
+
+    theta = jnp.array([-1.0, -2.0])
+    make = lambda: pes.PES(ToyRegression(horizon=9), num_particles=4, sigma=0.1,
+                           truncation_length=3)
+    est = make()
+    state = est.init(jax.random.PRNGKey(0), theta)
+    est.estimate(state, theta, jax.random.PRNGKey(1))
+    before = _estimate_jit._cache_size()
+    # ToyRegression is a frozen dataclass: equal tasks give equal estimators
+    make().estimate(state, theta, jax.random.PRNGKey(2))
+    assert _estimate_jit._cache_size() == before

@@ -87,6 +87,8 @@ def test_tbptt_k1_is_biased(theta):
 class BoundaryBugPES(pes.PES):
     """Broken on purpose: credits the step that ends an episode to the new window's noise."""
 
+    closed_form_credit = False  # run the per-step hooks, with the broken weight below
+
     def weight(self, noise, done):
         return select(done, noise.eps, tmap(jnp.add, noise.xi, noise.eps))
 

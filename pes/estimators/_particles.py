@@ -6,18 +6,36 @@ and step with theta + sign * eps for the signs of the estimator (``(+1, -1)`` an
 axes ``[P, M]`` (pairs, members); per-pair quantities (step index t, noise) carry ``[P]``.
 
 One window is one ``lax.scan`` over its steps, with every pair and member a ``vmap`` lane.
-Resets are per pair: when a pair's t reaches the horizon its members restart from a fresh
-``system.init`` (shared key) and t <- 0.
+Keys, resets and early termination follow the one rule of ``_window.py``: when a pair's t
+reaches the horizon its members restart from a fresh ``system.init`` (shared key) and t <- 0; a
+member whose step returned ``done`` waits (frozen, loss 0, not counted) until then.
+
+Estimators are immutable: every attribute is set in the constructor, an instance compares and
+hashes by its settings (and its system), and ``init``/``estimate`` are module-level jitted
+functions taking the estimator as a static argument, so equal estimators share compilations.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pes.estimators._window import advance as advance_pairs
+from pes.estimators._window import (
+    expand_members,
+    fresh_ended,
+    init_keys,
+    live_members,
+    select,
+    step_keys,
+    step_or_wait,
+)
+from pes.estimators._window import mask_losses as mask_waiting
+from pes.estimators._window import reset_rows as make_reset
 from pes.system import PyTree, check_step_output, check_system, check_theta
 
 tmap = jax.tree_util.tree_map
@@ -28,7 +46,8 @@ class EstimateInfo(NamedTuple):
 
     loss: mean per-step loss over the window's perturbed particles, a float scalar (particles
       whose loss was non-finite are left out).
-    inner_steps: inner ``system.step`` calls this estimate consumed (burn-in included), int.
+    inner_steps: inner ``system.step`` calls this estimate consumed (burn-in included), int;
+      steps of members waiting for their episode slot to end (after ``done``) do not count.
     num_nonfinite: particles (pairs count as one) with a NaN or inf loss in this window; the ES
       family leaves them out of the gradient.
     nonfinite_particle: index of the first such particle, -1 if none.
@@ -51,12 +70,15 @@ class ParticleState(NamedTuple):
     t: [P] int32 step index inside each pair's episode.
     noise: estimator-specific per-pair noise carry (leaves [P, ...]).
     pending_steps: int32 inner steps spent in burn-in, reported by the next estimate.
+    ended: [P, M] bool, members whose episode ended early (``done``) and who wait for their
+      pair's episode slot to end at the horizon; None for systems without termination.
     """
 
     inner: PyTree
     t: jax.Array
     noise: PyTree
     pending_steps: jax.Array
+    ended: jax.Array | None = None
 
 
 class WindowStats(NamedTuple):
@@ -68,6 +90,7 @@ class WindowStats(NamedTuple):
       over the window, were finite.
     bad_t: the episode step t of its first non-finite loss, -1 if none.
     member_loss: [P, M] each member's loss summed over the window (None where not kept).
+    taken: [P] member steps actually taken (None: steps times the number of members).
     """
 
     A: PyTree
@@ -77,6 +100,7 @@ class WindowStats(NamedTuple):
     finite: jax.Array
     bad_t: jax.Array
     member_loss: jax.Array | None = None
+    taken: jax.Array | None = None
 
 
 # ----------------------------------------------------------------------------- validation
@@ -163,33 +187,18 @@ def batched_normal(key: jax.Array, num: int, like: PyTree, scale: float) -> PyTr
     return jax.vmap(lambda k: tree_normal(k, like, scale))(jax.random.split(key, num))
 
 
-def select(pred: jax.Array, a: PyTree, b: PyTree) -> PyTree:
-    """Per-row ``where``: rows of ``a`` where pred[i] else rows of ``b`` (pred is [P] or [P, M])."""
-
-    def sel(x, y):
-        p = jnp.reshape(pred, pred.shape + (1,) * (x.ndim - pred.ndim))
-        return jnp.where(p, x, y)
-
-    return tmap(sel, a, b)
-
-
-def expand_members(tree: PyTree, num_members: int) -> PyTree:
-    """[P, ...] -> [P, M, ...] by repeating each pair's state for its members."""
-    return tmap(lambda x: jnp.repeat(x[:, None], num_members, axis=1), tree)
-
-
 def init_inner(system: Any, key: jax.Array, num_pairs: int, num_members: int) -> PyTree:
     """Fresh inner states, one per pair (shared by its members): leaves [P, M, ...]."""
     fresh = jax.vmap(system.init)(jax.random.split(key, num_pairs))
     return expand_members(fresh, num_members)
 
 
-def validate_start(system: Any, theta: PyTree, key: jax.Array) -> PyTree:
-    """Checks common to every estimator's ``init``: a System, float theta, scalar loss."""
+def validate_start(system: Any, theta: PyTree, key: jax.Array) -> tuple[PyTree, bool]:
+    """Checks common to every estimator's ``init``: a System, float theta, scalar loss.
+    Returns (theta as arrays, whether the system's step returns ``done``)."""
     check_system(system)
     theta = check_theta(theta)
-    check_step_output(system, theta, key)
-    return theta
+    return theta, check_step_output(system, theta, key)
 
 
 # ----------------------------------------------------------------------------- the window
@@ -240,12 +249,13 @@ class NoiseHooks:
         (``t``: [P] step index of the next step, ``key``: [P] keys).
 
     Hooks whose noise changes only when an episode ends, in a way fixed by the window's first
-    noise, may also define ``window_credit`` (the same credit in closed form) and make
-    ``credit_after_scan`` true: the scan then carries neither noise updates nor accumulators.
-    PES and TES do so only while their own ``weight`` and ``after_step`` are in place.
+    noise, may also define ``window_credit`` (the same credit in closed form) and set
+    ``closed_form_credit = True``: the scan then carries neither noise updates nor
+    accumulators. A subclass that changes ``weight`` or ``after_step`` (the tests' broken
+    estimators) sets it back to False, so that the per-step reference path runs.
     """
 
-    credit_after_scan = False
+    closed_form_credit = False
 
     def perturbation(self, noise):
         raise NotImplementedError
@@ -277,6 +287,16 @@ def _column_sums(x: jax.Array) -> jax.Array:
     return jnp.reshape(out, x.shape[1:])
 
 
+def _member_thetas(theta, hooks, noise, sign_arr, num_pairs, num_members):
+    """[P, M]-leading theta of every member: theta + sign_m * eps_p (theta itself without
+    hooks)."""
+    if hooks is None:
+        return tmap(lambda th: jnp.broadcast_to(th, (num_pairs, num_members) + th.shape), theta)
+    eps = hooks.perturbation(noise)
+    return tmap(lambda th, e: th + sign_arr.reshape((1, -1) + (1,) * th.ndim) * e[:, None],
+                theta, eps)
+
+
 def window_scan(
     system: Any,
     theta: PyTree,
@@ -291,109 +311,116 @@ def window_scan(
     active: jax.Array | None = None,
     mesh: jax.sharding.Mesh | None = None,
     need_W: bool = True,
-) -> tuple[tuple[PyTree, jax.Array, PyTree], WindowStats]:
+    ended: jax.Array | None = None,
+) -> tuple[tuple[PyTree, jax.Array, PyTree, jax.Array | None], WindowStats]:
     """Advance every pair by ``num_steps`` inner steps (one ``lax.scan``).
 
     Args:
       inner: [P, M] inner states; t: [P] step indices; noise: hooks' carry (ignored if hooks
         is None, in which case every member steps at theta itself and A, W are zeros).
-      key: the window's key; pair p at step j uses fold_in(split(key, P)[p], j), split into
-        (step key, reset key, noise key), the same for every member of the pair.
+      key: the window's key; pair p's step j uses _window.step_keys (the same for every member).
       signs: one per member; member m steps at theta + signs[m] * eps.
       active: optional [P] int; pair p only takes its first active[p] steps (burn-in).
       mesh: optional device mesh over which the pair axis is sharded.
       need_W: whether WindowStats.W is wanted (only the non-antithetic gradient uses it);
         without it W may be zeros.
+      ended: [P, M] members waiting after an early ``done`` (None: no termination).
 
-    Returns the new (inner, t, noise) and the window's per-pair WindowStats.
+    Returns the new (inner, t, noise, ended) and the window's per-pair WindowStats.
 
     The scan carries only what the next step depends on (states, t, and for per-step hooks
     their noise and accumulators); the losses leave it as [K, P, M] and the window's
     statistics are reduced from them once, instead of a dozen small operations per step.
     """
-    horizon = system.horizon
     num_pairs = t.shape[0]
-    num_members = len(signs)
-    sign_arr = jnp.asarray(signs, jnp.float32)
-    perturbed = sign_arr != 0
-    loss_mask = perturbed if bool(np.any(np.asarray(signs) != 0)) else jnp.ones_like(perturbed)
     pair_keys = shard_pairs(jax.random.split(key, num_pairs), mesh)
-    inner, t, noise, active = shard_pairs((inner, t, noise, active), mesh)
+    inner, t, noise, active, ended = shard_pairs((inner, t, noise, active, ended), mesh)
     t0 = t
-    # Members of a pair share t and every key: vmap over members broadcasts them.
-    member_step = jax.vmap(system.step, in_axes=(0, 0, None, None))
-    per_step_credit = hooks is not None and not hooks.credit_after_scan
-    reset_by_select = state_size(inner) <= RESET_SELECT_MAX
-
-    def step_all(inner, thetas, t, k_step):
-        return jax.vmap(member_step, in_axes=(0, 0, 0, 0))(inner, thetas, t, k_step)
-
+    per_step_credit = hooks is not None and not hooks.closed_form_credit
     zeros_theta = tmap(lambda x: jnp.zeros((num_pairs,) + jnp.shape(x), jnp.result_type(x)), theta)
+    xs = _window_inputs(system, inner, pair_keys, num_steps, mesh)
+    body = _window_body(system, theta, pair_keys, signs, hooks, active, mesh, need_W,
+                        per_step_credit, state_size(inner) <= RESET_SELECT_MAX)
+    acc = (zeros_theta, zeros_theta) if per_step_credit else ((), ())
+    (inner, t, ended, noise, A, W), ys = jax.lax.scan(
+        body, (inner, t, ended, noise) + acc, xs)
+    if hooks is None:
+        A = W = zeros_theta
+    stats, sums = _window_stats(ys, t0, active, num_steps, signs, system.horizon)
+    if hooks is not None and not per_step_credit:
+        noise, A, W = hooks.window_credit(noise, sums, need_W)
+    return (inner, t, noise, ended), stats._replace(A=A, W=W)
 
-    def step_keys(j):
-        return jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, j), 3))(pair_keys)
 
+def _window_inputs(system, inner, pair_keys, num_steps, mesh):
+    """The scan's xs: step indices and, when small enough, every step's keys (and fresh states
+    for resets by select) drawn up front; None where drawn per step."""
+    num_pairs = pair_keys.shape[0]
     steps = jnp.arange(num_steps, dtype=jnp.int32)
     predraw = num_steps * num_pairs * 6 <= PREDRAW_MAX
-    all_keys = shard_pairs(jax.vmap(step_keys)(steps), mesh, axis=1) if predraw else None
+    all_keys = (shard_pairs(jax.vmap(lambda j: step_keys(pair_keys, j))(steps), mesh, axis=1)
+                if predraw else None)
     fresh_all = None
-    if predraw and reset_by_select and horizon is not None and (
+    if predraw and state_size(inner) <= RESET_SELECT_MAX and system.horizon is not None and (
             num_steps * num_pairs * state_size(inner) <= PREDRAW_MAX):
         fresh_all = shard_pairs(jax.vmap(jax.vmap(system.init))(all_keys[:, :, 1]), mesh, axis=1)
+    return steps, all_keys, fresh_all
+
+
+def _window_body(system, theta, pair_keys, signs, hooks, active, mesh, need_W, per_step_credit,
+                 reset_by_select):
+    """The scan body of window_scan: one step of every member, then _window.advance."""
+    num_pairs, num_members = pair_keys.shape[0], len(signs)
+    sign_arr = jnp.asarray(signs, jnp.float32)
+    # Members of a pair share t and every key: vmap over members broadcasts them.
+    member_step = jax.vmap(system.step, in_axes=(0, 0, None, None))
+    step_all = jax.vmap(member_step, in_axes=(0, 0, 0, 0))
 
     def body(carry, xs):
         j, keys, fresh_j = xs
-        inner, t, noise, A, W = carry
+        inner, t, ended, noise, A, W = carry
         if keys is None:
-            keys = step_keys(j)
+            keys = step_keys(pair_keys, j)
         k_step, k_reset, k_noise = keys[:, 0], keys[:, 1], keys[:, 2]
-        if hooks is None:
-            thetas = tmap(lambda th: jnp.broadcast_to(th, (num_pairs, num_members) + th.shape),
-                          theta)
-        else:
-            eps = hooks.perturbation(noise)
-            thetas = tmap(
-                lambda th, e: th + sign_arr.reshape((1, -1) + (1,) * th.ndim) * e[:, None],
-                theta, eps,
-            )
-        new_inner, losses = step_all(inner, thetas, t, k_step)  # losses [P, M]
-        act = jnp.ones((num_pairs,), bool) if active is None else j < active
-        t_next = t + 1
-        done = jnp.zeros_like(act) if horizon is None else (t_next >= horizon) & act
+        thetas = _member_thetas(theta, hooks, noise, sign_arr, num_pairs, num_members)
+        act = None if active is None else j < active
+        live = live_members(act, ended)
+        new_inner, losses, term = step_or_wait(
+            lambda: step_all(inner, thetas, t, k_step), live, inner)  # losses [P, M]
+        losses = mask_waiting(losses, live)
+        reset = make_reset(system.init, k_reset, num_members, by_select=reset_by_select,
+                           fresh=fresh_j)
+        adv = advance_pairs(system.horizon, inner, new_inner, t, act, reset, ended, term)
         if per_step_credit:
-            w = hooks.weight(noise, done)
-            diff = jnp.where(act, jnp.sum(losses * sign_arr, axis=1), 0.0)
+            w = hooks.weight(noise, adv.done)
+            diff = jnp.sum(losses * sign_arr, axis=1)
+            diff = diff if act is None else jnp.where(act, diff, 0.0)
             A = tmap(lambda a, wi: a + per_pair(diff, wi) * wi, A, w)
             if need_W:
-                W = tmap(lambda a, wi: a + jnp.where(
-                    per_pair(act, wi), wi, 0.0), W, w)
-        if active is not None:
-            new_inner = select(act, new_inner, inner)
-        if horizon is not None:
-            def reset(x):
-                fresh = jax.vmap(system.init)(k_reset) if fresh_j is None else fresh_j
-                return select(done, expand_members(fresh, num_members), x)
+                W = tmap(lambda a, wi: a + (wi if act is None else jnp.where(
+                    per_pair(act, wi), wi, 0.0)), W, w)
+            new_noise = hooks.after_step(noise, adv.done, adv.t, k_noise)
+            noise = new_noise if act is None else select(act, new_noise, noise)
+        ys = losses if ended is None else (losses, adv.done, adv.live, t)
+        return shard_pairs((adv.state, adv.t, adv.ended, noise, A, W), mesh), ys
 
-            if reset_by_select:
-                new_inner = reset(new_inner)
-            else:
-                new_inner = jax.lax.cond(jnp.any(done), reset, lambda x: x, new_inner)
-            t_next = jnp.where(done, 0, t_next)
-        t_new = jnp.where(act, t_next, t)
-        if per_step_credit:
-            new_noise = hooks.after_step(noise, done, t_new, k_noise)
-            noise = new_noise if active is None else select(act, new_noise, noise)
-        return shard_pairs((new_inner, t_new, noise, A, W), mesh), losses
+    return body
 
-    acc = (zeros_theta, zeros_theta) if per_step_credit else ((), ())
-    (inner, t, noise, A, W), losses = jax.lax.scan(
-        body, (inner, t, noise) + acc, (steps, all_keys, fresh_all))
-    if hooks is None:
-        A = W = zeros_theta
 
-    # Per-step facts rebuilt for the whole window: a pair takes steps j < n (its active
-    # count); its step index then is (t0 + j) mod T, and its first episode end in the window
-    # is at j = T - 1 - t0.
+def _window_stats(ys, t0, active, num_steps, signs, horizon):
+    """Per-pair WindowStats (A, W left empty) and WindowSums of a window's scan outputs.
+
+    ys: losses [K, P, M], or with termination (losses, done [K, P], live [K, P, M], t [K, P]).
+    Per-step facts are rebuilt for the whole window: a pair takes steps j < n (its active
+    count); without termination its step index then is (t0 + j) mod T, and its first episode
+    end in the window is at j = T - 1 - t0.
+    """
+    terminating = isinstance(ys, tuple)
+    losses, done_steps, live_steps, t_steps = ys if terminating else (ys, None, None, None)
+    num_pairs = t0.shape[0]
+    sign_arr = jnp.asarray(signs, jnp.float32)
+    loss_mask = (sign_arr != 0) if bool(np.any(np.asarray(signs) != 0)) else jnp.ones(
+        (len(signs),), bool)
     js = jnp.arange(num_steps, dtype=jnp.int32)[:, None]
     n = (jnp.full((num_pairs,), num_steps, jnp.int32) if active is None
          else jnp.minimum(active, num_steps).astype(jnp.int32))
@@ -408,36 +435,44 @@ def window_scan(
 
     def first_bad_step(_):
         finite_now = jnp.all(jnp.isfinite(kept), axis=2)  # [K, P]
-        t_bad = t0 + jnp.argmin(finite_now, axis=0).astype(jnp.int32)
-        if horizon is not None:
-            t_bad = t_bad % horizon
+        first = jnp.argmin(finite_now, axis=0)
+        if terminating:
+            t_bad = jnp.take_along_axis(t_steps, first[None], axis=0)[0]
+        else:
+            t_bad = t0 + first.astype(jnp.int32)
+            if horizon is not None:
+                t_bad = t_bad % horizon
         return jnp.where(jnp.all(finite_now, axis=0), -1, t_bad).astype(jnp.int32)
 
     bad_t = jax.lax.cond(jnp.all(finite), lambda _: -jnp.ones((num_pairs,), jnp.int32),
                          first_bad_step, None)
+    taken = None
+    if terminating:
+        live_act = live_steps if act is None else live_steps & act[:, :, None]
+        taken = jnp.sum(live_act, axis=(0, 2)).astype(jnp.int32)
+    stats = WindowStats((), (), loss_sum.astype(jnp.float32), n, finite, bad_t,
+                        member_sums.astype(jnp.float32), taken)
 
-    if hooks is not None and not per_step_credit:
-        diff = jnp.sum(member_sums * sign_arr, axis=1)
-        if horizon is None:
-            no = jnp.zeros((num_pairs,), bool)
-            sums = WindowSums(diff, n, diff, n, no, no)
-        else:
-            first_end = horizon - 1 - t0
-            ended = first_end < n
-            ends_last = (n > 0) & ((t0 + n) % horizon == 0)
-            to_end = js <= first_end[None, :]
-            if act is not None:
-                to_end = to_end & act
-            sums_to_end = _column_sums(jnp.where(to_end[:, :, None], kept, 0.0))
-            diff_to_end = jnp.where(ended, jnp.sum(sums_to_end * sign_arr, axis=1), diff)
-            sums = WindowSums(diff, n, diff_to_end, jnp.minimum(n, first_end + 1), ended,
-                              ends_last)
-        noise, A, W = hooks.window_credit(noise, sums, need_W)
-    stats = WindowStats(A, W, loss_sum.astype(jnp.float32), n, finite, bad_t,
-                        member_sums.astype(jnp.float32))
-    return (inner, t, noise), stats
-
-
+    diff = jnp.sum(member_sums * sign_arr, axis=1)
+    if terminating:
+        any_end = jnp.any(done_steps, axis=0)
+        first_end = jnp.where(any_end, jnp.argmax(done_steps, axis=0), num_steps)
+        ends_last = (n > 0) & jnp.take_along_axis(
+            done_steps, jnp.maximum(n - 1, 0)[None], axis=0)[0]
+    elif horizon is None:
+        no = jnp.zeros((num_pairs,), bool)
+        return stats, WindowSums(diff, n, diff, n, no, no)
+    else:
+        first_end = horizon - 1 - t0
+        ends_last = (n > 0) & ((t0 + n) % horizon == 0)
+    ended = first_end < n
+    to_end = js <= first_end[None, :]
+    if act is not None:
+        to_end = to_end & act
+    sums_to_end = _column_sums(jnp.where(to_end[:, :, None], kept, 0.0))
+    diff_to_end = jnp.where(ended, jnp.sum(sums_to_end * sign_arr, axis=1), diff)
+    return stats, WindowSums(diff, n, diff_to_end, jnp.minimum(n, first_end + 1), ended,
+                             ends_last)
 def stagger_offsets(key: jax.Array, num_pairs: int, horizon: int | None, stagger: bool):
     """Per-pair burn-in lengths: uniform on {0, ..., T-1} when staggering a finite horizon."""
     if not stagger or horizon is None or horizon == 1:
@@ -492,6 +527,12 @@ def es_gradient(stats: WindowStats, sigma: float, antithetic: bool, num_steps: i
     return tmap(lambda g: g * scale.astype(g.dtype), grad)
 
 
+def taken_steps(stats: WindowStats, members: int) -> jax.Array:
+    """Inner steps the window's members actually took: active steps times members, less the
+    steps of members waiting after an early ``done``."""
+    return jnp.sum(stats.steps) * members if stats.taken is None else jnp.sum(stats.taken)
+
+
 def window_info(stats: WindowStats, members: int, num_steps: int, pending: jax.Array,
                 particles_per_pair: int) -> EstimateInfo:
     """EstimateInfo of a window: mean loss over finite pairs, steps, the first bad particle."""
@@ -502,7 +543,7 @@ def window_info(stats: WindowStats, members: int, num_steps: int, pending: jax.A
     any_bad = ~jnp.all(ok)
     return EstimateInfo(
         loss=loss,
-        inner_steps=jnp.sum(stats.steps) * members + pending,
+        inner_steps=taken_steps(stats, members) + pending,
         num_nonfinite=jnp.sum(~ok).astype(jnp.int32),
         nonfinite_particle=jnp.where(any_bad, first * particles_per_pair, -1).astype(jnp.int32),
         nonfinite_step=jnp.where(any_bad, stats.bad_t[first], -1).astype(jnp.int32),
@@ -512,11 +553,87 @@ def window_info(stats: WindowStats, members: int, num_steps: int, pending: jax.A
 # ----------------------------------------------------------------------------- base classes
 
 
-class TruncatedEstimator:
+class _ById:
+    """Stands for an unhashable value (a System holding arrays, say) in an estimator's key:
+    equal only to itself."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __eq__(self, other):
+        return isinstance(other, _ById) and other.value is self.value
+
+    def __hash__(self):
+        return id(self.value)
+
+
+def _key_part(value: Any) -> Any:
+    try:
+        hash(value)
+    except TypeError:
+        return _ById(value)
+    return value
+
+
+class _Frozen(type):
+    """Metaclass of the estimators: once the outermost ``__init__`` returns, the instance is
+    frozen and its settings become its identity for ``==``, ``hash`` and jit."""
+
+    def __call__(cls, *args, **kwargs):
+        est = super().__call__(*args, **kwargs)
+        key = (type(est), tuple((k, _key_part(v)) for k, v in sorted(vars(est).items())))
+        object.__setattr__(est, "_key", key)
+        object.__setattr__(est, "_hash", hash(key))
+        return est
+
+
+class Estimator(metaclass=_Frozen):
+    """Immutable configuration: attributes are set in ``__init__`` only. Two estimators are
+    equal when they have the same class, settings and system (systems compare with ``==`` when
+    hashable, else by identity), so they share jitted code."""
+
+    def __setattr__(self, name, value):
+        if "_key" in vars(self):
+            raise AttributeError(
+                f"{type(self).__name__} is immutable: construct a new one instead of setting "
+                f"{name!r}")
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name):
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def __eq__(self, other):
+        return type(other) is type(self) and other._key == self._key
+
+    def __hash__(self):
+        return self._hash
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_jit(estimator, key, theta):
+    return estimator._init(key, theta)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _estimate_jit(estimator, state, theta, key):
+    """``estimator.estimate`` without its argument checks (``_estimate_jit.lower(estimator,
+    state, theta, key)`` lowers it); jit keys its cache on the estimator's value."""
+    return estimator._estimate(state, theta, key)
+
+
+def _float_spec(spec: tuple) -> bool:
+    return all(d is not None and jnp.issubdtype(d, jnp.floating) for _, d in spec[1])
+
+
+class TruncatedEstimator(Estimator):
     """Public ``init`` / ``estimate`` and the stagger burn-in shared by windowed estimators.
 
     Subclasses set ``num_pairs`` and define ``_stored_members`` (signs of the members whose
-    states persist), ``init_noise``, ``start_burn_in``/``end_window`` and ``_estimate``.
+    states persist), ``init_noise``, ``start_burn_in``/``end_window``, ``_estimate`` and, where
+    the state holds theta-shaped noise, ``theta_like(state)`` (leaves [P, ...]) so that
+    ``estimate`` can check theta against the ``init``'s.
     """
 
     def _setup(self, system, num_particles, truncation_length, stagger, mesh=None):
@@ -526,9 +643,6 @@ class TruncatedEstimator:
         self.mesh = check_mesh(mesh, self.num_pairs)
         self.truncation_length = check_positive_int("truncation_length", truncation_length)
         self.stagger = check_bool("stagger", stagger)
-        self._spec = None
-        self._init_jit = jax.jit(self._init)
-        self._estimate_jit = jax.jit(self._estimate)
 
     num_pairs: int
 
@@ -547,15 +661,18 @@ class TruncatedEstimator:
     def end_window(self, noise):
         return noise
 
+    def theta_like(self, state: ParticleState) -> PyTree | None:
+        """A theta-structured part of the state (leaves [P, *theta leaf]), or None."""
+        return None
+
     def init(self, key: jax.Array, theta: PyTree) -> ParticleState:
         """Fresh particles; with ``stagger`` each pair is burned in to a uniform random step
         of its episode (those steps are reported in the first estimate's inner_steps).
 
         theta: pytree of float arrays (the same structure must be passed to ``estimate``).
         """
-        theta = validate_start(self.system, theta, key)
-        self._spec = theta_spec(theta)
-        return self._init_jit(key, theta)
+        theta, _ = validate_start(self.system, theta, key)
+        return _init_jit(self, key, theta)
 
     def estimate(self, state: ParticleState, theta: PyTree, key: jax.Array):
         """One window of K steps for every particle.
@@ -563,37 +680,45 @@ class TruncatedEstimator:
         Returns (grad, new_state, info): grad has theta's structure and estimates the
         gradient of the mean per-step loss; info is an EstimateInfo.
         """
-        # Fast path, taken on every outer step: theta already arrays with the init's spec.
-        if self._spec is not None and theta_spec(theta) == self._spec:
-            return self._estimate_jit(state, theta, key)
+        spec = theta_spec(theta)
+        like = self.theta_like(state)
+        init_spec = None
+        if like is not None:
+            leaves, treedef = jax.tree_util.tree_flatten(like)
+            init_spec = (treedef, tuple((x.shape[1:], x.dtype) for x in leaves))
+        # Fast path, taken on every outer step: theta already float arrays of the init's spec.
+        if _float_spec(spec) and (init_spec is None or spec == init_spec):
+            return _estimate_jit(self, state, theta, key)
         theta = check_theta(theta)
-        if self._spec is not None and theta_spec(theta) != self._spec:
+        if init_spec is not None and theta_spec(theta) != init_spec:
             raise ValueError(
                 "theta passed to estimate has a different structure, shape or dtype than at "
                 f"init: {jax.tree_util.tree_map(jnp.shape, theta)}"
             )
-        return self._estimate_jit(state, theta, key)
+        return _estimate_jit(self, state, theta, key)
 
     def _init(self, key, theta):
-        k_inner, k_noise, k_off, k_burn, k_burn_noise = jax.random.split(key, 5)
+        keys = init_keys(key)
         members = self._stored_members()
-        inner = init_inner(self.system, k_inner, self.num_pairs, len(members))
+        inner = init_inner(self.system, keys.inner, self.num_pairs, len(members))
         t = jnp.zeros((self.num_pairs,), jnp.int32)
-        noise = self.init_noise(k_noise, theta)
+        ended = fresh_ended(self.num_pairs, len(members),
+                            check_step_output(self.system, theta, key))
+        noise = self.init_noise(keys.noise, theta)
         pending = jnp.zeros((), jnp.int32)
-        offsets = stagger_offsets(k_off, self.num_pairs, self.horizon, self.stagger)
+        offsets = stagger_offsets(keys.offsets, self.num_pairs, self.horizon, self.stagger)
         if offsets is not None:
             hooks = self._burn_in_hooks()
             if hooks is not None:
-                noise = self.start_burn_in(noise, k_burn_noise, theta)
-            (inner, t, noise), stats = window_scan(
-                self.system, theta, inner, t, noise, k_burn, signs=members,
+                noise = self.start_burn_in(noise, keys.burn_noise, theta)
+            (inner, t, noise, ended), stats = window_scan(
+                self.system, theta, inner, t, noise, keys.burn, signs=members,
                 num_steps=self.horizon - 1, hooks=hooks, active=offsets, mesh=self.mesh,
-                need_W=False)
+                need_W=False, ended=ended)
             if hooks is not None:
                 noise = self.end_window(noise)
-            pending = jnp.sum(stats.steps) * len(members)
-        return ParticleState(inner, t, noise, pending)
+            pending = taken_steps(stats, len(members))
+        return ParticleState(inner, t, noise, pending, ended)
 
     def _estimate(self, state, theta, key):
         raise NotImplementedError
@@ -604,8 +729,8 @@ class IndependentParticles(TruncatedEstimator):
     one member per particle, each with its own keys."""
 
     def __init__(self, system, *, num_particles=1, truncation_length, stagger=True, mesh=None):
-        self.num_particles = check_positive_int("num_particles", num_particles)
-        self._setup(system, self.num_particles, truncation_length, stagger, mesh)
+        self._setup(system, check_positive_int("num_particles", num_particles),
+                    truncation_length, stagger, mesh)
 
     def __repr__(self):
         return (f"{type(self).__name__}(num_particles={self.num_particles}, "
@@ -634,8 +759,8 @@ class ESEstimator(TruncatedEstimator, NoiseHooks):
         self.antithetic = check_bool("antithetic", antithetic)
         self.normalize_losses = check_bool("normalize_losses", normalize_losses)
         self.sigma = check_sigma(sigma)
-        self.num_particles = check_particles(num_particles, self.antithetic)
-        self._setup(system, self.num_particles, truncation_length, stagger, mesh)
+        self._setup(system, check_particles(num_particles, self.antithetic), truncation_length,
+                    stagger, mesh)
 
     def __repr__(self):
         return (f"{type(self).__name__}(num_particles={self.num_particles}, sigma={self.sigma}, "
@@ -670,17 +795,18 @@ class ESEstimator(TruncatedEstimator, NoiseHooks):
         k_noise, k_window = jax.random.split(key)
         noise = self.start_window(state.noise, k_noise, theta)
         signs = self.signs + ((0.0,) if self.unperturbed_member else ())
-        inner = state.inner
+        inner, ended = state.inner, state.ended
         if self.unperturbed_member:
-            inner = expand_members(tmap(lambda x: x[:, 0], inner), len(signs))
+            # Every member starts from the stored state (and its waiting flag).
+            inner, ended = expand_members(tmap(lambda x: x[:, 0], (inner, ended)), len(signs))
         K = self.truncation_length
-        (inner, t, noise), stats = window_scan(
+        (inner, t, noise, ended), stats = window_scan(
             self.system, theta, inner, state.t, noise, k_window, signs=signs, num_steps=K,
-            hooks=self, mesh=self.mesh, need_W=not self.antithetic)
+            hooks=self, mesh=self.mesh, need_W=not self.antithetic, ended=ended)
         noise = self.end_window(noise)
         if self.unperturbed_member:
-            inner = tmap(lambda x: x[:, -1:], inner)
+            inner, ended = tmap(lambda x: x[:, -1:], (inner, ended))
         grad = es_gradient(stats, self.sigma, self.antithetic, K, self.normalize_losses,
                            tuple(m != 0 for m in signs))
         info = window_info(stats, len(signs), K, state.pending_steps, len(self.signs))
-        return grad, ParticleState(inner, t, noise, jnp.zeros((), jnp.int32)), info
+        return grad, ParticleState(inner, t, noise, jnp.zeros((), jnp.int32), ended), info

@@ -13,6 +13,12 @@ particle keeps the state D steps back and the keys of the D steps since, and eve
 replays those D steps (with gradient) before its own K. Full BPTT is TBPTT with K = T in
 lockstep from fresh states: the exact gradient of the mean per-step loss of an episode, memory
 linear in T.
+
+Termination: a particle that returns ``done`` waits (frozen, loss 0) until its episode slot
+ends at the horizon, as in every estimator. The gradient is then the pathwise one: it ignores
+how the episode's length tau depends on theta, so with theta-dependent termination it is a
+biased estimate of the gradient of L(theta) = E[sum_{t<tau} l_t] / T (unbiased when tau does
+not depend on theta).
 """
 
 from __future__ import annotations
@@ -27,15 +33,23 @@ from pes.estimators._particles import (
     ParticleState,
     WindowStats,
     check_positive_int,
-    expand_members,
     init_inner,
-    select,
     shard_pairs,
     stagger_offsets,
+    taken_steps,
     window_info,
     window_scan,
 )
-from pes.system import PyTree
+from pes.estimators._window import (
+    advance,
+    init_keys,
+    live_members,
+    mask_losses,
+    reset_rows,
+    step_keys_at,
+    step_or_wait,
+)
+from pes.system import PyTree, check_step_output
 
 
 class History(NamedTuple):
@@ -45,73 +59,72 @@ class History(NamedTuple):
     t: [P] their step indices in the episode.
     keys: [P, D, 2, ...] the (step, reset) keys of the D buffered steps, oldest first.
     valid: [P, D] bool; False for slots before the particle's first step (replayed as no-ops).
+    ended: [P, 1] bool, the buffer's start was waiting after an early ``done`` (None: the
+      system has no termination).
     """
 
     inner: PyTree
     t: jax.Array
     keys: jax.Array
     valid: jax.Array
+    ended: jax.Array | None = None
 
 
 def step_keys(pair_keys: jax.Array, steps: jax.Array) -> jax.Array:
     """[P, n, 2, ...] (step key, reset key) of pair p's step steps[p, i], derived exactly as
-    window_scan derives them: split(fold_in(pair_keys[p], j), 3)[:2]."""
-    one = lambda k, j: jax.random.split(jax.random.fold_in(k, j), 3)[:2]
-    return jax.vmap(jax.vmap(one, in_axes=(None, 0)))(pair_keys, steps)
+    window_scan derives them (_window.step_keys_at)."""
+    return step_keys_at(pair_keys, steps)[:, :, :2]
 
 
 def replay_scan(system: Any, theta: PyTree, inner: PyTree, t: jax.Array, keys: jax.Array,
-                valid: jax.Array, counted: jax.Array, mesh=None):
+                valid: jax.Array, counted: jax.Array, mesh=None, ended=None):
     """Step every particle through n given steps, differentiably in theta.
 
     inner: [P, 1, ...]; t: [P]; keys: [P, n, 2, ...] (step, reset); valid: [P, n] (an invalid
     step leaves state and t unchanged); counted: [P, n], the steps whose losses enter the
-    stats. A step that ends an episode restarts from system.init(reset key), which does not
-    depend on theta, so no gradient crosses a reset. Returns ((inner, t), WindowStats of the
-    counted steps; A and W are empty).
+    stats; ended: [P, 1] waiting flags (None: no termination). A step that ends an episode
+    restarts from system.init(reset key), which does not depend on theta, so no gradient
+    crosses a reset. Returns ((inner, t, ended), WindowStats of the counted steps; A and W are
+    empty).
     """
-    horizon = system.horizon
     num = t.shape[0]
     member_step = jax.vmap(system.step, in_axes=(0, None, None, None))
     step_all = jax.vmap(member_step, in_axes=(0, None, 0, 0))
-    inner, t = shard_pairs((inner, t), mesh)
+    inner, t, ended = shard_pairs((inner, t, ended), mesh)
     xs = shard_pairs((keys, valid, counted), mesh)
     xs = jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, 1, 0), xs)
 
     def body(carry, x):
-        inner, t, stats = carry
+        inner, t, ended, stats = carry
         k, act, count = x
-        new_inner, losses = step_all(inner, theta, t, k[:, 0])  # losses [P, 1]
-        loss = jnp.sum(losses, axis=1)
-        t_next = t + 1
-        done = jnp.zeros_like(act) if horizon is None else (t_next >= horizon) & act
+        live = live_members(act, ended)
+        new_inner, losses, term = step_or_wait(
+            lambda: step_all(inner, theta, t, k[:, 0]), live, inner)  # losses [P, 1]
+        loss = jnp.sum(mask_losses(losses, live), axis=1)
+        adv = advance(system.horizon, inner, new_inner, t, act,
+                      reset_rows(system.init, k[:, 1], 1, by_select=False), ended, term)
         finite_now = ~count | jnp.isfinite(loss)
         stats = WindowStats(
             A=(), W=(),
             loss_sum=stats.loss_sum + jnp.where(count, loss, 0.0),
             steps=stats.steps + count,
             finite=stats.finite & finite_now,
-            bad_t=jnp.where(stats.finite & ~finite_now, t, stats.bad_t))
-        new_inner = select(act, new_inner, inner)
-        if horizon is not None:
-            def reset(x):
-                return select(done, expand_members(jax.vmap(system.init)(k[:, 1]), 1), x)
-
-            new_inner = jax.lax.cond(jnp.any(done), reset, lambda x: x, new_inner)
-            t_next = jnp.where(done, 0, t_next)
-        t = jnp.where(act, t_next, t)
-        return shard_pairs((new_inner, t, stats), mesh), None
+            bad_t=jnp.where(stats.finite & ~finite_now, t, stats.bad_t),
+            taken=None if live is None else stats.taken + (live[:, 0] & count))
+        return shard_pairs((adv.state, adv.t, adv.ended, stats), mesh), None
 
     stats0 = WindowStats((), (), jnp.zeros((num,), jnp.float32), jnp.zeros((num,), jnp.int32),
-                         jnp.ones((num,), bool), -jnp.ones((num,), jnp.int32))
-    (inner, t, stats), _ = jax.lax.scan(body, (inner, t, stats0), xs)
-    return (inner, t), stats
+                         jnp.ones((num,), bool), -jnp.ones((num,), jnp.int32),
+                         taken=None if ended is None else jnp.zeros((num,), jnp.int32))
+    (inner, t, ended, stats), _ = jax.lax.scan(body, (inner, t, ended, stats0), xs)
+    return (inner, t, ended), stats
 
 
 def _join(a: WindowStats, b: WindowStats) -> WindowStats:
     """Stats of two consecutive stretches of steps as one."""
     return WindowStats((), (), a.loss_sum + b.loss_sum, a.steps + b.steps, a.finite & b.finite,
-                       jnp.where(a.finite, b.bad_t, a.bad_t))
+                       jnp.where(a.finite, b.bad_t, a.bad_t),
+                       taken=None if a.taken is None else a.taken + b.taken)
 
 
 class TBPTT(IndependentParticles):
@@ -159,28 +172,35 @@ class TBPTT(IndependentParticles):
         if D == 0:
             return super()._init(key, theta)
         # The same keys as the plain init, so the particles' trajectories do not depend on D.
-        k_inner, _, k_off, k_burn, _ = jax.random.split(key, 5)
+        keys0 = init_keys(key)
         P = self.num_particles
-        inner = init_inner(self.system, k_inner, P, 1)
+        inner = init_inner(self.system, keys0.inner, P, 1)
         t = jnp.zeros((P,), jnp.int32)
-        offsets = stagger_offsets(k_off, P, self.horizon, self.stagger)
+        ended = state_ended = None
+        if check_step_output(self.system, theta, key):
+            ended = jnp.zeros((P, 1), bool)
+        offsets = stagger_offsets(keys0.offsets, P, self.horizon, self.stagger)
         if offsets is None:
             keys = jnp.broadcast_to(key, (P, D, 2) + key.shape)
-            history = History(inner, t, keys, jnp.zeros((P, D), bool))
-            return ParticleState(inner, t, history, jnp.zeros((), jnp.int32))
+            history = History(inner, t, keys, jnp.zeros((P, D), bool), ended)
+            return ParticleState(inner, t, history, jnp.zeros((), jnp.int32), ended)
         # Burn in to D steps before each particle's offset (never negative), then record the
         # keys of the rest of its burn-in and replay them.
-        (start, t_start, _), _ = window_scan(
-            self.system, theta, inner, t, (), k_burn, signs=(0.0,),
+        (start, t_start, _, ended), stats = window_scan(
+            self.system, theta, inner, t, (), keys0.burn, signs=(0.0,),
             num_steps=self.horizon - 1, hooks=None, active=jnp.maximum(offsets - D, 0),
-            mesh=self.mesh)
+            mesh=self.mesh, ended=ended)
         idx = offsets[:, None] - D + jnp.arange(D, dtype=jnp.int32)[None]
         valid = idx >= 0
-        keys = step_keys(jax.random.split(k_burn, P), jnp.maximum(idx, 0))
-        (inner, t), _ = replay_scan(self.system, theta, start, t_start, keys, valid,
-                                    jnp.zeros_like(valid), self.mesh)
-        history = History(start, t_start, keys, valid)
-        return ParticleState(inner, t, history, jnp.sum(offsets))
+        keys = step_keys(jax.random.split(keys0.burn, P), jnp.maximum(idx, 0))
+        # Without termination every burn-in step is taken; with it the replay counts its own.
+        counted = jnp.zeros_like(valid) if ended is None else valid
+        (inner, t, state_ended), replayed = replay_scan(
+            self.system, theta, start, t_start, keys, valid, counted, self.mesh, ended)
+        pending = (jnp.sum(offsets) if ended is None
+                   else taken_steps(stats, 1) + jnp.sum(replayed.taken))
+        history = History(start, t_start, keys, valid, ended)
+        return ParticleState(inner, t, history, pending, state_ended)
 
     def _estimate(self, state, theta, key):
         K = self.truncation_length
@@ -189,16 +209,17 @@ class TBPTT(IndependentParticles):
         inner0 = jax.lax.stop_gradient(state.inner)
 
         def mean_loss(theta):
-            (inner, t, _), stats = window_scan(
+            (inner, t, _, ended), stats = window_scan(
                 self.system, theta, inner0, state.t, (), key, signs=(0.0,), num_steps=K,
-                hooks=None, mesh=self.mesh)
-            return jnp.sum(stats.loss_sum) / (self.num_particles * K), (inner, t, stats)
+                hooks=None, mesh=self.mesh, ended=state.ended)
+            return jnp.sum(stats.loss_sum) / (self.num_particles * K), (inner, t, ended, stats)
 
-        (loss, (inner, t, stats)), grad = jax.value_and_grad(mean_loss, has_aux=True)(theta)
+        (loss, (inner, t, ended, stats)), grad = jax.value_and_grad(
+            mean_loss, has_aux=True)(theta)
         # A non-finite loss poisons the whole backward pass, so nothing is left out here: the
         # info names the particle and the outer loop refuses the gradient.
         info = window_info(stats, 1, K, state.pending_steps, 1)._replace(loss=loss)
-        return grad, ParticleState(inner, t, (), jnp.zeros((), jnp.int32)), info
+        return grad, ParticleState(inner, t, (), jnp.zeros((), jnp.int32), ended), info
 
     def _estimate_deep(self, state, theta, key):
         """TBPTT(K, K + D): replay the D buffered steps and the window's K new ones from the
@@ -217,18 +238,20 @@ class TBPTT(IndependentParticles):
 
         def mean_loss(theta):
             # Split after K steps: that state is the start of the next window's buffer.
-            (mid, t_mid), first = replay_scan(self.system, theta, start, hist.t, keys[:, :K],
-                                              valid[:, :K], counted[:, :K], self.mesh)
-            (inner, t), rest = replay_scan(self.system, theta, mid, t_mid, keys[:, K:],
-                                           valid[:, K:], counted[:, K:], self.mesh)
+            (mid, t_mid, e_mid), first = replay_scan(
+                self.system, theta, start, hist.t, keys[:, :K], valid[:, :K], counted[:, :K],
+                self.mesh, hist.ended)
+            (inner, t, ended), rest = replay_scan(
+                self.system, theta, mid, t_mid, keys[:, K:], valid[:, K:], counted[:, K:],
+                self.mesh, e_mid)
             stats = _join(first, rest)
-            return jnp.sum(stats.loss_sum) / (P * K), (inner, t, mid, t_mid, stats)
+            return jnp.sum(stats.loss_sum) / (P * K), (inner, t, ended, mid, t_mid, e_mid, stats)
 
-        (loss, (inner, t, mid, t_mid, stats)), grad = jax.value_and_grad(
+        (loss, (inner, t, ended, mid, t_mid, e_mid, stats)), grad = jax.value_and_grad(
             mean_loss, has_aux=True)(theta)
         info = window_info(stats, 1, K, state.pending_steps, 1)._replace(loss=loss)
-        history = History(jax.lax.stop_gradient(mid), t_mid, keys[:, K:], valid[:, K:])
-        return grad, ParticleState(inner, t, history, jnp.zeros((), jnp.int32)), info
+        history = History(jax.lax.stop_gradient(mid), t_mid, keys[:, K:], valid[:, K:], e_mid)
+        return grad, ParticleState(inner, t, history, jnp.zeros((), jnp.int32), ended), info
 
 
 class FullBPTT(TBPTT):

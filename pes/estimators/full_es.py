@@ -4,6 +4,10 @@
 
 Unbiased for the smoothed meta-objective, one estimate per T inner steps per particle. It is
 PES with K = T and all pairs in lockstep: each window starts at t = 0 with an empty accumulator.
+
+Termination: a member that returns ``done`` waits (frozen, loss 0, no inner steps counted) for
+the rest of the window; E[g] is exactly the gradient of the smoothed
+L(theta) = E[sum_{t<tau} l_t] / T.
 """
 
 from __future__ import annotations

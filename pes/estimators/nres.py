@@ -9,6 +9,10 @@ A pair whose episode restarts, even mid-window, draws a new eps for the new epis
 ``noise_period = P`` a fresh eps' is also drawn whenever the episode's step index is a multiple
 of P, and steps are credited to the sum of the draws of the episode so far (GPES-P): P equal to
 the window length behaves like PES, P >= T (or None) is NRES.
+
+Termination: a member whose step returns ``done`` waits (frozen, loss 0) until its pair's
+episode slot ends at the horizon; the pair's eps is redrawn then. E[g] is exactly the gradient
+of the smoothed L(theta) = E[sum_{t<tau} l_t] / T with staggered pairs.
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ class NRES(ESEstimator):
 
     def perturbation(self, noise):
         return noise.eps
+
+    def theta_like(self, state):
+        return state.noise.eps
 
     def weight(self, noise, done):
         return noise.xi

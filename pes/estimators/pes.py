@@ -9,6 +9,15 @@ to xi + eps; steps of an episode that began inside the window are credited to ep
 
 The step that ends an episode belongs to the old episode and is weighted by the old
 accumulator. E[g] is the gradient of the Gaussian-smoothed mean per-step loss.
+
+The credit of a whole window is one function, :func:`pes_credit`; the per-step hooks
+(``weight``, ``after_step``) are its step-by-step reference, run only by subclasses that set
+``closed_form_credit = False``.
+
+Termination (a step returning ``done``): a member whose episode ends waits, frozen with loss
+0, until its pair's episode slot ends at the horizon T, so both members and xi stay in the
+same slot. E[g] is then exactly the gradient of the smoothed L(theta) = E[sum_{t<tau} l_t] / T
+(staggered, or averaged over the T/K windows of a lockstep cycle).
 """
 
 from __future__ import annotations
@@ -18,7 +27,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pes.estimators._particles import ESEstimator, batched_normal, per_pair, select, tmap
+from pes.estimators._particles import (
+    ESEstimator,
+    WindowSums,
+    batched_normal,
+    per_pair,
+    select,
+    tmap,
+)
 
 
 class PESNoise(NamedTuple):
@@ -28,6 +44,37 @@ class PESNoise(NamedTuple):
     xi: object
     eps: object
     stepped: jax.Array
+
+
+def pes_credit(noise: PESNoise, sums: WindowSums, need_W: bool = True):
+    """PES's credit of one window, per pair (PAPER.md, "The estimators"):
+
+        A = sum_j (l+_j - l-_j) w_j,   w_j = xi + eps  for steps of the episode that was running
+                                                        when the window began (its last step
+                                                        included),
+                                           = eps       for steps of an episode begun inside it;
+        W = sum_j w_j over the active steps (the plain Monte Carlo baseline's weight);
+        xi <- 0 if an episode ended in the window, else xi (end_window then adds eps).
+
+    The estimate is g = mean_pairs A / (2 sigma^2 K) (es_gradient). In closed form:
+    A = (sum_j d_j) eps + (sum_{j <= first end} d_j) xi, with d_j = l+_j - l-_j.
+
+    noise: the pair's PESNoise at the window's start (xi, eps: leaves [P, ...]).
+    sums: the window's WindowSums. Returns (noise after the window, A, W); W is zeros when not
+    need_W.
+    """
+    col = lambda v, x: per_pair(v, x).astype(x.dtype)
+
+    def credit(total, to_end):
+        return tmap(lambda xi, e: col(total, e) * e + col(to_end, xi) * xi, noise.xi, noise.eps)
+
+    A = credit(sums.diff, sums.diff_to_end)
+    W = credit(sums.steps, sums.steps_to_end) if need_W else tmap(jnp.zeros_like, noise.xi)
+    # After the window xi is empty if an episode ended in it, and the current episode has
+    # stepped with eps unless the pair's last step ended it (or it took no step).
+    xi = select(sums.ended, tmap(jnp.zeros_like, noise.xi), noise.xi)
+    stepped = jnp.where(sums.steps > 0, ~sums.ends_last, noise.stepped)
+    return PESNoise(xi, noise.eps, stepped), A, W
 
 
 class PES(ESEstimator):
@@ -61,6 +108,8 @@ class PES(ESEstimator):
     def perturbation(self, noise):
         return noise.eps
 
+    # The per-step reference of pes_credit (run when closed_form_credit is False).
+
     def weight(self, noise, done):
         return tmap(jnp.add, noise.xi, noise.eps)
 
@@ -69,31 +118,13 @@ class PES(ESEstimator):
         xi = select(done, tmap(jnp.zeros_like, noise.xi), noise.xi)
         return PESNoise(xi, noise.eps, ~done)
 
-    @property
-    def credit_after_scan(self):
-        # window_credit is these hooks in closed form: a subclass that changes weight or
-        # after_step gets the per-step path, so that its change takes effect.
-        cls = type(self)
-        return cls.weight is PES.weight and cls.after_step is PES.after_step
+    closed_form_credit = True
 
     def window_credit(self, noise, sums, need_W):
-        """The hooks above for a whole window: steps up to the pair's first episode end (that
-        step included) are credited to xi + eps, later ones to eps alone, so
-        A = (sum_j d_j) eps + (sum_{j <= end} d_j) xi, and W likewise with step counts."""
-        col = lambda v, x: per_pair(v, x).astype(x.dtype)
+        return pes_credit(noise, sums, need_W)
 
-        def credit(total, to_end):
-            return tmap(lambda xi, e: col(total, e) * e + col(to_end, xi) * xi,
-                        noise.xi, noise.eps)
-
-        A = credit(sums.diff, sums.diff_to_end)
-        W = (credit(sums.steps, sums.steps_to_end) if need_W
-             else tmap(jnp.zeros_like, noise.xi))
-        # After the window xi is empty if an episode ended in it, and the current episode has
-        # stepped with eps unless the pair's last step ended it (or it took no step).
-        xi = select(sums.ended, tmap(jnp.zeros_like, noise.xi), noise.xi)
-        stepped = jnp.where(sums.steps > 0, ~sums.ends_last, noise.stepped)
-        return PESNoise(xi, noise.eps, stepped), A, W
+    def theta_like(self, state):
+        return state.noise.xi
 
     def end_window(self, noise):
         xi = select(noise.stepped, tmap(jnp.add, noise.xi, noise.eps), noise.xi)

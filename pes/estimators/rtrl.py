@@ -10,6 +10,10 @@ truncated; it restarts at 0 with each episode (a fresh state does not depend on 
 per step: one forward pass with D = dim(theta) tangents, memory dim(s) x D: small problems.
 
 ``SensitivityEstimator`` is the window shared with UORO (a rank-one estimate of J).
+
+Termination: a particle that returns ``done`` waits (frozen, loss 0) until its episode slot
+ends at the horizon, then restarts with J = 0. The gradient is pathwise: it ignores how the
+episode's length depends on theta (biased for theta-dependent termination).
 """
 
 from __future__ import annotations
@@ -27,9 +31,34 @@ from pes.estimators._particles import (
     select,
     shard_pairs,
     stagger_offsets,
+    taken_steps,
     tmap,
     window_info,
 )
+from pes.estimators._window import (
+    advance,
+    fresh_ended,
+    init_keys,
+    live_members,
+    split_step,
+    step_keys,
+)
+from pes.system import check_step_output
+
+
+def split_done(system, t, k_step, state, theta):
+    """``(step, has_done)``: ``step(s, theta) -> (state, loss)`` for one particle's step t and
+    whether the system also returns ``done``; then step returns ((state, loss), done), the form
+    jax.linearize / jvp / vjp take with has_aux."""
+    out = jax.eval_shape(lambda: system.step(state, theta, t, k_step))
+    if len(out) == 2:
+        return (lambda s, th: system.step(s, th, t, k_step)), False
+
+    def step(s, th):
+        new, loss, done = split_step(system.step(s, th, t, k_step))
+        return (new, loss), done
+
+    return step, True
 
 
 class SensitivityEstimator(IndependentParticles):
@@ -38,8 +67,9 @@ class SensitivityEstimator(IndependentParticles):
     ``ParticleState.inner`` has leaves [P, 1, ...] (one member per particle) and ``noise`` is
     the sensitivity, leaves [P, ...]. Subclasses define, for one particle,
     ``zero_sensitivity(state, theta)`` and
-    ``sensitivity_step(state, sens, theta, t, k_step, k_noise) -> (state, loss, grad, sens)``
-    where grad (theta's structure) is the estimate of dl_t/dtheta.
+    ``sensitivity_step(state, sens, theta, t, k_step, k_noise) -> (state, loss, grad, sens,
+    done)`` where grad (theta's structure) is the estimate of dl_t/dtheta and done the step's
+    termination (False for a system without it; see ``split_done``).
     """
 
     def __init__(self, system, *, num_particles=1, truncation_length=1, stagger=True, mesh=None):
@@ -63,24 +93,25 @@ class SensitivityEstimator(IndependentParticles):
 
     def _init(self, key, theta):
         # The same key split as TruncatedEstimator._init, so lockstep runs share trajectories.
-        k_inner, _, k_off, k_burn, _ = jax.random.split(key, 5)
-        inner = tmap(lambda x: x[:, 0], init_inner(self.system, k_inner, self.num_pairs, 1))
+        keys = init_keys(key)
+        inner = tmap(lambda x: x[:, 0], init_inner(self.system, keys.inner, self.num_pairs, 1))
         sens = jax.vmap(self.zero_sensitivity, in_axes=(0, None))(inner, theta)
         t = jnp.zeros((self.num_pairs,), jnp.int32)
+        ended = fresh_ended(self.num_pairs, 1, check_step_output(self.system, theta, key))
         pending = jnp.zeros((), jnp.int32)
-        offsets = stagger_offsets(k_off, self.num_pairs, self.horizon, self.stagger)
+        offsets = stagger_offsets(keys.offsets, self.num_pairs, self.horizon, self.stagger)
         if offsets is not None:
             # Burn-in builds up the sensitivity too: it is part of the particle's state.
-            (inner, t, sens), _, stats = self._window(
-                theta, inner, t, sens, k_burn, self.horizon - 1, offsets)
-            pending = jnp.sum(stats.steps)
-        return ParticleState(expand_members(inner, 1), t, sens, pending)
+            (inner, t, sens, ended), _, stats = self._window(
+                theta, inner, t, sens, keys.burn, self.horizon - 1, offsets, ended)
+            pending = taken_steps(stats, 1)
+        return ParticleState(expand_members(inner, 1), t, sens, pending, ended)
 
     def _estimate(self, state, theta, key):
         K = self.truncation_length
         inner = tmap(lambda x: x[:, 0], state.inner)
-        (inner, t, sens), grad_sum, stats = self._window(
-            theta, inner, state.t, state.noise, key, K, None)
+        (inner, t, sens, ended), grad_sum, stats = self._window(
+            theta, inner, state.t, state.noise, key, K, None, state.ended)
         # Particles are independent, so one with a NaN/inf loss is left out of the mean (as
         # in the ES family); the info names it. No finite particle gives a NaN gradient.
         ok = stats.finite
@@ -88,51 +119,63 @@ class SensitivityEstimator(IndependentParticles):
                     grad_sum)
         info = window_info(stats, 1, K, state.pending_steps, 1)
         return grad, ParticleState(expand_members(inner, 1), t, sens,
-                                   jnp.zeros((), jnp.int32)), info
+                                   jnp.zeros((), jnp.int32), ended), info
 
-    def _window(self, theta, inner, t, sens, key, num_steps, active):
-        """``num_steps`` steps of every particle (one lax.scan); keys and resets as in
-        window_scan. Returns (inner, t, sens), the per-particle sums of the step gradients
-        (leaves [P, ...]) and a WindowStats (without A, W)."""
-        horizon, num = self.horizon, self.num_pairs
+    def _window(self, theta, inner, t, sens, key, num_steps, active, ended=None):
+        """``num_steps`` steps of every particle (one lax.scan); keys and resets by
+        _window.step_keys and _window.advance. Returns (inner, t, sens, ended), the
+        per-particle sums of the step gradients (leaves [P, ...]) and a WindowStats (without
+        A, W)."""
+        num = self.num_pairs
         pair_keys = shard_pairs(jax.random.split(key, num), self.mesh)
-        inner, t, sens, active = shard_pairs((inner, t, sens, active), self.mesh)
+        inner, t, sens, active, ended = shard_pairs((inner, t, sens, active, ended), self.mesh)
         step_all = jax.vmap(self.sensitivity_step, in_axes=(0, 0, None, 0, 0, 0))
+        # With termination, advance works on [P, M, ...] member states (a particle is a pair
+        # of one member); without, on the particles' [P, ...] states as they are.
+        lift = (lambda tree: tmap(lambda x: x[:, None], tree)) if ended is not None else (
+            lambda tree: tree)
+        unlift = (lambda tree: tmap(lambda x: x[:, 0], tree)) if ended is not None else (
+            lambda tree: tree)
 
         def body(carry, j):
-            inner, t, sens, grad_sum, stats = carry
-            keys = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, j), 3))(pair_keys)
+            inner, t, ended, sens, grad_sum, stats = carry
+            keys = step_keys(pair_keys, j)
             k_step, k_reset, k_noise = keys[:, 0], keys[:, 1], keys[:, 2]
-            new_inner, loss, grad, new_sens = step_all(inner, sens, theta, t, k_step, k_noise)
-            act = jnp.ones((num,), bool) if active is None else j < active
-            t_next = t + 1
-            done = jnp.zeros_like(act) if horizon is None else (t_next >= horizon) & act
-            grad_sum = tmap(lambda a, g: a + select(act, g, jnp.zeros_like(g)), grad_sum, grad)
-            finite_now = ~act | jnp.isfinite(loss)
+            new_inner, loss, grad, new_sens, term = step_all(inner, sens, theta, t, k_step,
+                                                              k_noise)
+            act = None if active is None else j < active
+            live = live_members(act, ended)
+            on = jnp.ones((num,), bool) if act is None else act  # the particle's clock moves
+            took = on if live is None else live[:, 0]  # ... and it really stepped
+            if live is not None:
+                loss = jnp.where(took, loss, jnp.zeros_like(loss))
+
+            def reset(mask, x):
+                x_inner, x_sens = x
+                put = lambda v: select(mask, lift(jax.vmap(self.system.init)(k_reset)), v)
+                return (jax.lax.cond(jnp.any(mask), put, lambda v: v, x_inner),
+                        select(mask, self.fresh_sensitivity(x_sens), x_sens))
+
+            adv = advance(self.horizon, lift((inner, sens)), lift((new_inner, new_sens)), t, act,
+                          reset, ended, None if ended is None else term[:, None])
+            grad_sum = tmap(lambda a, g: a + select(took, g, jnp.zeros_like(g)), grad_sum, grad)
+            finite_now = ~took | jnp.isfinite(loss)
             stats = WindowStats(
-                A=(), W=(), loss_sum=stats.loss_sum + jnp.where(act, loss, 0.0),
-                steps=stats.steps + act, finite=stats.finite & finite_now,
-                bad_t=jnp.where(stats.finite & ~finite_now, t, stats.bad_t))
-            if active is not None:
-                new_inner = select(act, new_inner, inner)
-                new_sens = select(act, new_sens, sens)
-            if horizon is not None:
-                new_inner = jax.lax.cond(
-                    jnp.any(done),
-                    lambda x: select(done, jax.vmap(self.system.init)(k_reset), x),
-                    lambda x: x, new_inner)
-                new_sens = select(done, self.fresh_sensitivity(new_sens), new_sens)
-                t_next = jnp.where(done, 0, t_next)
-            t = jnp.where(act, t_next, t)
-            return shard_pairs((new_inner, t, new_sens, grad_sum, stats), self.mesh), None
+                A=(), W=(), loss_sum=stats.loss_sum + jnp.where(took, loss, 0.0),
+                steps=stats.steps + on, finite=stats.finite & finite_now,
+                bad_t=jnp.where(stats.finite & ~finite_now, t, stats.bad_t),
+                taken=None if live is None else stats.taken + took)
+            inner, sens = unlift(adv.state)
+            return shard_pairs((inner, adv.t, adv.ended, sens, grad_sum, stats), self.mesh), None
 
         zeros = tmap(lambda x: jnp.zeros((num,) + jnp.shape(x), jnp.result_type(x)), theta)
         stats0 = WindowStats(A=(), W=(), loss_sum=jnp.zeros((num,), jnp.float32),
                              steps=jnp.zeros((num,), jnp.int32), finite=jnp.ones((num,), bool),
-                             bad_t=-jnp.ones((num,), jnp.int32))
-        (inner, t, sens, grad_sum, stats), _ = jax.lax.scan(
-            body, (inner, t, sens, zeros, stats0), jnp.arange(num_steps, dtype=jnp.int32))
-        return (inner, t, sens), grad_sum, stats
+                             bad_t=-jnp.ones((num,), jnp.int32),
+                             taken=None if ended is None else jnp.zeros((num,), jnp.int32))
+        (inner, t, ended, sens, grad_sum, stats), _ = jax.lax.scan(
+            body, (inner, t, ended, sens, zeros, stats0), jnp.arange(num_steps, dtype=jnp.int32))
+        return (inner, t, sens, ended), grad_sum, stats
 
 
 class RTRL(SensitivityEstimator):
@@ -155,9 +198,11 @@ class RTRL(SensitivityEstimator):
 
     def sensitivity_step(self, state, sens, theta, t, k_step, k_noise):
         flat, unravel = ravel_pytree(theta)
-        step = lambda s, th: self.system.step(s, unravel(th), t, k_step)
-        (new_state, loss), step_lin = jax.linearize(step, state, flat)
+        step, has_done = split_done(self.system, t, k_step, state, theta)
+        out = jax.linearize(lambda s, th: step(s, unravel(th)), state, flat, has_aux=has_done)
+        (new_state, loss), step_lin = out[:2]
+        done = out[2] if has_done else jnp.zeros((), bool)
         # Column d of J pushed forward together with e_d: (J' e_d, dl/dtheta_d) in one pass.
         new_sens, dloss = jax.vmap(step_lin, in_axes=(-1, 0), out_axes=-1)(
             sens, jnp.eye(flat.size, dtype=flat.dtype))
-        return new_state, loss, unravel(dloss), new_sens
+        return new_state, loss, unravel(dloss), new_sens, done

@@ -7,6 +7,9 @@ them K steps at theta +/- eps (eps fresh each window) and credits every step to 
 
 An extra member advances s itself at the unperturbed theta (K more inner steps per pair), so
 the dependence of s on theta before the window is ignored: short-horizon bias.
+
+Termination: the stored state waits after ``done`` (frozen, loss 0) until its slot ends at the
+horizon, and the window's copies wait with it; the estimate stays the truncated (biased) one.
 """
 
 from __future__ import annotations
@@ -33,11 +36,10 @@ class TruncatedES(ESEstimator):
     def weight(self, noise, done):
         return noise
 
-    @property
-    def credit_after_scan(self):
-        # As for PES: only while weight and after_step are the ones window_credit reproduces.
-        cls = type(self)
-        return cls.weight is TruncatedES.weight and cls.after_step is ESEstimator.after_step
+    closed_form_credit = True  # window_credit below is weight() summed over the window
+
+    def theta_like(self, state):
+        return state.noise
 
     def window_credit(self, noise, sums, need_W):
         """Every step is credited to eps: A = (sum_j d_j) eps, W = (active steps) eps."""

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from pes.estimators._particles import tmap
-from pes.estimators.rtrl import SensitivityEstimator
+from pes.estimators.rtrl import SensitivityEstimator, split_done
 
 
 class UOROSensitivity(NamedTuple):
@@ -65,10 +65,11 @@ class UORO(SensitivityEstimator):
 
     def sensitivity_step(self, state, sens, theta, t, k_step, k_noise):
         s_tilde, theta_tilde = sens
-        step = lambda s, th: self.system.step(s, th, t, k_step)
-        (new_state, loss), (fs_s_tilde, dl_s_tilde) = jax.jvp(
-            lambda s: step(s, theta), (state,), (s_tilde,))
-        _, pullback = jax.vjp(lambda th: step(state, th), theta)
+        step, has_done = split_done(self.system, t, k_step, state, theta)
+        out = jax.jvp(lambda s: step(s, theta), (state,), (s_tilde,), has_aux=has_done)
+        (new_state, loss), (fs_s_tilde, dl_s_tilde) = out[:2]
+        done = out[2] if has_done else jnp.zeros((), bool)
+        pullback = jax.vjp(lambda th: step(state, th), theta, has_aux=has_done)[1]
         nu = self.random_signs(k_noise, new_state)
         (nu_f_theta,) = pullback((nu, jnp.zeros_like(loss)))
         (dl_theta,) = pullback((tmap(jnp.zeros_like, new_state), jnp.ones_like(loss)))
@@ -79,4 +80,7 @@ class UORO(SensitivityEstimator):
         rho1 = jnp.sqrt((_norm(nu_f_theta) + eps) / (_norm(nu) + eps))
         s_tilde = tmap(lambda a, n: rho0 * a + rho1 * n, fs_s_tilde, nu)
         theta_tilde = tmap(lambda a, b: a / rho0 + b / rho1, theta_tilde, nu_f_theta)
-        return new_state, loss, grad, UOROSensitivity(s_tilde, theta_tilde)
+        return new_state, loss, grad, UOROSensitivity(s_tilde, theta_tilde), done
+
+    def theta_like(self, state):
+        return state.noise.theta_tilde

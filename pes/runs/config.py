@@ -32,20 +32,20 @@ import yaml
 
 from pes.runs.errors import ConfigError
 from pes.runs.gym_task import POLICIES as GYM_POLICIES
-from pes.runs.gym_task import is_gym_task, steps_per_estimate
+from pes.runs.gym_task import is_gym_task, outer_step_cap
 from pes.runs.registry import (
     ESTIMATOR_NAMES,
     ESTIMATOR_SETTINGS,
     TASK_NAMES,
     TASK_OPTIONS,
     EstimatorEntry,
+    check_option_value,
     get_estimator,
     get_task,
     is_task_name,
     unknown_name,
 )
 from pes.tasks.base import OPTIMIZER_NAMES, OptimizerSpec
-from pes.tasks.swimmer import BACKENDS as SWIMMER_BACKENDS  # no mujoco import until used
 from pes.training import NONFINITE_POLICIES
 
 MAX_SEED = 2**31 - 1
@@ -147,10 +147,10 @@ class RunConfig:
       JAX through mujoco.mjx, for accelerators); None: 'mujoco'. Other tasks take none.
     policy: gym:ENV_ID's policy, 'linear' or 'mlp' (32, 32 tanh); None: 'linear'.
     env_steps: a budget in environment steps (gym:ENV_ID tasks), an alternative to
-      num_steps: num_steps = ceil(env_steps / the steps one estimate takes at most) (particles
-      x K; full ES: particles x horizon; TES adds its unperturbed member). ``inner_steps`` and
-      ``env_steps`` report the steps actually taken, fewer where particles wait after an
-      episode ends early.
+      num_steps: the run stops after the outer step at which ``inner_steps``, the steps
+      actually taken, reaches it. num_steps becomes a cap that surely spends the budget:
+      ceil(env_steps / members) x ceil(horizon / K) (full ES: ceil(env_steps / members)), as
+      every member takes at least one step per episode slot however early its episode ends.
     devices: split the particles over this many devices (a 1-D mesh; the pairs of antithetic
       estimators must divide evenly); None: one device, or every device of every process in a
       distributed run (:mod:`pes.runs.distributed`). It changes where the particles
@@ -221,8 +221,7 @@ class RunConfig:
             "data_dir": _check_data_dir,
             "size": lambda v: _check_name("size", v, "size", TASK_SIZES),
             "objective": lambda v: _check_name("objective", v, "objective", OBJECTIVES),
-            "backend": lambda v: _check_name("backend", v, "swimmer backend",
-                                             SWIMMER_BACKENDS),
+            "backend": lambda v: check_option_value("backend", v),
             "policy": lambda v: _check_name("policy", v, "policy", GYM_POLICIES),
             "env_steps": lambda v: check_int("env_steps", v, 1),
             "devices": lambda v: check_int("devices", v, 1),
@@ -354,8 +353,7 @@ class RunConfig:
             if not is_gym_task(self.task):
                 raise ConfigError(f"env_steps={self.env_steps} applies to gym:ENV_ID tasks "
                                   "only; use num_steps", field="env_steps")
-            per = steps_per_estimate(est.name, settings, horizon)
-            num_steps = max(1, -(-self.env_steps // per))
+            num_steps = outer_step_cap(est.name, settings, horizon, self.env_steps)
             if self.num_steps is not None and self.num_steps != num_steps:
                 raise ConfigError(f"env_steps={self.env_steps} contradicts num_steps="
                                   f"{self.num_steps}: give one budget", field="env_steps")
@@ -525,9 +523,6 @@ class Setup:
     theta0: jax.Array
 
 
-_ESTIMATOR_CACHE: dict[tuple, Any] = {}
-
-
 def make_optimizer(name: str, lr: float, b1: float | None = None,
                    schedule: Any = ()) -> optax.GradientTransformation:
     """``schedule``: ((boundary, scale), ...) of a piecewise-constant rate; () is constant."""
@@ -540,22 +535,14 @@ def make_optimizer(name: str, lr: float, b1: float | None = None,
 
 
 def _construct(est: EstimatorEntry, task: Any, kwargs: dict[str, Any]) -> Any:
-    cls = est.cls()
-    # Estimators hold their jitted functions: reusing one across seeds skips recompiling.
-    key = (est.name, cls, task, tuple(sorted(kwargs.items())))
-    cached = _ESTIMATOR_CACHE.get(key)
-    if cached is not None:
-        return cached
+    # Estimators are immutable and jit keys on their value: an equal estimator built for
+    # another seed reuses the compiled code.
     try:
-        estimator = cls(task, **kwargs)
+        return est.cls()(task, **kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"estimator={est.name!r} refused its settings "
                           f"({', '.join(f'{k}={v}' for k, v in kwargs.items())}): {e}",
                           field="estimator") from None
-    if len(_ESTIMATOR_CACHE) > 32:
-        _ESTIMATOR_CACHE.clear()
-    _ESTIMATOR_CACHE[key] = estimator
-    return estimator
 
 
 def build_setup(config: RunConfig) -> Setup:

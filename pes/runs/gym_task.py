@@ -59,18 +59,21 @@ class GymTask:
         return self.system.evaluate(theta, key)
 
     def defaults(self) -> TaskDefaults:
-        """ARS-like starting settings: 10 antithetic pairs, sigma 0.05, windows of K = 100
-        aligned with the episodes, updates divided by the spread of the window losses, SGD
-        0.02 (full ES: whole episodes). Not tuned per environment."""
+        """Starting settings, not tuned per environment: 10 antithetic pairs, sigma 0.05,
+        windows of K = 100, pairs staggered over the episode (so that windows keep finding
+        live particles while others wait after an early end), Adam 0.1 (full ES: whole
+        episodes).
+        With them PES took InvertedPendulum-v5 (100-step episodes, a linear policy) from a
+        return of 25.6 to 44.3 in 30 outer steps; dividing by the spread of the window
+        losses with SGD 0.02 or 0.1 moved it to only 30."""
         theta0 = np.asarray(self.system.flatten(self.system.theta0()), float)
         es = {"num_particles": 20, "sigma": 0.05, "truncation_length": min(100, self.horizon),
-              "normalize_losses": True, "stagger": False}
+              "stagger": True}
         return TaskDefaults(
             theta0=tuple(float(v) for v in theta0), theta_shape=(theta0.size,), num_steps=100,
-            optimizer=OptimizerSpec("sgd", 0.02),
+            optimizer=OptimizerSpec("adam", 0.1),
             estimators={"pes": dict(es), "nres": dict(es), "tes": dict(es),
-                        "full-es": {"num_particles": 20, "sigma": 0.05,
-                                    "normalize_losses": True}})
+                        "full-es": {"num_particles": 20, "sigma": 0.05}})
 
 
 @functools.cache
@@ -85,11 +88,15 @@ def export_policy(task: GymTask, theta: Any, run_dir: Any) -> Path:
     return save_policy(Path(run_dir) / POLICY_FILE, task.system, jax.numpy.asarray(theta))
 
 
-def steps_per_estimate(estimator: str, settings: dict[str, Any], horizon: int) -> int:
-    """Environment steps one estimate takes at most: particles x window (x horizon for full
-    ES); TES also steps its unperturbed member."""
+def outer_step_cap(estimator: str, settings: dict[str, Any], horizon: int,
+                   env_steps: int) -> int:
+    """Outer steps that surely spend ``env_steps`` environment steps: every member takes at
+    least one step per episode slot (T steps: T / K windows, one estimate for full ES), however
+    early its episodes end. The run stops sooner, once the budget is reached."""
     particles = int(settings.get("num_particles") or 1)
+    members = particles + particles // 2 if estimator == "tes" else particles
+    slots = -(-env_steps // members)
     if estimator == "full-es":
-        return particles * horizon
+        return slots
     k = int(settings.get("truncation_length") or horizon)
-    return (particles + particles // 2) * k if estimator == "tes" else particles * k
+    return slots * -(-horizon // k)

@@ -58,13 +58,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from pes.runs.checkpoint import Checkpointer, abstract_state, on_mesh
 from pes.runs import plots
+from pes.runs.checkpoint import Checkpointer, abstract_state, on_mesh
 from pes.runs.config import RunConfig, Setup, build_setup, resumed_config
 from pes.runs.distributed import barrier, is_primary, max_over_processes, multiprocess
 from pes.runs.errors import ConfigError, RunFailed, RunInterrupted
 from pes.runs.gym_task import is_gym_task
-from pes.runs.registry import TaskEntry, get_task
+from pes.runs.registry import TaskEntry, export_files, get_task
 from pes.training import NonFiniteGradientError, TrainState, train
 
 CONFIG_FILE = "config.json"
@@ -74,10 +74,9 @@ SUMMARY_FILE = "summary.json"
 METRIC_PLOT = "meta_objective.png"
 THETA_PLOT = "theta.png"
 CHECKPOINT_DIR = "checkpoints"
-LEARNED_OPTIMIZER_FILE = "learned_optimizer.npz"  # the learned-optimizer task's export
-# What a run writes; --overwrite removes exactly these.
+# What a run writes (with what a task's export adds); --overwrite removes exactly these.
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, TIMING_FILE, SUMMARY_FILE, METRIC_PLOT, THETA_PLOT,
-             CHECKPOINT_DIR, LEARNED_OPTIMIZER_FILE)
+             CHECKPOINT_DIR) + export_files()
 MAX_LOGGED_THETA = 16
 MAX_PRINTED_THETA = 64  # a longer theta is printed as its first numbers and its size
 KEEP_CHECKPOINTS = 3
@@ -622,16 +621,18 @@ class _Recorder:
         self.bar.update(1)
         state = self.pending_state
         stop = self.signal
+        budget = self.setup.config.env_steps  # gym tasks: a budget in environment steps
+        spent = budget is not None and record.inner_steps >= budget
         if state is not None and state.step == record.step:
             self.last_state = state
-            due = self._checkpoint_due(record.step)
+            due = self._checkpoint_due(record.step) or spent
             if self.multiprocess:  # one decision for all: a signal or a clock anywhere
                 agreed, due = max_over_processes([stop or 0, int(due)])
                 stop = agreed or None
             if stop is not None or due:
                 self.checkpoint(state)
         self.stop_signal = stop
-        return stop is not None
+        return stop is not None or spent
 
     def _checkpoint_due(self, step: int) -> bool:
         cfg = self.setup.config
