@@ -71,7 +71,7 @@ def pes_estimator(system, pairs: int):
 
 class PESRunner:
     def __init__(self, env_id: str, pairs: int, threads: int):
-        self.system = pes.envs.Gymnasium(env_id, threads=threads)
+        self.system = pes.envs.Gymnasium(env_id, threads=threads, fast=False)  # generic path
         self.est, self.label = pes_estimator(self.system, pairs)
         self.theta = self.system.theta0()
         self.state = self.est.init(jax.random.PRNGKey(0), self.theta)
