@@ -14,6 +14,14 @@ from pes.estimators import (
     TruncatedES,
 )
 from pes.system import System, evaluate, unroll
+from pes.training_loop import (
+    TrainingLoop,
+    Validation,
+    batches_from_arrays,
+    inverse_time,
+    log_linear,
+    scale_by_layer,
+)
 from pes.train import History, NonFiniteGradientError, Record, TrainResult, train
 
 __all__ = [
@@ -21,5 +29,7 @@ __all__ = [
     "train", "TrainResult", "History", "Record", "NonFiniteGradientError",
     "PES", "TruncatedES", "FullES", "NRES", "TBPTT", "FullBPTT", "RTRL", "UORO", "EstimateInfo",
     "ParticleState", "learned_optimizer",
+    "TrainingLoop", "Validation", "batches_from_arrays", "log_linear", "inverse_time",
+    "scale_by_layer",
 ]
 __version__ = "0.1.0"
