@@ -13,7 +13,9 @@ from pes.estimators import (
     ParticleState,
     TruncatedES,
 )
+from pes.ode import ODE
 from pes.system import System, evaluate, unroll
+from pes.train import History, NonFiniteGradientError, Record, TrainResult, train
 from pes.training_loop import (
     TrainingLoop,
     Validation,
@@ -22,7 +24,6 @@ from pes.training_loop import (
     log_linear,
     scale_by_layer,
 )
-from pes.train import History, NonFiniteGradientError, Record, TrainResult, train
 
 __all__ = [
     "System", "evaluate", "unroll",
@@ -30,6 +31,6 @@ __all__ = [
     "PES", "TruncatedES", "FullES", "NRES", "TBPTT", "FullBPTT", "RTRL", "UORO", "EstimateInfo",
     "ParticleState", "learned_optimizer",
     "TrainingLoop", "Validation", "batches_from_arrays", "log_linear", "inverse_time",
-    "scale_by_layer",
+    "scale_by_layer", "ODE",
 ]
 __version__ = "0.1.0"
