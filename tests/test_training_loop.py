@@ -187,6 +187,7 @@ def _mlp_checks(system, apply_model):
     assert after < before - 0.05, (before, after)
 
 
+@pytest.mark.slow
 def test_equinox_model():
     eqx = pytest.importorskip("equinox")
     system = make(init=lambda key: eqx.nn.MLP(5, 2, 8, 1, key=key),
@@ -194,6 +195,7 @@ def test_equinox_model():
     _mlp_checks(system, lambda m, x: jax.vmap(m)(x))
 
 
+@pytest.mark.slow
 def test_flax_nnx_model():
     nnx = pytest.importorskip("flax.nnx")
 

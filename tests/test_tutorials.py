@@ -38,7 +38,7 @@ def test_fit_ode_tiny(capsys):
     rows = load("fit_ode").main(["--tiny"])
     out = capsys.readouterr().out
     start = float(out.split("start  meta-loss")[1].split()[0])
-    assert [r[0] for r in rows] == ["PES", "truncated ES"]
+    assert [r[0] for r in rows] == ["PES", "truncated ES", "full ES"]
     assert rows[0][2] < 0.5 * start, (start, rows)
     lorenz = [line.split(":")[1].split() for line in out.splitlines() if "offset (log a" in line]
     assert len(lorenz) == 5
