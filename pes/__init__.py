@@ -13,6 +13,7 @@ from pes.estimators import (
     ParticleState,
     TruncatedES,
 )
+from pes.ode import ODE
 from pes.system import System, evaluate, unroll
 from pes.training import (
     History,
@@ -22,6 +23,14 @@ from pes.training import (
     TrainState,
     train,
 )
+from pes.training_loop import (
+    TrainingLoop,
+    Validation,
+    batches_from_arrays,
+    inverse_time,
+    log_linear,
+    scale_by_layer,
+)
 
 __all__ = [
     "System", "evaluate", "unroll",
@@ -29,6 +38,8 @@ __all__ = [
     "Checkpointer", "abstract_state",
     "PES", "TruncatedES", "FullES", "NRES", "TBPTT", "FullBPTT", "RTRL", "UORO", "EstimateInfo",
     "ParticleState", "learned_optimizer", "envs",
+    "TrainingLoop", "Validation", "batches_from_arrays", "log_linear", "inverse_time",
+    "scale_by_layer", "ODE",
 ]
 __version__ = "0.1.0"
 

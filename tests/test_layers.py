@@ -22,7 +22,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("system", ("pes.system",)),
     ("estimators", ("pes.estimators",)),
     # The tasks' own libraries (datasets, the learned optimizer) sit with the tasks.
-    ("tasks and envs", ("pes.tasks", "pes.envs", "pes.data", "pes.learned_optimizer")),
+    # pes.training_loop and pes.ode make Systems from a user's code, as tasks do.
+    ("tasks and envs", ("pes.tasks", "pes.envs", "pes.data", "pes.learned_optimizer",
+                        "pes.training_loop", "pes.ode")),
     # The package root re-exports system, estimators and training (the public API).
     ("training", ("pes.training", "pes.diagnostics", "pes")),
     ("runs", ("pes.runs",)),

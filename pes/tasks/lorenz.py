@@ -146,3 +146,39 @@ class Lorenz:
             },
             num_steps_overrides={"pes": 10000, "tbptt": 10000, "full-es": 2000, "full-bptt": 1000},
         )
+
+
+def lorenz_ode(task: Lorenz | None = None, solver=None, dt0: float | None = None):
+    """The Lorenz task as a :class:`pes.ODE` (needs diffrax): the same vector field, initial
+    point, save times ``t * task.dt`` and per-step loss ``(z - z*_t)^2``, with the true
+    trajectory z*_t precomputed by the hand-written Euler integrator as observations.
+
+    With ``solver=diffrax.Euler()`` (the default) and one step per interval this is the
+    hand-written task's landscape to float rounding; another solver (e.g. ``diffrax.Tsit5()``)
+    fits the same observations with a more accurate simulator. ``init_sigma`` must be 0 (the
+    observations are of one trajectory).
+    """
+    import numpy as np
+
+    from pes.ode import ODE, _diffrax
+
+    task = Lorenz() if task is None else task
+    if task.init_sigma > 0:
+        raise ValueError("lorenz_ode needs init_sigma=0: the observations are one trajectory")
+    true_theta = task.true_theta()
+
+    def euler(q, _):
+        q = task._euler(q, true_theta)
+        return q, q[2]
+
+    p0 = jnp.asarray(task.initial_point, jnp.float32)
+    observed_z = jax.jit(lambda: jax.lax.scan(euler, p0, None, length=task.horizon)[1])()
+
+    def vector_field(p, t, theta):
+        a, r = jnp.exp(theta[0]), jnp.exp(theta[1])
+        x, y, z = p[0], p[1], p[2]
+        return jnp.stack([a * (y - x), x * (r - z) - y, x * y - task.b * z])
+
+    return ODE(vector_field, p0, np.arange(task.horizon + 1) * task.dt, observed_z,
+               loss=lambda p, z_obs, t: (p[2] - z_obs) ** 2,
+               solver=_diffrax().Euler() if solver is None else solver, dt0=dt0)

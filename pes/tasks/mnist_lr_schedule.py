@@ -1,7 +1,7 @@
 """Learning-rate schedule of an MLP on (Fashion-)MNIST (PES paper, experiment 3).
 
-Inner problem (:class:`pes.tasks.mlp.MLPSystem`): a 784-100-100-10 ReLU MLP trained with SGD,
-momentum 0.9, batch 100, for T steps with the schedule
+Inner problem: a 784-100-100-10 ReLU MLP trained with SGD, momentum 0.9, batch 100, for T steps
+with the schedule
 
     lr_t = lr0 / (1 + t / T) ** decay,        theta = (log lr0, log decay),
 
@@ -10,6 +10,12 @@ from lr0 = 0.003, decay = 30, i.e. theta0 = (-5.809, 3.401). The paper has T = 5
 the same at the smaller CPU size. Objectives: ``'loss'``, the mean training loss over the run
 (the paper's summed training loss, divided by T), or ``'accuracy'``, minus the mean accuracy
 on validation minibatches (non-differentiable). ``'valid_loss'`` is there too.
+
+The System is a :class:`pes.TrainingLoop` (``optax.inject_hyperparams(optax.sgd)`` with the
+schedule's learning rate, :class:`pes.tasks.mlp.MLPSystem`'s network, initialisation and
+minibatches); the state is a ``pes.training_loop.LoopState`` (params, buffers, optax state).
+Its steps are bit for bit those of MLPSystem's own SGD-with-momentum step, which this task
+used before (same keys, same minibatches, same float operations), so results did not change.
 
 Sizes (:data:`SIZES`):
 
@@ -34,10 +40,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from pes import data as pes_data
 from pes.tasks.base import OptimizerSpec, TaskDefaults
-from pes.tasks.mlp import Hyperparameters, MLPSystem
+from pes.tasks.mlp import Hyperparameters, MLPSystem, accuracy, apply_mlp, cross_entropy
+from pes.training_loop import TrainingLoop
 
 THETA0 = (math.log(0.003), math.log(30.0))
 THETA_NAMES = ("log lr0", "log decay")
@@ -117,8 +125,40 @@ class MnistLRSchedule(MLPSystem):
             horizon=horizon or self.size.horizon,
             objective=OBJECTIVE_NAMES[objective],
         )
+        self.loop = self._training_loop()
 
     momentum = 0.9
+
+    def _training_loop(self) -> TrainingLoop:
+        """The task as a pes.TrainingLoop: MLPSystem's init and minibatches (``draw`` on the
+        step's key), SGD with momentum from optax, the objective on the updated network."""
+        loss = lambda params, batch, key: cross_entropy(apply_mlp(params, batch[0]), batch[1])
+
+        def valid(params, t, key):
+            idx = self.draw(key).valid_idx
+            logits = apply_mlp(params, self.valid_images[idx])
+            labels = self.valid_labels[idx]
+            if self.objective == "valid_loss":
+                return cross_entropy(logits, labels)
+            return jnp.where(jnp.all(jnp.isfinite(logits)), -accuracy(logits, labels), 0.0)
+
+        return TrainingLoop(
+            init=lambda key: MLPSystem.init(self, key).params, loss=loss,
+            batches=lambda key, t: self.minibatch(key),
+            optimizer=optax.inject_hyperparams(optax.sgd)(learning_rate=0.0,
+                                                          momentum=self.momentum),
+            hyperparameters=lambda theta, t: {"learning_rate": self.learning_rate(theta, t)},
+            horizon=self.horizon,
+            objective="train_loss" if self.objective == "train_loss" else valid,
+            loss_cap=self.loss_cap)
+
+    def init(self, key: jax.Array):
+        """He-normal weights and zero biases (as MLPSystem.init), a fresh optax state."""
+        return self.loop.init(key)
+
+    def step(self, state, theta, t, key):
+        """One SGD-with-momentum step (pes.TrainingLoop) and the objective at it."""
+        return self.loop.step(state, theta, t, key)
 
     def learning_rate(self, theta: jax.Array, t: jax.Array) -> jax.Array:
         """lr0 / (1 + t / T) ** decay."""

@@ -24,6 +24,18 @@ SMALL = dict(data=DATA, horizon=12, hidden_sizes=(16,), batch_size=8)
 GOOD = jnp.array([math.log(0.1), math.log(0.01)], jnp.float32)  # lr0 0.1, almost no decay
 
 
+def momentum(state):
+    """The SGD momentum buffers in MnistLRSchedule's state (a pes.TrainingLoop's optax
+    state: inject_hyperparams around sgd = chain(trace, scale))."""
+    return state.opt_state.inner_state[0].trace
+
+
+def with_momentum(state, m):
+    inner = state.opt_state.inner_state
+    opt = state.opt_state._replace(inner_state=(inner[0]._replace(trace=m), *inner[1:]))
+    return state._replace(opt_state=opt)
+
+
 @pytest.fixture(scope="module")
 def lr_task():
     return MnistLRSchedule("loss", **SMALL)
@@ -37,9 +49,10 @@ def test_system_contract(lr_task):
     check_step_output(lr_task, theta, KEY)
     s0 = lr_task.init(KEY)
     assert [p.shape for p in s0.params] == [(20, 16), (16,), (16, 10), (10,)]
-    assert all(float(jnp.abs(m).sum()) == 0 for m in s0.momentum) and int(s0.step) == 0
+    assert all(float(jnp.abs(m).sum()) == 0 for m in momentum(s0))
+    assert int(s0.opt_state.count) == 0
     s1, loss = jax.jit(lr_task.step)(s0, theta, jnp.int32(0), KEY)
-    assert loss.shape == () and loss.dtype == jnp.float32 and int(s1.step) == 1
+    assert loss.shape == () and loss.dtype == jnp.float32 and int(s1.opt_state.count) == 1
     assert jax.tree_util.tree_structure(s1) == jax.tree_util.tree_structure(s0)
     assert lr_task.layer_sizes == (20, 16, 10) and lr_task.num_tensors == 4
 
@@ -50,13 +63,13 @@ def test_step_is_sgd_with_momentum(lr_task):
     lr = 0.05 / (1 + 6 / 12) ** 2.0
     np.testing.assert_allclose(lr_task.learning_rate(theta, t), lr, rtol=1e-5)
     state = lr_task.init(KEY)
-    state = state._replace(momentum=tuple(jnp.full_like(p, 0.01) for p in state.params))
+    state = with_momentum(state, tuple(jnp.full_like(p, 0.01) for p in state.params))
     new, loss = jax.jit(lr_task.step)(state, theta, t, KEY)
     x, y = lr_task.minibatch(KEY)
     want_loss, grads = jax.jit(jax.value_and_grad(
         lambda p: cross_entropy(apply_mlp(p, x), y)))(state.params)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
-    for p, m, g, p1, m1 in zip(state.params, state.momentum, grads, new.params, new.momentum,
+    for p, m, g, p1, m1 in zip(state.params, momentum(state), grads, new.params, momentum(new),
                                strict=True):
         np.testing.assert_allclose(m1, 0.9 * m + g, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(p1, p - lr * (0.9 * m + g), rtol=1e-5, atol=1e-7)
