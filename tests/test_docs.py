@@ -201,7 +201,7 @@ def test_doctests(module):
 # ---------------------------------------------------------------- the site
 @pytest.mark.slow
 def test_site_builds_strict(tmp_path):
-    if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("mkdocstrings") is None:
+    if any(importlib.util.find_spec(m) is None for m in ("mkdocs", "mkdocstrings")):
         pytest.skip("mkdocs is not installed (pip install '.[docs]')")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_MKDOCS_2_WARNING": "1"}
     out = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir",
