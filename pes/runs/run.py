@@ -58,12 +58,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from pes.runs.checkpoint import Checkpointer, abstract_state, on_mesh
 from pes.runs import plots
+from pes.runs.checkpoint import Checkpointer, abstract_state, on_mesh
 from pes.runs.config import RunConfig, Setup, build_setup, resumed_config
 from pes.runs.distributed import barrier, is_primary, max_over_processes, multiprocess
 from pes.runs.errors import ConfigError, RunFailed, RunInterrupted
-from pes.runs.registry import TaskEntry, get_task
+from pes.runs.registry import TaskEntry, export_files, get_task
 from pes.training import NonFiniteGradientError, TrainState, train
 
 CONFIG_FILE = "config.json"
@@ -73,10 +73,9 @@ SUMMARY_FILE = "summary.json"
 METRIC_PLOT = "meta_objective.png"
 THETA_PLOT = "theta.png"
 CHECKPOINT_DIR = "checkpoints"
-LEARNED_OPTIMIZER_FILE = "learned_optimizer.npz"  # the learned-optimizer task's export
-# What a run writes; --overwrite removes exactly these.
+# What a run writes (with what a task's export adds); --overwrite removes exactly these.
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, TIMING_FILE, SUMMARY_FILE, METRIC_PLOT, THETA_PLOT,
-             CHECKPOINT_DIR, LEARNED_OPTIMIZER_FILE)
+             CHECKPOINT_DIR) + export_files()
 MAX_LOGGED_THETA = 16
 MAX_PRINTED_THETA = 64  # a longer theta is printed as its first numbers and its size
 KEEP_CHECKPOINTS = 3
