@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo quickstart test lint clean
+.PHONY: demo quickstart test test-lowest docs lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,8 +29,27 @@ quickstart: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n auto --maxprocesses=4
 
+# The lowest versions pyproject's bounds allow for every direct dependency (uv's lowest-direct
+# resolution; what they pull in is resolved as usual) in a venv of their own, then the fast tests.
+LOWEST_VENV ?= .venv-lowest
+LOWEST_PYTEST_ARGS ?= -n auto --maxprocesses=4
+test-lowest:
+	test -x $(LOWEST_VENV)/bin/python || $(PYTHON) -m venv $(LOWEST_VENV)
+	$(LOWEST_VENV)/bin/python -m pip install --quiet uv
+	$(LOWEST_VENV)/bin/python -m uv pip install --quiet --python $(LOWEST_VENV)/bin/python \
+		--resolution lowest-direct -e '.[test]'
+	$(LOWEST_VENV)/bin/python -m uv pip list --python $(LOWEST_VENV)/bin/python \
+		| grep -iE '^(jax|jaxlib|numpy|optax|typer|tqdm|matplotlib|orbax-checkpoint|pyyaml|mujoco) '
+	$(LOWEST_VENV)/bin/python -m pytest -q -m "not slow" $(LOWEST_PYTEST_ARGS)
+
+# The documentation site (mkdocs-material, API pages from the docstrings, the command-line
+# reference rendered from the app) into site/; any warning (a broken link or reference) fails.
+docs: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[docs]'
+	$(VENV)/bin/mkdocs build --strict
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(LOWEST_VENV) build dist site *.egg-info

@@ -1,8 +1,9 @@
 """Train a fresh MLP with a meta-trained learned optimizer, next to Adam and SGD.
 
 The optimizer file comes from ``pes run learned-optimizer --estimator pes`` (its run directory
-holds ``learned_optimizer.npz``); by default this script uses the one meta-trained by PES in
-docs/results/learned-optimizer. The learned optimizer is an ordinary optax transformation, so
+holds ``learned_optimizer.npz``); by default this script uses the one meta-trained by PES that
+ships inside the package (``pes.learned_optimizer.pretrained_path()``; its results are in
+docs/results/learned-optimizer). The learned optimizer is an ordinary optax transformation, so
 the training loop below is the usual optax loop; only ``update`` needs the params.
 
     python examples/learned_optimizer.py [OPTIMIZER.npz] [--steps 200] [--out plot.png]
@@ -70,7 +71,8 @@ def train(tx, params, x_train, y_train, batches):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("optimizer", nargs="?", default=str(RESULTS / "learned_optimizer.npz"))
+    parser.add_argument("optimizer", nargs="?",
+                        default=str(pes.learned_optimizer.pretrained_path()))
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)

@@ -252,6 +252,21 @@ def evaluate(
         horizon is None.
 
     Returns a float scalar.
+
+    Examples:
+        A state that shrinks by theta each step, with loss s^2: at theta = 0.5 the losses are
+        0.25, 0.25^2, ..., and their mean over T = 10 steps is about 1/30.
+
+        >>> import jax, jax.numpy as jnp, pes
+        >>> class Decay:
+        ...     horizon = 10
+        ...     def init(self, key):
+        ...         return jnp.float32(1.0)
+        ...     def step(self, s, theta, t, key):
+        ...         s = theta * s
+        ...         return s, s**2
+        >>> round(float(pes.evaluate(Decay(), jnp.float32(0.5), jax.random.PRNGKey(0))), 4)
+        0.0333
     """
     horizon = check_system(system)
     if eval_steps is None:

@@ -121,6 +121,7 @@ def test_devices_4_equal_devices_1(tmp_path):
                          capture_output=True, text=True, timeout=TIMEOUT_S)
     assert bad.returncode == 2, bad.stderr
     assert "devices=4 does not divide the 3 antithetic pairs" in bad.stderr
+    assert "use num_particles=8, or devices=3" in bad.stderr
 
 
 def test_two_processes_equal_one_and_resume_across_process_counts(tmp_path):

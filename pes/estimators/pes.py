@@ -95,6 +95,25 @@ class PES(ESEstimator):
         reward normalisation of augmented random search, used by the PES paper's control
         runs). It is a data-dependent step size: the estimate's direction is the same, but its
         expectation is no longer exactly the gradient.
+
+    Examples:
+        One estimate on a System whose loss is (theta - 3)^2 at every step; the gradient at
+        theta = 0 is -6, and 1000 pairs estimate it to within about 0.2 (one standard error).
+
+        >>> import jax, jax.numpy as jnp, pes
+        >>> class Quadratic:
+        ...     horizon = 5
+        ...     def init(self, key):
+        ...         return jnp.float32(0.0)
+        ...     def step(self, s, theta, t, key):
+        ...         return s, (theta - 3.0) ** 2
+        >>> est = pes.PES(Quadratic(), num_particles=2000, sigma=0.1, truncation_length=5,
+        ...               stagger=False)
+        >>> theta = jnp.float32(0.0)
+        >>> state = est.init(jax.random.PRNGKey(0), theta)
+        >>> grad, state, info = est.estimate(state, theta, jax.random.PRNGKey(1))
+        >>> bool(abs(grad + 6.0) < 1.0), int(info.inner_steps)   # 2000 particles x K = 5
+        (True, 10000)
     """
 
     def init_noise(self, key, theta):

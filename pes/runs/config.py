@@ -545,6 +545,17 @@ def _construct(est: EstimatorEntry, task: Any, kwargs: dict[str, Any]) -> Any:
                           field="estimator") from None
 
 
+def _even_split_hint(units: int, devices: int, per_unit: int) -> str:
+    """The nearest num_particles and device counts that split ``units`` (pairs, or particles
+    of estimators without pairs; ``per_unit`` particles each) evenly over the devices."""
+    step = devices * per_unit
+    counts = sorted({max(step, units // devices * step), -(-units // devices) * step})
+    below = [d for d in range(devices - 1, 0, -1) if units % d == 0][:1]
+    above = [d for d in range(devices + 1, units + 1) if units % d == 0][:1]
+    return (f"use num_particles={' or '.join(map(str, counts))}, or devices="
+            f"{' or '.join(map(str, below + above))}")
+
+
 def build_setup(config: RunConfig) -> Setup:
     """Resolve ``config`` and build its task, estimator (on the mesh of ``config.devices``),
     optimizer and initial theta."""
@@ -557,16 +568,14 @@ def build_setup(config: RunConfig) -> Setup:
     estimator = _construct(entry, task, kwargs)
     mesh = particle_mesh(config.devices)
     if mesh is not None:
-        pairs = getattr(estimator, "num_pairs", None) or getattr(estimator, "num_particles", 1)
+        particles = getattr(estimator, "num_particles", 1)
+        pairs = getattr(estimator, "num_pairs", None) or particles
         if pairs % mesh.size:
-            per = "antithetic pairs" if pairs != getattr(estimator, "num_particles", pairs) \
-                else "particles"
+            per = "antithetic pairs" if pairs != particles else "particles"
             raise ConfigError(
                 f"devices={mesh.size} does not divide the {pairs} {per} of num_particles="
-                f"{getattr(estimator, 'num_particles', pairs)} evenly: each device must hold "
-                f"the same number; choose num_particles a multiple of "
-                f"{mesh.size * (getattr(estimator, 'num_particles', pairs) // pairs)} or "
-                "another device count", field="devices")
+                f"{particles} evenly (each device holds the same number): "
+                + _even_split_hint(pairs, mesh.size, particles // pairs), field="devices")
         estimator = _construct(entry, task, {**kwargs, "mesh": mesh})
     optimizer = make_optimizer(config.optimizer, config.lr, config.b1, config.lr_schedule or ())
     default = task.defaults().initial_theta()

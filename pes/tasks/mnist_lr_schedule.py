@@ -185,7 +185,7 @@ class MnistLRSchedule(MLPSystem):
 
     def surface(self, log_lr0: Any, log_decay: Any, key: jax.Array,
                 chunk_size: int = 8) -> dict[str, np.ndarray]:
-        """evaluate() of full runs on the grid: out[m][i, j] at theta = (log_lr0[i],
+        """evaluate() of full runs on the grid: ``out[m][i, j]`` at theta = (log_lr0[i],
         log_decay[j]), every run with the same key (same init and minibatches)."""
         a = np.asarray(log_lr0, np.float32)
         b = np.asarray(log_decay, np.float32)
