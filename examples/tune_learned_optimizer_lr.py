@@ -38,9 +38,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from pes.experiments.compare import run_arm
-from pes.experiments.config import RunConfig, make_task
-from pes.experiments.learned_optimizer import NAME, PROBLEMS, TUNE_SEED
+from pes.paper.compare import run_arm
+from pes.paper.learned_optimizer import NAME, PROBLEMS, TUNE_SEED
+from pes.runs.config import RunConfig, make_task
 
 # Log grids of factor 10^(1/4). The first tuning (factor sqrt(10), seeds 100 and 101) chose
 # 0.01 for PES, one grid step below a rate that diverged; in the comparison that rate then

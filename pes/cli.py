@@ -1,4 +1,4 @@
-"""The ``pes`` command line: a thin shell over :mod:`pes.experiments` (parsing and printing).
+"""The ``pes`` command line: a thin shell over :mod:`pes.paper` and :mod:`pes.runs`.
 
     pes list
     pes run TASK --estimator NAME [--seed S] [--num-steps N] [--out DIR] [settings...]
@@ -24,24 +24,20 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from pes.experiments import (
+from pes.paper import EXPERIMENT_NAMES, EXPERIMENTS, draw_surface, parse_seeds, run_comparison
+from pes.paper.surface import surface_tasks
+from pes.runs import (
     ESTIMATOR_NAMES,
     ESTIMATORS,
-    EXPERIMENT_NAMES,
-    EXPERIMENTS,
     TASK_NAMES,
     TASKS,
     ConfigError,
     RunConfig,
     RunFailed,
     RunInterrupted,
-    draw_surface,
     execute_run,
-    parse_seeds,
     resume_run,
-    run_comparison,
 )
-from pes.experiments.surface import surface_tasks
 
 app = typer.Typer(
     name="pes",
@@ -272,13 +268,13 @@ def _start_processes(distributed: bool, coordinator_address: str | None,
         if given:
             _fail(f"{given[0]} applies only with --distributed")
         return
-    from pes.experiments.distributed import initialize
+    from pes.runs.distributed import initialize
 
     initialize(coordinator_address, num_processes, process_id)
 
 
 def _primary() -> bool:
-    from pes.experiments.distributed import is_primary
+    from pes.runs.distributed import is_primary
 
     return is_primary()
 
@@ -328,7 +324,7 @@ def compare_command(
     --objective, --heatmap-points for mnist-lr-schedule); their default seeds are 0 and 0,1,2
     (what fits 30 minutes on 2 cores at --size cpu).
     """
-    from pes.experiments import images
+    from pes.paper import images
 
     if experiment == "variance":  # the variance study: not a comparison of training runs
         _variance_compare(size=size, out=out, overwrite=overwrite, given={
@@ -377,8 +373,8 @@ def _image_compare(experiment: str, *, seeds: str | None, out: str | None,
                    progress: bool, data_dir: str | None, dataset: str | None,
                    size: str | None, objective: str | None,
                    heatmap_points: int | None) -> None:
-    """pes compare mnist-lr-schedule | many-hyperparameters (pes.experiments.images)."""
-    from pes.experiments import images
+    """pes compare mnist-lr-schedule | many-hyperparameters (pes.paper.images)."""
+    from pes.paper import images
 
     if estimators is not None:
         _fail(f"--estimators does not apply to pes compare {experiment}: it always runs PES "
@@ -480,8 +476,8 @@ def _learned_optimizer_compare(*, seeds: str | None, out: str | None, num_steps:
                                estimators: str | None, overwrite: bool, progress: bool,
                                data_dir: str | None, dataset: str | None, size: str | None,
                                given: dict[str, object]) -> None:
-    """pes compare learned-optimizer (pes.experiments.learned_optimizer)."""
-    from pes.experiments import learned_optimizer as lopt
+    """pes compare learned-optimizer (pes.paper.learned_optimizer)."""
+    from pes.paper import learned_optimizer as lopt
 
     _refuse_given(given, "learned-optimizer", "--seeds, --num-steps, --estimators, --size, "
                   "--dataset, --data-dir, --out")
@@ -504,8 +500,8 @@ def _learned_optimizer_compare(*, seeds: str | None, out: str | None, num_steps:
 
 def _variance_compare(*, size: str | None, out: str | None, overwrite: bool,
                       given: dict[str, object]) -> None:
-    """pes compare variance [--size default|paper|tiny] (pes.experiments.variance_compare)."""
-    from pes.experiments.variance_compare import run_variance_comparison
+    """pes compare variance [--size default|paper|tiny] (pes.paper.variance_compare)."""
+    from pes.paper.variance_compare import run_variance_comparison
 
     _refuse_given(given, "variance", "--size (default, paper or tiny), --out and --overwrite")
     with _user_errors():
@@ -560,7 +556,7 @@ def diagnose_command(
     gradient of the Gaussian-smoothed episode loss at the estimator's sigma. Prints the table
     and writes diagnose.json, diagnose.md and diagnose.png.
     """
-    from pes.experiments.diagnose import DiagnoseConfig, format_table, run_diagnose
+    from pes.paper.diagnose import DiagnoseConfig, format_table, run_diagnose
 
     with _user_errors():
         ks = _csv(truncation_lengths)

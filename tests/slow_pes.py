@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-import pes.experiments.run as run_module
+import pes.runs.run as run_module
 from pes.cli import main
 
 STEP_DELAY = float(os.environ.get("SLOW_PES_STEP_DELAY", "0"))

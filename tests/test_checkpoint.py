@@ -1,4 +1,4 @@
-"""pes.checkpoint: the complete TrainState of every estimator survives a write and a read
+"""pes.runs.checkpoint: the complete TrainState of every estimator survives a write and a read
 exactly (structure, dtypes, bits), and a write cut short never becomes the latest."""
 
 import jax
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import pes
-from pes.checkpoint import TMP_SUFFIX, Checkpointer, abstract_state
-from pes.experiments import build
-from pes.experiments.registry import ESTIMATOR_NAMES
+from pes.runs import build
+from pes.runs.checkpoint import TMP_SUFFIX, Checkpointer, abstract_state
+from pes.runs.registry import ESTIMATOR_NAMES
 
 ES = {"num_particles": 4}
 

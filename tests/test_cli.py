@@ -8,11 +8,11 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-import pes.experiments.run as run_module
+import pes.runs.run as run_module
 from pes.cli import app
-from pes.experiments import (
+from pes.paper import EXPERIMENT_NAMES
+from pes.runs import (
     ESTIMATOR_NAMES,
-    EXPERIMENT_NAMES,
     TASK_NAMES,
     ConfigError,
     RunConfig,
@@ -20,7 +20,7 @@ from pes.experiments import (
     read_config,
     read_metrics,
 )
-from pes.train import NonFiniteGradientError
+from pes.training import NonFiniteGradientError
 
 RUNNER = CliRunner()
 SUMMARY_KEYS = {"status", "final_theta", "final_meta_loss", "final_metrics", "inner_steps",

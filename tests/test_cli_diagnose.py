@@ -11,8 +11,9 @@ import math
 from typer.testing import CliRunner
 
 from pes.cli import app
-from pes.experiments import ESTIMATOR_NAMES, EXPERIMENT_NAMES, TASK_NAMES
-from pes.experiments.variance import VarianceStudyConfig
+from pes.paper import EXPERIMENT_NAMES
+from pes.paper.variance import VarianceStudyConfig
+from pes.runs import ESTIMATOR_NAMES, TASK_NAMES
 
 RUNNER = CliRunner()
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from pes import data
 from pes.cli import app
-from pes.experiments import read_config
+from pes.runs import read_config
 
 RUNNER = CliRunner()
 

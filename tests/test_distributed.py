@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from test_cli import cli, output
 
-from pes.experiments import ConfigError, RunConfig
-from pes.experiments.distributed import distributed_settings
+from pes.runs import ConfigError, RunConfig
+from pes.runs.distributed import distributed_settings
 
 RUN = ["run", "toy-regression", "-e", "pes", "--num-particles", "8", "-K", "10", "--no-progress"]
 TIMEOUT_S = 300

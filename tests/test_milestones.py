@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-from pes.experiments.compare import ArmResult, _milestone_lines, milestone_rows
-from pes.experiments.comparisons import Arm, get_experiment
-from pes.experiments.run import RunResult
+from pes.paper.compare import ArmResult, _milestone_lines, milestone_rows
+from pes.paper.comparisons import Arm, get_experiment
+from pes.runs.run import RunResult
 
 
 def fake_run(seed, curve, final):

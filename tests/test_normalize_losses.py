@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 import pes
 from pes.cli import app
-from pes.experiments import ConfigError, RunConfig
+from pes.runs import ConfigError, RunConfig
 
 
 class Linear:

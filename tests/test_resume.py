@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import pes.experiments.run as run_module
-from pes.checkpoint import TMP_SUFFIX
+import pes.runs.run as run_module
 from pes.cli import app
-from pes.experiments import read_metrics
+from pes.runs import read_metrics
+from pes.runs.checkpoint import TMP_SUFFIX
 
 RUNNER = CliRunner()
 HELPER = Path(__file__).with_name("slow_pes.py")

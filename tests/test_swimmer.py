@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import pes
 from pes.cli import app
-from pes.experiments import swimmer_view
+from pes.paper import swimmer_view
 from pes.system import unroll
 from pes.tasks.swimmer import (
     Swimmer,
@@ -241,7 +241,7 @@ def test_views_refuse_other_runs(tmp_path):
 
 def test_comparison_tables_take_a_matrix_theta():
     """pes compare averages final thetas over seeds; the swimmer's is a 2 x 8 matrix."""
-    from pes.experiments.compare import _mean_std, _pm
+    from pes.paper.compare import _mean_std, _pm
 
     mean, std = _mean_std([[[1.0, 2.0], [3.0, 4.0]], [[3.0, 4.0], [5.0, 6.0]]])
     assert mean == [[2.0, 3.0], [4.0, 5.0]]

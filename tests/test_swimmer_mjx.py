@@ -156,7 +156,7 @@ def test_backend_is_a_run_setting():
     from typer.testing import CliRunner
 
     from pes.cli import app
-    from pes.experiments.config import RunConfig
+    from pes.runs.config import RunConfig
 
     config = RunConfig(task="swimmer", estimator="pes").resolve()
     assert config.backend == "mujoco" and config.task_options() == {"backend": "mujoco"}
@@ -180,8 +180,8 @@ def test_missing_mjx_is_one_clear_error(monkeypatch):
 
     import mujoco
 
-    from pes.experiments.errors import ConfigError
-    from pes.experiments.registry import TASKS
+    from pes.runs.errors import ConfigError
+    from pes.runs.registry import TASKS
 
     monkeypatch.setitem(sys.modules, "mujoco.mjx", None)  # makes the import fail
     monkeypatch.delattr(mujoco, "mjx", raising=False)

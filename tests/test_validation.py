@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pes.cli import app
-from pes.experiments import RunConfig, read_config
+from pes.runs import RunConfig, read_config
 
 RUNNER = CliRunner()
 

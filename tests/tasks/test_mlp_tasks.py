@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import pes
-from pes.experiments.random_search import random_search, running_best
+from pes.paper.random_search import random_search, running_best
 from pes.system import check_step_output, check_system
 from pes.tasks.many_hyperparameters import ManyHyperparameters
 from pes.tasks.mlp import Hyperparameters, MLPSystem, apply_mlp, cross_entropy, synthetic_data

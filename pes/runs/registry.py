@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pes.experiments.errors import ConfigError
+from pes.runs.errors import ConfigError
 from pes.tasks import InfluenceBalancing, Lorenz, ToyRegression
 
 ESTIMATOR_SETTINGS = ("num_particles", "sigma", "truncation_length", "backprop_depth",

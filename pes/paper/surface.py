@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pes.experiments import plots
-from pes.experiments.config import check_int
-from pes.experiments.errors import ConfigError
-from pes.experiments.registry import TASKS, get_task
-from pes.experiments.run import iter_run_dirs, read_config, read_metrics
+from pes.runs import plots
+from pes.runs.config import check_int
+from pes.runs.errors import ConfigError
+from pes.runs.registry import TASKS, get_task
+from pes.runs.run import iter_run_dirs, read_config, read_metrics
 
 BOUNDS = (-5.0, 5.0)
 MAX_RESOLUTION = 1001

@@ -32,8 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from pes.experiments import plots
-from pes.experiments.compare import (
+from pes.paper.compare import (
     MARKER,
     RESULTS_JSON,
     RESULTS_MD,
@@ -42,8 +41,9 @@ from pes.experiments.compare import (
     prepare_comparison_dir,
     run_arm,
 )
-from pes.experiments.config import ConfigError, RunConfig, check_int, make_task
-from pes.experiments.run import RunResult, write_json
+from pes.runs import plots
+from pes.runs.config import ConfigError, RunConfig, check_int, make_task
+from pes.runs.run import RunResult, write_json
 
 NAME = "learned-optimizer"
 ARMS = ("pes", "tes", "full-es", "nres")

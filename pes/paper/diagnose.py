@@ -2,7 +2,7 @@
 
 For each estimator and truncation length K, at the task's initial theta (its ``defaults()``),
 :func:`run_diagnose` calls :func:`pes.diagnostics.diagnose` and tabulates the result. The
-protocol is the variance study's (:mod:`pes.experiments.variance`), so that every estimator
+protocol is the variance study's (:mod:`pes.paper.variance`), so that every estimator
 and every K aims at one target at one cost:
 
 * an *episode* of T steps from ``task.init``: T is the task's horizon, or ``episode_length``
@@ -42,10 +42,10 @@ import jax
 import numpy as np
 
 from pes.diagnostics import REFERENCE_METHODS, Reference, diagnose, reference_gradient
-from pes.experiments.config import RunConfig, make_task
-from pes.experiments.errors import ConfigError
-from pes.experiments.registry import ESTIMATOR_NAMES, get_estimator, get_task, unknown_name
-from pes.experiments.run import remove_entries, write_json
+from pes.runs.config import RunConfig, make_task
+from pes.runs.errors import ConfigError
+from pes.runs.registry import ESTIMATOR_NAMES, get_estimator, get_task, unknown_name
+from pes.runs.run import remove_entries, write_json
 
 DIAGNOSE_JSON = "diagnose.json"
 DIAGNOSE_MD = "diagnose.md"
@@ -418,7 +418,7 @@ def write_outputs(result: DiagnoseResult) -> list[Path]:
 def plot_diagnose(result: DiagnoseResult, path: Path) -> Path:
     """Normalised variance against K, log-log, one line per estimator (error bars: one SE);
     biased points hollow and larger; estimators without K as a dashed horizontal line."""
-    from pes.experiments.plots import _colors, _figure, _save
+    from pes.runs.plots import _colors, _figure, _save
 
     fig, axes = _figure(size=(6.5, 4.5))
     ax = axes[0, 0]

@@ -13,7 +13,7 @@ A run directory holds
   configuration on the same machine gives the same file, byte for byte, resumed or not;
 * ``timing.jsonl``: ``{"step", "wall_time_s"}`` per metrics line (seconds of running since
   the run started, summed over its sessions);
-* ``checkpoints/``: the last few checkpoints of the complete run state (:mod:`pes.checkpoint`),
+* ``checkpoints/``: the last few checkpoints of the complete run state (:mod:`pes.runs.checkpoint`),
   written every ``checkpoint_every`` outer steps (or every CHECKPOINT_INTERVAL_S seconds when
   it is None; with ``steps_per_call`` > 1 at the first chunk end at or after each multiple,
   since states come at chunk ends only), after the last one, on SIGINT/SIGTERM and before a
@@ -31,7 +31,7 @@ files a run writes.
 the line the checkpoint recorded and continued, and the theta trajectory is exactly the one an
 uninterrupted run takes (the state, the key and the step fix everything after them).
 
-In a distributed run (:mod:`pes.experiments.distributed`) every process runs the same loop on
+In a distributed run (:mod:`pes.runs.distributed`) every process runs the same loop on
 the same replicated theta; only process 0 writes the files above, all of them write each
 checkpoint, and a signal or a due checkpoint in any process stops or checkpoints all of them
 after the same outer step.
@@ -58,13 +58,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from pes.checkpoint import Checkpointer, abstract_state, on_mesh
-from pes.experiments import plots
-from pes.experiments.config import RunConfig, Setup, build_setup, resumed_config
-from pes.experiments.distributed import barrier, is_primary, max_over_processes, multiprocess
-from pes.experiments.errors import ConfigError, RunFailed, RunInterrupted
-from pes.experiments.registry import TaskEntry, get_task
-from pes.train import NonFiniteGradientError, TrainState, train
+from pes.runs.checkpoint import Checkpointer, abstract_state, on_mesh
+from pes.runs import plots
+from pes.runs.config import RunConfig, Setup, build_setup, resumed_config
+from pes.runs.distributed import barrier, is_primary, max_over_processes, multiprocess
+from pes.runs.errors import ConfigError, RunFailed, RunInterrupted
+from pes.runs.registry import TaskEntry, get_task
+from pes.training import NonFiniteGradientError, TrainState, train
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"

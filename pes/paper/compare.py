@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from pes.experiments import plots
-from pes.experiments.comparisons import Arm, Experiment, get_experiment
-from pes.experiments.config import MAX_SEED, RunConfig, check_int
-from pes.experiments.errors import ConfigError, RunFailed
-from pes.experiments.registry import get_estimator, get_task
-from pes.experiments.run import (
+from pes.paper.comparisons import Arm, Experiment, get_experiment
+from pes.runs import plots
+from pes.runs.config import MAX_SEED, RunConfig, check_int
+from pes.runs.errors import ConfigError, RunFailed
+from pes.runs.registry import get_estimator, get_task
+from pes.runs.run import (
     RunResult,
     execute_run,
     fmt_num,
@@ -215,7 +215,7 @@ def run_comparison(
     files, table = write_results(experiment, out_dir, seeds, results, num_steps, estimators,
                                  wall)
     if experiment.task == "swimmer":  # the trained swimmers' paths and an animation
-        from pes.experiments.swimmer_view import comparison_views
+        from pes.paper.swimmer_view import comparison_views
 
         files += comparison_views(out_dir, results, echo)
     return ComparisonResult(experiment, out_dir, seeds, results, files, wall, table)

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pes.experiments.registry import get_task, unknown_name
+from pes.runs.registry import get_task, unknown_name
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         ),
     )
 }
-# The image-data comparisons: `pes compare` runs them with pes.experiments.images (heatmap,
+# The image-data comparisons: `pes compare` runs them with pes.paper.images (heatmap,
 # best-so-far against random search); these entries name them for `pes list`.
 EXPERIMENTS["mnist-lr-schedule"] = Experiment(
     name="mnist-lr-schedule",
@@ -155,7 +155,7 @@ EXPERIMENTS["many-hyperparameters"] = Experiment(
     expected="PES's best-so-far is at or below random search's at equal inner steps.",
 )
 # The learned optimizer (PES paper, experiment 5): `pes compare` runs it with
-# pes.experiments.learned_optimizer (meta-test losses, tuned SGD); this entry names it.
+# pes.paper.learned_optimizer (meta-test losses, tuned SGD); this entry names it.
 EXPERIMENTS["learned-optimizer"] = Experiment(
     name="learned-optimizer",
     task="learned-optimizer",
@@ -171,7 +171,7 @@ EXPERIMENTS["learned-optimizer"] = Experiment(
     "spread across seeds than full ES at equal inner steps, and beats tuned SGD.",
 )
 # The variance study (PES paper, experiment 7): not training runs, so `pes compare variance`
-# runs it with pes.experiments.variance_compare; this entry names it for `pes list`.
+# runs it with pes.paper.variance_compare; this entry names it for `pes list`.
 EXPERIMENTS["variance"] = Experiment(
     name="variance",
     task="text-lstm",

@@ -1,4 +1,4 @@
-"""``pes compare variance``: the variance study (:mod:`pes.experiments.variance`) as a
+"""``pes compare variance``: the variance study (:mod:`pes.paper.variance`) as a
 comparison directory.
 
 Writes ``variance.json`` (settings, every point, references, claims), ``variance.png``
@@ -14,10 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pes.experiments.compare import MARKER, prepare_comparison_dir
-from pes.experiments.errors import ConfigError
-from pes.experiments.run import write_json
-from pes.experiments.variance import (
+from pes.paper.compare import MARKER, prepare_comparison_dir
+from pes.paper.variance import (
     Claim,
     VarianceStudyConfig,
     VarianceStudyResult,
@@ -25,6 +23,8 @@ from pes.experiments.variance import (
     plot_variance_study,
     run_variance_study,
 )
+from pes.runs.errors import ConfigError
+from pes.runs.run import write_json
 
 NAME = "variance"
 # --size: 'default' (under 15 minutes on 2 cores; 'cpu' is the same, the image tasks' word

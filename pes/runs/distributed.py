@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from pes.experiments.errors import ConfigError
+from pes.runs.errors import ConfigError
 
 ENV_VARS = {
     "coordinator_address": "PES_COORDINATOR_ADDRESS",

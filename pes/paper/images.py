@@ -36,8 +36,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from pes.experiments import plots
-from pes.experiments.compare import (
+from pes.paper.compare import (
     MARKER,
     RESULTS_JSON,
     RESULTS_MD,
@@ -46,10 +45,11 @@ from pes.experiments.compare import (
     prepare_comparison_dir,
     run_arm,
 )
-from pes.experiments.config import RunConfig, check_int, make_task
-from pes.experiments.errors import ConfigError
-from pes.experiments.random_search import random_search, running_best
-from pes.experiments.run import RunResult, fmt_num, write_json
+from pes.paper.random_search import random_search, running_best
+from pes.runs import plots
+from pes.runs.config import RunConfig, check_int, make_task
+from pes.runs.errors import ConfigError
+from pes.runs.run import RunResult, fmt_num, write_json
 
 IMAGE_COMPARISONS = ("mnist-lr-schedule", "many-hyperparameters")
 DEFAULT_SEEDS = {"mnist-lr-schedule": "0", "many-hyperparameters": "0,1,2"}

@@ -1,4 +1,4 @@
-"""Child process of :func:`pes.experiments.swimmer_view.write_gif`: render physics states to a
+"""Child process of :func:`pes.paper.swimmer_view.write_gif`: render physics states to a
 GIF. Run as a script (``python _render_gif.py MODEL.xml STATES.npy OUT.gif FPS EVERY WxH``)
 so that MuJoCo is imported fresh, with the MUJOCO_GL the parent chose, and without importing
 pes (and JAX) at all."""

@@ -1,6 +1,6 @@
 """Seeing a trained swimmer: its path (matplotlib) and an animation (GIF, MuJoCo's renderer).
 
-``python -m pes.experiments.swimmer_view RUN_DIR [RUN_DIR ...] --out DIR`` draws
+``python -m pes.paper.swimmer_view RUN_DIR [RUN_DIR ...] --out DIR`` draws
 ``DIR/paths.png`` (the front tip's x-y path over one 1000-step episode of each run's final
 policy) and ``DIR/swimmer.gif`` (the first run's episode). ``pes compare swimmer`` writes both
 into the comparison directory.
@@ -158,7 +158,7 @@ def comparison_views(out_dir: Path | str, arms: Sequence[Any],
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pes.experiments.swimmer_view",
+        prog="python -m pes.paper.swimmer_view",
         description="Draw the path (paths.png) and an animation (swimmer.gif) of trained "
         "swimmer runs.")
     parser.add_argument("runs", nargs="*", help="pes run directories of task swimmer")

@@ -1,4 +1,4 @@
-"""Checkpoints of a training run: the complete :class:`~pes.train.TrainState`, written with orbax.
+"""Checkpoints of a training run: the complete :class:`~pes.training.TrainState`, written with orbax.
 
 A checkpoint of outer step ``s`` is the folder ``DIR/s`` holding two orbax items:
 
@@ -22,7 +22,7 @@ the last one is on disk; ``close`` waits too).
 Restoring needs the *shape* of the state, which a fresh init gives without computing
 anything::
 
-    like = pes.checkpoint.abstract_state(estimator, optimizer, theta0)
+    like = pes.runs.checkpoint.abstract_state(estimator, optimizer, theta0)
     state, key, meta = Checkpointer(dir).restore(like)
     pes.train(estimator, theta0, optimizer, key=key, resume=state, ...)
 
@@ -43,7 +43,7 @@ import jax
 import numpy as np
 
 from pes.system import PyTree
-from pes.train import TrainState
+from pes.training import TrainState
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 ITEMS = ("state", "meta")

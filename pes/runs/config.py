@@ -30,8 +30,8 @@ import numpy as np
 import optax
 import yaml
 
-from pes.experiments.errors import ConfigError
-from pes.experiments.registry import (
+from pes.runs.errors import ConfigError
+from pes.runs.registry import (
     ESTIMATOR_NAMES,
     ESTIMATOR_SETTINGS,
     TASK_NAMES,
@@ -43,7 +43,7 @@ from pes.experiments.registry import (
 )
 from pes.tasks.base import OPTIMIZER_NAMES, OptimizerSpec
 from pes.tasks.swimmer import BACKENDS as SWIMMER_BACKENDS  # no mujoco import until used
-from pes.train import NONFINITE_POLICIES
+from pes.training import NONFINITE_POLICIES
 
 MAX_SEED = 2**31 - 1
 
@@ -144,7 +144,7 @@ class RunConfig:
       JAX through mujoco.mjx, for accelerators); None: 'mujoco'. Other tasks take none.
     devices: split the particles over this many devices (a 1-D mesh; the pairs of antithetic
       estimators must divide evenly); None: one device, or every device of every process in a
-      distributed run (:mod:`pes.experiments.distributed`). It changes where the particles
+      distributed run (:mod:`pes.runs.distributed`). It changes where the particles
       are computed, not the result (to float tolerance), so a resumed run may change it.
     steps_per_call: outer steps per compiled call of the training loop (``pes.train``'s
       steps_per_call), their records read back once per call; None: 1. Worth it where an
@@ -535,7 +535,7 @@ def _construct(est: EstimatorEntry, task: Any, kwargs: dict[str, Any]) -> Any:
 def build_setup(config: RunConfig) -> Setup:
     """Resolve ``config`` and build its task, estimator (on the mesh of ``config.devices``),
     optimizer and initial theta."""
-    from pes.experiments.distributed import particle_mesh
+    from pes.runs.distributed import particle_mesh
 
     config = config.resolve()
     task = make_task(config.task, config.task_options())
