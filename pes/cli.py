@@ -81,6 +81,35 @@ def _root(
                                           help="Print the version and exit.")] = False,
 ) -> None:
     """Persistent Evolution Strategies and its rivals on the paper's tasks."""
+    _one_line_warnings()
+    from pes.runs import compile_cache
+
+    compile_cache.enable()  # unless $PES_NO_COMPILE_CACHE; --no-compile-cache undoes it
+
+
+def disable_compile_cache() -> None:
+    from pes.runs import compile_cache
+
+    compile_cache.disable()
+
+
+def _one_line_warnings() -> None:
+    """The run layer's warnings (RunWarning: a stale lock taken over, a damaged checkpoint
+    skipped) as one 'Warning: ...' line on stderr; others as Python prints them."""
+    import warnings
+
+    from pes.runs.errors import RunWarning
+
+    default = getattr(warnings.showwarning, "_pes_default", warnings.showwarning)
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if isinstance(category, type) and issubclass(category, RunWarning):
+            typer.echo(f"Warning: {message}", err=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    show._pes_default = default  # type: ignore[attr-defined]
+    warnings.showwarning = show
 
 
 @app.command("list")
@@ -116,6 +145,7 @@ _OBJECTIVE = dict(show_default=False,
 
 @app.command("run")
 def run_command(
+    ctx: typer.Context,
     task: Annotated[str | None, typer.Argument(
         help=f"Task: {_names(TASK_NAMES)}. [default: from --config or --resume]",
         show_default=False)] = None,
@@ -172,13 +202,21 @@ def run_command(
         help="Run this many outer steps per compiled call, reading their metrics back once "
         "(faster when a step is cheap; checkpoints then come at the ends of calls). "
         "[default: 1]", show_default=False)] = None,
+    keep_checkpoints: Annotated[int | None, typer.Option(
+        help="Keep this many of the newest intact checkpoints (each proven by its checksums); "
+        "older ones are deleted. [default: 2]", show_default=False)] = None,
+    compile_cache: Annotated[bool, typer.Option(
+        "--compile-cache/--no-compile-cache", help="Keep compiled XLA programs in "
+        "~/.cache/pes/jax ($PES_COMPILE_CACHE_DIR; $PES_NO_COMPILE_CACHE=1 turns it off) so that "
+        "the next identical run starts without compiling.")] = True,
     config: Annotated[str | None, typer.Option(
         "--config", help="YAML or JSON file of settings (the names above with underscores, "
         "e.g. num_particles: 10); flags override it.", show_default=False)] = None,
     resume: Annotated[str | None, typer.Option(
         "--resume", metavar="RUN_DIR", help="Continue the run in RUN_DIR from its latest "
         "checkpoint, with its config.json (only --num-steps, --checkpoint-every, "
-        "--nonfinite, --devices and --steps-per-call may change).",
+        "--nonfinite, --devices, --steps-per-call and --keep-checkpoints may change); a damaged "
+        "newest checkpoint is skipped for the newest intact one.",
         show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace the run already in --out.")] = False,
@@ -215,16 +253,20 @@ def run_command(
     2 a bad setting; 130/143 stopped by SIGINT/SIGTERM (checkpointed: --resume continues).
     """
     with _user_errors():
-        _start_processes(distributed, coordinator_address, num_processes, process_id)
+        if not compile_cache:
+            disable_compile_cache()
         flags = dict(
             task=task, estimator=estimator, seed=seed, num_steps=num_steps,
             num_particles=num_particles, sigma=sigma, truncation_length=truncation_length,
             backprop_depth=backprop_depth, normalize_losses=normalize_losses,
             stagger=stagger,
             optimizer=optimizer, lr=lr, b1=b1, eval_every=eval_every, nonfinite=nonfinite,
-            out=out, theta0=parse_theta0(theta0), checkpoint_every=checkpoint_every,
+            out=out, theta0=None, checkpoint_every=checkpoint_every,
             data_dir=data_dir, dataset=dataset, size=size, objective=objective,
-            backend=backend, devices=devices, steps_per_call=steps_per_call)
+            backend=backend, devices=devices, steps_per_call=steps_per_call,
+            keep_checkpoints=keep_checkpoints)
+        _check_in_command_line_order(list(ctx.params), flags, theta0, config, resume)
+        _start_processes(distributed, coordinator_address, num_processes, process_id)
         try:
             if resume is not None:
                 for name, given in (("--config", config is not None),
@@ -256,6 +298,30 @@ def run_command(
             _fail(str(e), code=e.exit_code)
     if _primary():
         typer.echo(result.summary_line())
+
+
+def _check_in_command_line_order(order: list[str], flags: dict, theta0: str | None,
+                                 config: str | None, resume: str | None) -> None:
+    """Check each given setting on its own in the order the command line gave them, so that
+    the first error reported is the first thing wrong on it (``pes run no-such-task`` names the
+    task, not the missing --estimator). Fills flags['theta0'] from its text. ``order``: the
+    context's parameter names, which click fills in command-line order."""
+    from pes.runs.config import check_field, load_config_file
+
+    for name in order:
+        if name == "theta0" and theta0 is not None:
+            flags["theta0"] = parse_theta0(theta0)
+        if name == "config" and config is not None and resume is None:
+            load_config_file(config)  # a missing or unreadable file, named
+        elif name == "resume" and resume is not None:
+            path = Path(resume)
+            if not path.is_dir():
+                what = "does not exist" if not path.exists() else "is not a directory"
+                raise ConfigError(f"--resume {resume}: {what}", field="resume")
+        elif name in flags and flags[name] is not None:
+            flags[name] = check_field(name, flags[name])
+    if flags["theta0"] is None and theta0 is not None:
+        flags["theta0"] = parse_theta0(theta0)
 
 
 def _start_processes(distributed: bool, coordinator_address: str | None,

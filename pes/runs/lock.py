@@ -26,7 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from pes.runs.errors import ConfigError
+from pes.runs.errors import ConfigError, RunWarning
 
 LOCK_FILE = ".pes-lock"
 
@@ -39,7 +39,7 @@ class RunLocked(ConfigError):
         self.holder = holder
 
 
-class StaleLockWarning(UserWarning):
+class StaleLockWarning(RunWarning):
     """A lock left by a process that died was taken over."""
 
 
@@ -72,6 +72,32 @@ def _alive(pid: Any) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def holder(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The lock record of the live process holding ``directory``, or None (no lock file, or
+    one left by a dead process). Changes nothing."""
+    path = Path(directory) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return _read(fd) or {"pid": "?", "host": "?"}
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def refusal(directory: str | os.PathLike, record: dict[str, Any]) -> str:
+    """The one line refusing a run in ``directory``, held by ``record``."""
+    return (f"{directory} is in use by another pes run ({describe(record)}; lock file "
+            f"{Path(directory) / LOCK_FILE}): wait for it to finish or stop it, or choose "
+            "another --out")
 
 
 class RunLock:
@@ -111,9 +137,8 @@ class RunLock:
             return self
         raise RuntimeError(f"could not take the lock {self.path}: it keeps being replaced")
 
-    def _refusal(self, holder: dict[str, Any]) -> str:
-        return (f"{self.directory} is in use by another pes run ({describe(holder)}; lock file "
-                f"{self.path}): wait for it to finish or stop it, or choose another --out")
+    def _refusal(self, record: dict[str, Any]) -> str:
+        return refusal(self.directory, record)
 
     def _claim(self, fd: int) -> None:
         old = _read(fd)
