@@ -82,6 +82,11 @@ def _root(
 ) -> None:
     """Persistent Evolution Strategies and its rivals on the paper's tasks."""
     _one_line_warnings()
+    import logging
+
+    # orbax logs a failed or damaged checkpoint through absl (bytes and tracebacks included);
+    # the run layer reports each such failure as one line of its own.
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     from pes.runs import compile_cache
 
     compile_cache.enable()  # unless $PES_NO_COMPILE_CACHE; --no-compile-cache undoes it

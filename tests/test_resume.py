@@ -78,7 +78,7 @@ def reference(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference") / "run"
     result = cli(*RUN, "--out", out)
     assert result.exit_code == 0, result.output
-    assert complete_checkpoints(out) == [30, 35, 40]  # the last 3 are kept
+    assert complete_checkpoints(out) == [35, 40]  # the newest 2 are kept (--keep-checkpoints)
     return out
 
 

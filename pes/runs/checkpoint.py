@@ -42,6 +42,7 @@ orbax is imported on first use (it takes about a second).
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -180,8 +181,12 @@ class Checkpointer:
         except Exception:  # noqa: BLE001 - the write error is what the user must see
             pass
         kept = self.proven_steps()
-        why = getattr(error, "strerror", None) or str(error).splitlines()[0] if str(error) \
-            else type(error).__name__
+        why = _short(error, 160)
+        if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
+                "No space left on device" in str(error):
+            why = "No space left on device"
+        elif getattr(error, "strerror", None):
+            why = error.strerror
         previous = (f"the checkpoint of step {kept[-1]} is intact" if kept
                     else "no earlier checkpoint exists")
         return CheckpointWriteError(
@@ -193,7 +198,8 @@ class Checkpointer:
         object wrote (process 0) and prune. A write that failed in the background (a full
         disk) raises CheckpointWriteError here."""
         try:
-            self._manager.wait_until_finished()
+            with _quiet_orbax():
+                self._manager.wait_until_finished()
         except Exception as e:  # orbax re-raises its writer thread's error
             step = self._unproven[-1] if self._unproven else -1
             raise self._write_failed(step, e) from None

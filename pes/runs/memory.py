@@ -4,9 +4,10 @@ A run keeps its TrainState (theta, optimizer state and the estimator's state: ev
 inner state, perturbation and accumulator) on the device, and while a step runs XLA holds
 working copies of the particles' carries, perturbations and losses besides. :func:`estimate`
 takes the state's size from ``jax.eval_shape`` (nothing is allocated) and multiplies it by
-WORKING_COPIES, a deliberately low factor: a run refused by :func:`check` would certainly not
-have fitted; one that passes may still exhaust memory, which :func:`out_of_memory_message`
-turns into the same kind of line.
+WORKING_COPIES, measured: PES on toy regression with 6M particles (a 0.10 GB state) peaked at
+0.79 GB of resident memory above the process's baseline, 7.6x the state, on CPU. A run that
+passes may still exhaust memory (other estimators and tasks hold more per particle), which
+:func:`out_of_memory_message` turns into the same kind of line where XLA reports it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from pes.runs.errors import ConfigError
 
-WORKING_COPIES = 3
+WORKING_COPIES = 8
 
 
 def _bytes(tree: Any) -> int:

@@ -240,7 +240,8 @@ def check_run_dir(path: Path | str, overwrite: bool = False) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"out={str(path)!r} exists and is not a directory", field="out")
-    if path.is_dir() and (record := lock_holder(path)) is not None:
+    record = lock_holder(path) if path.is_dir() else None
+    if record is not None and record.get("pid") != os.getpid():
         raise RunLocked(lock_refusal(path, record), record, field="out")
     if path.is_dir() and any(p.name != LOCK_FILE for p in path.iterdir()):
         if not overwrite:
@@ -427,6 +428,8 @@ def resume_run(
         raise ConfigError(f"{where}: the directory does not exist", field="resume")
     if not run_dir.is_dir():
         raise ConfigError(f"{where}: not a directory", field="resume")
+    if (record := lock_holder(run_dir)) is not None:  # in use: say so before anything else
+        raise RunLocked(lock_refusal(run_dir, record), record, field="resume")
     if not (run_dir / CONFIG_FILE).is_file():
         raise ConfigError(f"{where}: not a pes run directory (it has no {CONFIG_FILE})",
                           field="resume")
@@ -783,9 +786,9 @@ class _Recorder:
             if e.errno not in DISK_FULL:
                 status, error = "failed", f"{type(e).__name__}: {e}"
                 raise
-            status, error = "failed", (f"the disk is full ({e.strerror}: {e.filename}); "
-                                       f"free space, then continue with: pes run --resume "
-                                       f"{self.run_dir}")
+            where = f": {e.filename}" if e.filename else ""
+            status, error = "failed", (f"the disk is full ({e.strerror}{where}); free space, "
+                                       f"then continue with: pes run --resume {self.run_dir}")
         except BaseException as e:
             status, error = "failed", f"{type(e).__name__}: {e}"
             if not memory.is_out_of_memory(e):
