@@ -19,7 +19,7 @@ from pathlib import Path
 
 ENV_DIR = "PES_COMPILE_CACHE_DIR"
 ENV_OFF = "PES_NO_COMPILE_CACHE"
-MIN_COMPILE_TIME_S = 0.05
+MIN_COMPILE_TIME_S = 0.0
 
 
 def default_dir() -> Path:
