@@ -233,7 +233,11 @@ class Checkpointer:
         oldest_kept = proven[-self.max_to_keep]
         doomed = [s for s in self.steps() if s < oldest_kept]
         for step in doomed:
-            shutil.rmtree(self.directory / str(step), ignore_errors=True)
+            # Renamed first (atomic), so that a crash mid-deletion leaves a temporary folder
+            # (removed on the next open), never a half-deleted checkpoint under its step.
+            gone = self.directory / f"{step}.pruned{TMP_SUFFIX}"
+            os.replace(self.directory / str(step), gone)
+            shutil.rmtree(gone, ignore_errors=True)
         if doomed:
             self._manager.reload()
 
