@@ -156,6 +156,46 @@ def train(
     Returns TrainResult(theta, history). Raises NonFiniteGradientError (naming the outer step,
     the particle and its inner step) instead of applying a NaN or inf gradient.
     """
+    loop, start = _setup(
+        estimator, theta, optimizer, num_steps=num_steps, key=key, eval_every=eval_every,
+        callback=callback, evaluate_fn=evaluate_fn, eval_episodes=eval_episodes,
+        eval_steps=eval_steps, nonfinite=nonfinite, resume=resume, on_state=on_state,
+        steps_per_call=steps_per_call)
+    history = History()
+    if loop.eval_every is not None and start.step == 0:
+        history.append(Record(0, 0, None, loop.evaluation(0, start.theta)))
+    if loop.steps_per_call > 1:
+        return _train_in_chunks(loop, start, history)
+    return _train_step_by_step(loop, start, history)
+
+
+class _Loop(NamedTuple):
+    """What stays fixed during one ``train`` call (its arguments, checked, and what is made
+    from them): ``apply(theta, opt_state, grad) -> (theta, opt_state, finite)`` updates only
+    when the gradient is finite; ``evaluation(step, theta)`` is the meta-objective as a
+    float; the key of outer step i is ``fold_in(k_train, i)``."""
+
+    estimator: Any
+    apply: Callable
+    k_train: jax.Array
+    num_steps: int
+    steps_per_call: int
+    eval_every: int | None
+    evaluation: Callable[[int, PyTree], float]
+    callback: Callable[[Record, PyTree], Any] | None
+    nonfinite: str
+    on_state: Callable[[TrainState], Any] | None
+
+    def evaluates(self, step: int) -> bool:
+        """Whether outer step ``step`` (>= 1) is evaluated: every eval_every steps and last."""
+        return self.eval_every is not None and (step % self.eval_every == 0
+                                                or step == self.num_steps)
+
+
+def _setup(estimator, theta, optimizer, *, num_steps, key, eval_every, callback, evaluate_fn,
+           eval_episodes, eval_steps, nonfinite, resume, on_state,
+           steps_per_call) -> tuple[_Loop, TrainState]:
+    """train's arguments checked, and the state it starts from (fresh, or ``resume``)."""
     num_steps = check_positive_int("num_steps", num_steps)
     steps_per_call = check_positive_int("steps_per_call", steps_per_call)
     if eval_every is not None:
@@ -174,16 +214,6 @@ def train(
         def evaluate_fn(theta, key):
             return evaluate(system, theta, key, num_episodes=eval_episodes, eval_steps=eval_steps)
 
-    def apply(theta, opt_state, grad):
-        finite = _all_finite(grad)
-        updates, new_opt_state = optimizer.update(grad, opt_state, theta)
-        new_theta = optax.apply_updates(theta, updates)
-        keep = lambda new, old: jnp.where(finite, new, old)
-        return (jax.tree_util.tree_map(keep, new_theta, theta),
-                jax.tree_util.tree_map(keep, new_opt_state, opt_state), finite)
-
-    update = jax.jit(apply)
-
     k_init, k_train, k_eval = jax.random.split(key, 3)
     if resume is None:
         state = estimator.init(k_init, theta)
@@ -194,37 +224,51 @@ def train(
         start, inner_steps = int(resume.step), int(resume.inner_steps)
         if hasattr(estimator, "_spec"):  # lets estimate() check theta as after init
             estimator._spec = theta_spec(check_theta(theta))
-    history = History()
 
-    def evaluation(step):
+    def evaluation(step, theta):
         return float(evaluate_fn(theta, jax.random.fold_in(k_eval, step)))
 
-    if eval_every is not None and start == 0:
-        history.append(Record(0, 0, None, evaluation(0)))
-    if steps_per_call > 1:
-        return _train_in_chunks(
-            estimator, apply, theta, opt_state, state, start, inner_steps, num_steps,
-            k_train, steps_per_call, eval_every,
-            lambda step, th: float(evaluate_fn(th, jax.random.fold_in(k_eval, step))),
-            callback, nonfinite, on_state, history)
-    for step in range(start + 1, num_steps + 1):
+    loop = _Loop(estimator, _applier(optimizer), k_train, num_steps, steps_per_call,
+                 eval_every, evaluation, callback, nonfinite, on_state)
+    return loop, TrainState(theta, opt_state, state, start, inner_steps)
+
+
+def _applier(optimizer: optax.GradientTransformation) -> Callable:
+    """``apply(theta, opt_state, grad) -> (theta, opt_state, finite)``: the optimizer's
+    update, kept only where every leaf of ``grad`` is finite (else the inputs come back)."""
+
+    def apply(theta, opt_state, grad):
+        finite = _all_finite(grad)
+        updates, new_opt_state = optimizer.update(grad, opt_state, theta)
+        new_theta = optax.apply_updates(theta, updates)
+        keep = lambda new, old: jnp.where(finite, new, old)
+        return (jax.tree_util.tree_map(keep, new_theta, theta),
+                jax.tree_util.tree_map(keep, new_opt_state, opt_state), finite)
+
+    return apply
+
+
+def _train_step_by_step(loop: _Loop, start: TrainState, history: History) -> TrainResult:
+    """train's loop with one dispatch and one host read per outer step."""
+    update = jax.jit(loop.apply)
+    theta, opt_state, state, first, inner_steps = start
+    for step in range(first + 1, loop.num_steps + 1):
         good = TrainState(theta, opt_state, state, step - 1, inner_steps)
-        grad, state, info = estimator.estimate(state, theta, jax.random.fold_in(k_train, step))
+        grad, state, info = loop.estimator.estimate(state, theta,
+                                                    jax.random.fold_in(loop.k_train, step))
         theta, opt_state, finite = update(theta, opt_state, grad)
         loss = float(info.loss)
         bad = int(info.num_nonfinite)
-        if not bool(finite) or (bad and nonfinite == "raise"):
+        if not bool(finite) or (bad and loop.nonfinite == "raise"):
             raise _nonfinite_error(step, good, loss, bad, int(info.nonfinite_particle),
                                    int(info.nonfinite_step))
         inner_steps += int(info.inner_steps)
-        meta = None
-        if eval_every is not None and (step % eval_every == 0 or step == num_steps):
-            meta = evaluation(step)
+        meta = loop.evaluation(step, theta) if loop.evaluates(step) else None
         record = Record(step, inner_steps, loss, meta, bad)
         history.append(record)
-        if on_state is not None:
-            on_state(TrainState(theta, opt_state, state, step, inner_steps))
-        if callback is not None and callback(record, theta) is True:
+        if loop.on_state is not None:
+            loop.on_state(TrainState(theta, opt_state, state, step, inner_steps))
+        if loop.callback is not None and loop.callback(record, theta) is True:
             break
     return TrainResult(theta, history)
 
@@ -284,21 +328,20 @@ def _chunk_runner(estimator, apply, k_train, steps_per_call, stop_on_nonfinite_l
     return jax.jit(run)
 
 
-def _train_in_chunks(estimator, apply, theta, opt_state, state, start, inner_steps, num_steps,
-                     k_train, steps_per_call, eval_every, evaluation, callback, nonfinite,
-                     on_state, history):
+def _train_in_chunks(loop: _Loop, start: TrainState, history: History) -> TrainResult:
     """train's loop with ``steps_per_call`` outer steps per compiled call (see train).
 
     A chunk ends at the next evaluation step, at num_steps, or after steps_per_call steps;
     its per-step records come back in one read. When a step must not be applied, the chunk is
     run again up to the step before it (the same program on the same inputs: the same
     result), which gives the last good state for the error."""
-    run = _chunk_runner(estimator, apply, k_train, steps_per_call, nonfinite == "raise",
-                        callback is not None)
-    step = start
+    callback, on_state, eval_every = loop.callback, loop.on_state, loop.eval_every
+    run = _chunk_runner(loop.estimator, loop.apply, loop.k_train, loop.steps_per_call,
+                        loop.nonfinite == "raise", callback is not None)
+    theta, opt_state, state, step, inner_steps = start
     stop_requested = False
-    while step < num_steps and not stop_requested:
-        end = min(step + steps_per_call, num_steps)
+    while step < loop.num_steps and not stop_requested:
+        end = min(step + loop.steps_per_call, loop.num_steps)
         if eval_every is not None:
             end = min(end, (step // eval_every + 1) * eval_every)
         first, count = step + 1, end - step
@@ -316,9 +359,8 @@ def _train_in_chunks(estimator, apply, theta, opt_state, state, start, inner_ste
             inner_steps += int(out.info.inner_steps[i])
             last = i == good - 1
             meta = None
-            if (last and not stopped and eval_every is not None
-                    and (step % eval_every == 0 or step == num_steps)):
-                meta = evaluation(step, theta)
+            if last and not stopped and loop.evaluates(step):
+                meta = loop.evaluation(step, theta)
             record = Record(step, inner_steps, float(out.info.loss[i]), meta,
                             int(out.info.num_nonfinite[i]))
             history.append(record)

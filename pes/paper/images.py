@@ -40,21 +40,24 @@ from pes.paper.compare import (
     MARKER,
     RESULTS_JSON,
     RESULTS_MD,
+    CompareOptions,
+    ComparisonResult,
     check_seeds,
     options_command,
+    parse_seeds,
     prepare_comparison_dir,
     run_arm,
 )
+from pes.paper.experiments import get_experiment
 from pes.paper.random_search import random_search, running_best
 from pes.runs import plots
 from pes.runs.config import RunConfig, check_int, make_task
 from pes.runs.errors import ConfigError
 from pes.runs.run import RunResult, fmt_num, write_json
 
-IMAGE_COMPARISONS = ("mnist-lr-schedule", "many-hyperparameters")
 DEFAULT_SEEDS = {"mnist-lr-schedule": "0", "many-hyperparameters": "0,1,2"}
 LR_OBJECTIVES = ("loss", "accuracy")
-ESTIMATORS = ("pes", "tes")
+ARMS = ("pes", "tes")  # the estimators each image comparison runs
 # The heatmap's "good region": cells within this fraction of the grid's range of its minimum.
 GOOD_FRACTION = 0.1
 HEATMAP_CHUNK = 12  # full runs vmapped at once (a 784-100-100-10 MLP: a few MB each)
@@ -67,6 +70,38 @@ def _echo(echo: Callable[[str], Any] | None) -> Callable[[str], Any]:
 
 def _trajectory(run: RunResult) -> np.ndarray:
     return np.array([r["theta"] for r in run.records if "theta" in r], float)
+
+
+def compare_images(name: str, options: CompareOptions,
+                   echo: Callable[[str], Any]) -> ComparisonResult:
+    """The runner of ``pes compare mnist-lr-schedule | many-hyperparameters``: the options
+    that apply (--estimators never; --objective and --heatmap-points for mnist-lr-schedule),
+    the comparison, and its findings (the lines of results.md that start with '* ' or
+    'Finding') to print."""
+    if options.estimators is not None:
+        raise ConfigError(f"--estimators does not apply to pes compare {name}: it always runs "
+                          "PES and TES" + (" and random search" if name != "mnist-lr-schedule"
+                                           else ""))
+    lr = name == "mnist-lr-schedule"
+    for flag, value in (("--objective", options.objective),
+                        ("--heatmap-points", options.heatmap_points)):
+        if value is not None and not lr:
+            raise ConfigError(f"{flag} applies only to pes compare mnist-lr-schedule")
+    seeds = parse_seeds(options.seeds if options.seeds is not None else DEFAULT_SEEDS[name])
+    common = dict(seeds=seeds, out=options.out, dataset=options.dataset,
+                  data_dir=options.data_dir, size=options.size, num_steps=options.num_steps,
+                  overwrite=options.overwrite, progress=options.progress, echo=echo)
+    if lr:
+        result = run_lr_schedule_comparison(
+            objectives=(options.objective,) if options.objective else LR_OBJECTIVES,
+            heatmap_points=options.heatmap_points, **common)
+    else:
+        result = run_many_hyperparameters_comparison(**common)
+    results_md = Path(result["files"][-1])
+    findings = [line for line in results_md.read_text().splitlines()
+                if line.startswith(("* ", "Finding"))]
+    return ComparisonResult(get_experiment(name), results_md.parent, seeds, result["files"],
+                            result["wall_time_s"], findings, details=result)
 
 
 # ------------------------------------------------------------------- mnist-lr-schedule
@@ -159,7 +194,7 @@ def run_lr_schedule_comparison(
         plan[obj] = [RunConfig(task=name, estimator=est, seed=s, num_steps=num_steps,
                                out=str(out_dir / obj / est / f"seed-{s}"), objective=obj,
                                **base).resolve()
-                     for est in ESTIMATORS for s in seeds]
+                     for est in ARMS for s in seeds]
     first = plan[objectives[0]][0]
     options = first.task_options()
     cmd = options_command(name, seeds, base, num_steps, out_dir,
@@ -172,62 +207,9 @@ def run_lr_schedule_comparison(
     files: list[Path] = []
     per_obj: dict[str, Any] = {}
     for obj in objectives:
-        configs = plan[obj]
-        task = make_task(name, configs[0].task_options())
-        axes = task.heatmap_axes(heatmap_points)
-        t0 = time.perf_counter()
-        grid = task.surface(axes[0], axes[1], jax.random.PRNGKey(0), chunk_size=HEATMAP_CHUNK)
-        heat_s = time.perf_counter() - t0
-        values = np.asarray(grid["meta_loss"], float)
-        (out_dir / obj).mkdir(parents=True, exist_ok=True)
-        np.savez(out_dir / obj / "heatmap.npz", log_lr0=axes[0], log_decay=axes[1],
-                 **{k: np.asarray(v) for k, v in grid.items()})
-        i, j = np.unravel_index(np.nanargmin(values), values.shape)
-        say(f"{obj}: heatmap {len(axes[0])}x{len(axes[1])} full runs in {heat_s:.1f} s; best "
-            f"{values[i, j]:.4g} at (log lr0, log decay) = ({axes[0][i]:.2f}, "
-            f"{axes[1][j]:.2f})")
-        runs: dict[str, list[RunResult]] = {est: [] for est in ESTIMATORS}
-        for cfg in configs:
-            run = run_arm(cfg, progress, f"{obj} {cfg.estimator} seed {cfg.seed}")
-            runs[cfg.estimator].append(run)
-            s = run.summary
-            say(f"{obj} {cfg.estimator} seed {cfg.seed}: theta {s['final_theta']}, meta "
-                f"{fmt_num(s['final_meta_loss'])}, {s['inner_steps']:,} inner steps, "
-                f"{s['wall_time_s']:.1f} s")
-        threshold = good_threshold(values)
-        stats: dict[str, Any] = {}
-        for est, rs in runs.items():
-            finals = np.array([r.summary["final_theta"] for r in rs], float)
-            on_map = [heatmap_value(axes, values, th) for th in finals]
-            stats[est] = {
-                "final_theta": finals.tolist(),
-                "final_log_decay_mean": float(finals[:, 1].mean()),
-                "final_decay_mean": float(np.exp(finals[:, 1]).mean()),
-                "final_meta_objective": [r.summary["final_meta_loss"] for r in rs],
-                "heatmap_value_at_final_theta": on_map,
-                "in_good_region": [bool(v <= threshold) for v in on_map],
-                "inner_steps": [r.summary["inner_steps"] for r in rs],
-                "wall_time_s": [r.summary["wall_time_s"] for r in rs],
-            }
-        label = ("mean training loss over the run" if obj == "loss"
-                 else "minus mean validation accuracy over the run")
-        trajectories = [(f"{est} seed {r.config.seed}", _trajectory(r))
-                        for est, rs in runs.items() for r in rs]
-        files.append(plot_heatmap(
-            out_dir / obj / "heatmap.png", axes, values, trajectories, label=label,
-            title=f"mnist-lr-schedule ({options['dataset']}, size {options['size']}, objective "
-            f"{obj})\nfinal meta-objective of full runs; dashed: good region; PES and TES "
-            "from theta0"))
-        per_obj[obj] = {
-            "heatmap": {"points": len(axes[0]), "min": float(values[i, j]),
-                        "argmin": [float(axes[0][i]), float(axes[1][j])],
-                        "good_threshold": threshold, "wall_time_s": round(heat_s, 2)},
-            "settings": {est: runs[est][0].config.settings_text() for est in runs},
-            "estimators": stats,
-            "tes_decay_larger": stats["tes"]["final_log_decay_mean"]
-            > stats["pes"]["final_log_decay_mean"],
-            "pes_in_good_region": all(stats["pes"]["in_good_region"]),
-        }
+        heatmap_png, per_obj[obj] = _lr_objective(obj, plan[obj], heatmap_points, out_dir,
+                                                  options, progress, say)
+        files.append(heatmap_png)
     wall = time.perf_counter() - start
     result = {"experiment": name, "seeds": list(seeds), "options": options,
               "command": cmd, "wall_time_s": round(wall, 2), "objectives": per_obj}
@@ -235,6 +217,70 @@ def run_lr_schedule_comparison(
     files.append(out_dir / RESULTS_JSON)
     files.append(_lr_results_md(out_dir, result))
     return {**result, "files": files}
+
+
+def _lr_objective(obj: str, configs: list[RunConfig], heatmap_points: int | None,
+                  out_dir: Path, options: dict[str, Any], progress: bool,
+                  say: Callable[[str], Any]) -> tuple[Path, dict[str, Any]]:
+    """One objective of mnist-lr-schedule: the heatmap of full runs (saved as
+    ``obj/heatmap.npz``), the PES and TES runs of ``configs``, and the heatmap plot with their
+    trajectories. Returns (the plot's path, the objective's entry of results.json)."""
+    name = "mnist-lr-schedule"
+    task = make_task(name, configs[0].task_options())
+    axes = task.heatmap_axes(heatmap_points)
+    t0 = time.perf_counter()
+    grid = task.surface(axes[0], axes[1], jax.random.PRNGKey(0), chunk_size=HEATMAP_CHUNK)
+    heat_s = time.perf_counter() - t0
+    values = np.asarray(grid["meta_loss"], float)
+    (out_dir / obj).mkdir(parents=True, exist_ok=True)
+    np.savez(out_dir / obj / "heatmap.npz", log_lr0=axes[0], log_decay=axes[1],
+             **{k: np.asarray(v) for k, v in grid.items()})
+    i, j = np.unravel_index(np.nanargmin(values), values.shape)
+    say(f"{obj}: heatmap {len(axes[0])}x{len(axes[1])} full runs in {heat_s:.1f} s; best "
+        f"{values[i, j]:.4g} at (log lr0, log decay) = ({axes[0][i]:.2f}, "
+        f"{axes[1][j]:.2f})")
+    runs: dict[str, list[RunResult]] = {est: [] for est in ARMS}
+    for cfg in configs:
+        run = run_arm(cfg, progress, f"{obj} {cfg.estimator} seed {cfg.seed}")
+        runs[cfg.estimator].append(run)
+        s = run.summary
+        say(f"{obj} {cfg.estimator} seed {cfg.seed}: theta {s['final_theta']}, meta "
+            f"{fmt_num(s['final_meta_loss'])}, {s['inner_steps']:,} inner steps, "
+            f"{s['wall_time_s']:.1f} s")
+    threshold = good_threshold(values)
+    stats: dict[str, Any] = {}
+    for est, rs in runs.items():
+        finals = np.array([r.summary["final_theta"] for r in rs], float)
+        on_map = [heatmap_value(axes, values, th) for th in finals]
+        stats[est] = {
+            "final_theta": finals.tolist(),
+            "final_log_decay_mean": float(finals[:, 1].mean()),
+            "final_decay_mean": float(np.exp(finals[:, 1]).mean()),
+            "final_meta_objective": [r.summary["final_meta_loss"] for r in rs],
+            "heatmap_value_at_final_theta": on_map,
+            "in_good_region": [bool(v <= threshold) for v in on_map],
+            "inner_steps": [r.summary["inner_steps"] for r in rs],
+            "wall_time_s": [r.summary["wall_time_s"] for r in rs],
+        }
+    label = ("mean training loss over the run" if obj == "loss"
+             else "minus mean validation accuracy over the run")
+    trajectories = [(f"{est} seed {r.config.seed}", _trajectory(r))
+                    for est, rs in runs.items() for r in rs]
+    heatmap_png = plot_heatmap(
+        out_dir / obj / "heatmap.png", axes, values, trajectories, label=label,
+        title=f"mnist-lr-schedule ({options['dataset']}, size {options['size']}, objective "
+        f"{obj})\nfinal meta-objective of full runs; dashed: good region; PES and TES "
+        "from theta0")
+    return heatmap_png, {
+        "heatmap": {"points": len(axes[0]), "min": float(values[i, j]),
+                    "argmin": [float(axes[0][i]), float(axes[1][j])],
+                    "good_threshold": threshold, "wall_time_s": round(heat_s, 2)},
+        "settings": {est: runs[est][0].config.settings_text() for est in runs},
+        "estimators": stats,
+        "tes_decay_larger": stats["tes"]["final_log_decay_mean"]
+        > stats["pes"]["final_log_decay_mean"],
+        "pes_in_good_region": all(stats["pes"]["in_good_region"]),
+    }
 
 
 def _lr_results_md(out_dir: Path, result: dict[str, Any]) -> Path:
@@ -338,7 +384,7 @@ def run_many_hyperparameters_comparison(
         plan.append([RunConfig(task=name, estimator=est, seed=s, num_steps=num_steps,
                                eval_every=max(1, steps // 20), theta0=theta0,
                                out=str(out_dir / est / f"seed-{s}"), **base).resolve()
-                     for est in ESTIMATORS])
+                     for est in ARMS])
     cmd = options_command(name, seeds, base, num_steps, out_dir)
     prepare_comparison_dir(out_dir, overwrite)
     write_json(out_dir / MARKER, {"experiment": name, "seeds": list(seeds),
@@ -397,7 +443,7 @@ def run_many_hyperparameters_comparison(
     returned_wins = sum(r["pes_le_random_returned"] for r in per_seed)
     result = {"experiment": name, "seeds": list(seeds), "options": options, "command": cmd,
               "wall_time_s": round(wall, 2), "settings": {
-                  est: c.settings_text() for est, c in zip(ESTIMATORS, plan[0], strict=True)},
+                  est: c.settings_text() for est, c in zip(ARMS, plan[0], strict=True)},
               "per_seed": per_seed, "pes_le_random_seeds": wins,
               "pes_le_random_in_most_seeds": wins > len(seeds) / 2,
               "reeval_episodes": REEVAL_EPISODES,

@@ -37,12 +37,12 @@ from pes.runs.registry import (
     TASK_NAMES,
     TASK_OPTIONS,
     EstimatorEntry,
+    check_option_value,
     get_estimator,
     get_task,
     unknown_name,
 )
 from pes.tasks.base import OPTIMIZER_NAMES, OptimizerSpec
-from pes.tasks.swimmer import BACKENDS as SWIMMER_BACKENDS  # no mujoco import until used
 from pes.training import NONFINITE_POLICIES
 
 MAX_SEED = 2**31 - 1
@@ -394,7 +394,7 @@ _OPTIONAL_CHECKS = {
     "data_dir": lambda v: _check_data_dir(v),
     "size": lambda v: _check_name("size", v, "size", TASK_SIZES),
     "objective": lambda v: _check_name("objective", v, "objective", OBJECTIVES),
-    "backend": lambda v: _check_name("backend", v, "swimmer backend", SWIMMER_BACKENDS),
+    "backend": lambda v: check_option_value("backend", v),
     "devices": lambda v: check_int("devices", v, 1),
     "steps_per_call": lambda v: check_int("steps_per_call", v, 1),
     "keep_checkpoints": lambda v: check_int("keep_checkpoints", v, 1),

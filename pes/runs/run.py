@@ -73,7 +73,7 @@ from pes.runs.errors import ConfigError, RunFailed, RunInterrupted, RunWarning
 from pes.runs.lock import LOCK_FILE, RunLock, RunLocked
 from pes.runs.lock import holder as lock_holder
 from pes.runs.lock import refusal as lock_refusal
-from pes.runs.registry import TaskEntry, get_task
+from pes.runs.registry import TaskEntry, export_files, get_task
 from pes.training import NonFiniteGradientError, TrainState, train
 
 CONFIG_FILE = "config.json"
@@ -84,10 +84,9 @@ METRIC_PLOT = "meta_objective.png"
 THETA_PLOT = "theta.png"
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "checkpoints.damaged"  # where resume moves checkpoints that failed their checks
-LEARNED_OPTIMIZER_FILE = "learned_optimizer.npz"  # the learned-optimizer task's export
-# What a run writes; --overwrite removes exactly these.
+# What a run writes (with what a task's export adds); --overwrite removes exactly these.
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, TIMING_FILE, SUMMARY_FILE, METRIC_PLOT, THETA_PLOT,
-             CHECKPOINT_DIR, DAMAGED_DIR, LEARNED_OPTIMIZER_FILE)
+             CHECKPOINT_DIR, DAMAGED_DIR) + export_files()
 MAX_LOGGED_THETA = 16
 MAX_PRINTED_THETA = 64  # a longer theta is printed as its first numbers and its size
 KEEP_CHECKPOINTS = 2  # the default of keep_checkpoints (--keep-checkpoints)
