@@ -146,8 +146,9 @@ def list_command() -> None:
 
 # Options of the image tasks (mnist-lr-schedule, many-hyperparameters), on run and compare.
 _DATA_DIR = dict(metavar="DIR", show_default=False,
-                 help="Image tasks: folder searched first for the dataset's IDX files (then "
-                 "$PES_DATA_DIR, /usr/share/datasets/fashion-mnist, the download cache).")
+                 help="Image tasks: the folder holding the dataset's IDX files, the only one "
+                 "searched when given (else $PES_DATA_DIR, else $PES_CACHE_DIR; with none, "
+                 "/usr/share/datasets/fashion-mnist, then the download cache).")
 _DATASET = dict(show_default=False,
                 help="Image tasks: fashion-mnist or mnist. [default: fashion-mnist]")
 _SIZE = dict(show_default=False,

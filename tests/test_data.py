@@ -360,3 +360,23 @@ def test_debian_fashion_mnist(monkeypatch, tmp_path):
     np.testing.assert_array_equal(np.bincount(ds.test_labels), np.full(10, 1000))
     for stem in STEMS:
         assert data.verify_file("fashion-mnist", DEBIAN / f"{stem}.gz"), stem
+
+
+def test_pes_run_with_a_wrong_data_dir_is_one_line_naming_it(isolated, monkeypatch):
+    """Issue 20: `pes run mnist-lr-schedule --data-dir /nonexistent` (PES_DATA_DIR too) trained
+    on Debian's Fashion-MNIST; now it is exit 2 naming --data-dir, and nothing is written."""
+    from typer.testing import CliRunner
+
+    from pes.cli import app
+
+    make_dataset_dir(data.DEBIAN_DIRS["fashion-mnist"])
+    wrong = isolated / "nonexistent"
+    monkeypatch.setenv("PES_DATA_DIR", str(wrong))
+    out = isolated / "run"
+    result = CliRunner().invoke(app, ["run", "mnist-lr-schedule", "-e", "pes", "--data-dir",
+                                      str(wrong), "--size", "tiny", "--num-steps", "1", "--out",
+                                      str(out), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and f"not found in --data-dir {wrong}" in lines[0], result.output
+    assert not out.exists()

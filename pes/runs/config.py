@@ -486,7 +486,8 @@ def make_task(name: str, options: Mapping[str, Any] | None = None) -> Any:
         # One line: the searched folders joined by "; " (the message has one per line).
         text = lines[0] if len(lines) < 3 else (
             f"{lines[0]} {'; '.join(lines[1:-1]).replace(':;', ':', 1)}. {lines[-1]}")
-        raise ConfigError(f"task={name!r}: {text}", field="dataset") from None
+        field = "data_dir" if getattr(e, "explicit", None) == "--data-dir" else "dataset"
+        raise ConfigError(f"task={name!r}: {text}", field=field) from None
     except pes_data.CorruptFileError as e:
         raise ConfigError(f"task={name!r}: {e}", field="data_dir") from None
     except ValueError as e:  # e.g. a dataset too small for its validation split
