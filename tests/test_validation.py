@@ -83,8 +83,8 @@ BAD_INPUTS = [
     (["mnist-lr-schedule", "-e", "rtrl", "--size", "tiny"],
      "task='mnist-lr-schedule' has no settings for estimator='rtrl'"),
     (["mnist-lr-schedule", "-e", "pes", "--dataset", "mnist", "--data-dir", "{tmp}"],
-     "dataset 'mnist' not found. Searched, in order: {tmp}/mnist (no such folder); {tmp} "
-     "(none of the 4 files);"),
+     "dataset 'mnist' not found in --data-dir {tmp} (an explicit location is the only one "
+     "searched). Searched: {tmp}/mnist (no such folder); {tmp} (none of the 4 files)."),
     (["mnist-lr-schedule", "-e", "pes", "--dataset", "mnist", "--data-dir", "{tmp}"],
      "To get it: run `pes data download mnist`"),
     # paths
