@@ -198,7 +198,7 @@ def test_default_checkpoints_by_time(tmp_path, monkeypatch):
     assert complete_checkpoints(tmp_path / "a") == [6]  # quicker than 5 minutes: the last only
     monkeypatch.setattr(run_module, "CHECKPOINT_INTERVAL_S", 0.0)
     assert cli(*args, "--out", tmp_path / "b").exit_code == 0
-    assert complete_checkpoints(tmp_path / "b") == [4, 5, 6]  # every step; 3 kept
+    assert complete_checkpoints(tmp_path / "b") == [5, 6]  # every step; 2 kept (the default)
 
 
 def test_same_seed_gives_byte_identical_metrics(reference, tmp_path):
