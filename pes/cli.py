@@ -351,7 +351,8 @@ def _check_in_command_line_order(flags: RunFlags, order: list[str]) -> dict[str,
         elif name == "resume" and flags.resume is not None:
             path = pathlib.Path(flags.resume)
             if not path.is_dir():
-                what = "does not exist" if not path.exists() else "is not a directory"
+                what = ("the directory does not exist" if not path.exists()
+                        else "not a directory")
                 raise ConfigError(f"--resume {flags.resume}: {what}", field="resume")
         elif name in settings and settings[name] is not None:
             settings[name] = check_field(name, settings[name])

@@ -128,8 +128,8 @@ BAD_INPUTS = [
     (["--resume", "{cfg}/type.yaml"], "type.yaml: not a directory"),
     (["--resume", "{run}", "--lr", "0.5"],
      "lr=0.5 contradicts {run}/config.json (lr=0.0001): a resumed run keeps its "
-     "configuration; only num_steps, checkpoint_every, nonfinite, devices, steps_per_call may "
-     "change"),
+     "configuration; only num_steps, checkpoint_every, nonfinite, devices, steps_per_call, "
+     "keep_checkpoints may change"),
     (["--resume", "{run}", "-e", "pes"], "estimator='pes' contradicts"),
     (["--resume", "{run}", "--theta0", "2"], "theta0=2.0 contradicts"),
     (["--resume", "{run}", "--num-steps", "2"],
