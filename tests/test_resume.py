@@ -287,8 +287,9 @@ def test_steps_per_call_gives_the_same_run_with_checkpoints_at_chunk_ends(refere
         a = [r[key] for r in ours if key in r]
         b = [r[key] for r in theirs if key in r]
         np.testing.assert_allclose(np.array(a, float), np.array(b, float), rtol=1e-5)
-    # The first chunk end at or after each multiple of 6: ..., 30, 36 -> 38, and the last.
-    assert complete_checkpoints(out) == [30, 38, 40]
+    # The first chunk end at or after each multiple of 6: ..., 30, 36 -> 38, and the last;
+    # the newest two are kept.
+    assert complete_checkpoints(out) == [38, 40]
 
 
 def test_steps_per_call_raise_stops_at_the_bad_step_inside_a_chunk(tmp_path):
