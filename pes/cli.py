@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import pathlib
 import typing
 from contextlib import contextmanager
 from typing import Annotated, NoReturn
@@ -90,6 +91,40 @@ def _root(
                                           help="Print the version and exit.")] = False,
 ) -> None:
     """Persistent Evolution Strategies and its rivals on the paper's tasks."""
+    _one_line_warnings()
+    import logging
+
+    # orbax logs a failed or damaged checkpoint through absl (bytes and tracebacks included);
+    # the run layer reports each such failure as one line of its own.
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    from pes.runs import compile_cache
+
+    compile_cache.enable()  # unless $PES_NO_COMPILE_CACHE; --no-compile-cache undoes it
+
+
+def disable_compile_cache() -> None:
+    from pes.runs import compile_cache
+
+    compile_cache.disable()
+
+
+def _one_line_warnings() -> None:
+    """The run layer's warnings (RunWarning: a stale lock taken over, a damaged checkpoint
+    skipped) as one 'Warning: ...' line on stderr; others as Python prints them."""
+    import warnings
+
+    from pes.runs.errors import RunWarning
+
+    default = getattr(warnings.showwarning, "_pes_default", warnings.showwarning)
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if isinstance(category, type) and issubclass(category, RunWarning):
+            typer.echo(f"Warning: {message}", err=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    show._pes_default = default  # type: ignore[attr-defined]
+    warnings.showwarning = show
 
 
 @app.command("list")
@@ -111,8 +146,9 @@ def list_command() -> None:
 
 # Options of the image tasks (mnist-lr-schedule, many-hyperparameters), on run and compare.
 _DATA_DIR = dict(metavar="DIR", show_default=False,
-                 help="Image tasks: folder searched first for the dataset's IDX files (then "
-                 "$PES_DATA_DIR, /usr/share/datasets/fashion-mnist, the download cache).")
+                 help="Image tasks: the folder holding the dataset's IDX files, the only one "
+                 "searched when given (else $PES_DATA_DIR, else $PES_CACHE_DIR; with none, "
+                 "/usr/share/datasets/fashion-mnist, then the download cache).")
 _DATASET = dict(show_default=False,
                 help="Image tasks: fashion-mnist or mnist. [default: fashion-mnist]")
 _SIZE = dict(show_default=False,
@@ -132,13 +168,18 @@ def dataclass_command(typer_app: typer.Typer, name: str, options: type):
                                 annotation=hints[f.name]) for f in dataclasses.fields(options)]
 
     def register(fn):
+        wants_order = "order" in inspect.signature(fn).parameters
+
         @functools.wraps(fn)
-        def command(**values):
-            return fn(options(**values))
+        def command(_ctx: typer.Context, **values):
+            opts = options(**values)
+            # click fills ctx.params in command-line order (then the parameters not given).
+            return fn(opts, order=list(_ctx.params)) if wants_order else fn(opts)
 
         del command.__wrapped__  # typer must see the fields, not fn's signature
-        command.__signature__ = inspect.Signature(params)
-        command.__annotations__ = {p.name: p.annotation for p in params}
+        ctx = inspect.Parameter("_ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+        command.__signature__ = inspect.Signature([ctx, *params])
+        command.__annotations__ = {p.name: p.annotation for p in (ctx, *params)}
         typer_app.command(name)(command)
         return fn
 
@@ -206,13 +247,21 @@ class RunFlags:
         help="Run this many outer steps per compiled call, reading their metrics back once "
         "(faster when a step is cheap; checkpoints then come at the ends of calls). "
         "[default: 1]", show_default=False)] = None
+    keep_checkpoints: Annotated[int | None, typer.Option(
+        help="Keep this many of the newest intact checkpoints (each proven by its checksums); "
+        "older ones are deleted. [default: 2]", show_default=False)] = None
+    compile_cache: Annotated[bool, typer.Option(
+        "--compile-cache/--no-compile-cache", help="Keep compiled XLA programs in "
+        "~/.cache/pes/jax ($PES_COMPILE_CACHE_DIR; $PES_NO_COMPILE_CACHE=1 turns it off) so that "
+        "the next identical run starts without compiling.")] = True
     config: Annotated[str | None, typer.Option(
         "--config", help="YAML or JSON file of settings (the names above with underscores, "
         "e.g. num_particles: 10); flags override it.", show_default=False)] = None
     resume: Annotated[str | None, typer.Option(
         "--resume", metavar="RUN_DIR", help="Continue the run in RUN_DIR from its latest "
         "checkpoint, with its config.json (only --num-steps, --checkpoint-every, "
-        "--nonfinite, --devices and --steps-per-call may change).",
+        "--nonfinite, --devices, --steps-per-call and --keep-checkpoints may change); a damaged "
+        "newest checkpoint is skipped for the newest intact one.",
         show_default=False)] = None
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace the run already in --out.")] = False
@@ -260,20 +309,23 @@ _RUN_SETTINGS = (
     "task", "estimator", "seed", "num_steps", "num_particles", "sigma", "truncation_length",
     "backprop_depth", "normalize_losses", "stagger", "optimizer", "lr", "b1", "eval_every",
     "nonfinite", "out", "theta0", "checkpoint_every", "data_dir", "dataset", "size",
-    "objective", "backend", "policy", "env_steps", "devices", "steps_per_call")
+    "objective", "backend", "policy", "env_steps", "devices", "steps_per_call",
+    "keep_checkpoints")
 
 
 @dataclass_command(app, "run", RunFlags)
-def run_command(flags: RunFlags) -> None:
+def run_command(flags: RunFlags, order: list[str]) -> None:
     """Train theta on TASK with one estimator; writes a run directory and prints a summary.
 
     Exit status: 0 done; 1 stopped by a non-finite loss (checkpointed: --resume continues);
     2 a bad setting; 130/143 stopped by SIGINT/SIGTERM (checkpointed: --resume continues).
     """
     with _user_errors():
+        if not flags.compile_cache:
+            disable_compile_cache()
+        settings = _check_in_command_line_order(flags, order)
         _start_processes(flags.distributed, flags.coordinator_address, flags.num_processes,
                          flags.process_id)
-        settings = flags.settings()
         try:
             result = (_resume(flags, settings) if flags.resume is not None
                       else _execute(flags, settings))
@@ -287,6 +339,32 @@ def run_command(flags: RunFlags) -> None:
             _fail(str(e), code=e.exit_code)
     if _primary():
         typer.echo(result.summary_line())
+
+
+def _check_in_command_line_order(flags: RunFlags, order: list[str]) -> dict[str, object]:
+    """``flags.settings()``, each given setting checked on its own in the order the command
+    line gave them, so that the first error reported is the first thing wrong on it (``pes run
+    no-such-task`` names the task, not the missing --estimator); only then are they checked
+    against each other. ``order``: the parameter names as click filled them (command-line
+    order first)."""
+    from pes.runs.config import check_field, load_config_file
+
+    settings: dict[str, object] = {name: getattr(flags, name) for name in _RUN_SETTINGS}
+    settings["theta0"] = None
+    for name in [*order, *(n for n in _RUN_SETTINGS if n not in order)]:
+        if name == "theta0" and flags.theta0 is not None:
+            settings["theta0"] = check_field("theta0", parse_theta0(flags.theta0))
+        elif name == "config" and flags.config is not None and flags.resume is None:
+            load_config_file(flags.config)  # a missing or unreadable file, named
+        elif name == "resume" and flags.resume is not None:
+            path = pathlib.Path(flags.resume)
+            if not path.is_dir():
+                what = ("the directory does not exist" if not path.exists()
+                        else "not a directory")
+                raise ConfigError(f"--resume {flags.resume}: {what}", field="resume")
+        elif name in settings and settings[name] is not None:
+            settings[name] = check_field(name, settings[name])
+    return settings
 
 
 def _resume(flags: RunFlags, settings: dict[str, object]):

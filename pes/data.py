@@ -10,20 +10,28 @@ flattened to 784, labels int32. The validation split is fixed: the **last**
 ``validation_size`` (default 10000) examples of the training file; ``train`` is the rest (the
 first 50000), ``test`` is the t10k file. Arrays are read-only and shared between calls.
 
-Where :func:`load` looks, first match wins (a directory matches when all four files are there):
+Where :func:`load` looks. An explicit location is authoritative: when one is given, only it
+is searched and a missing or incomplete folder is an error naming it (a mistyped ``--data-dir``
+must not silently train on other data). The first explicit one of these wins:
 
 1. ``data_dir`` (what ``--data-dir`` passes): ``data_dir/<name>``, then ``data_dir`` itself;
 2. ``$PES_DATA_DIR/<name>`` (a root holding one folder per dataset; files lying directly in
    ``$PES_DATA_DIR`` are not taken, so pointing it at an MNIST folder cannot make the default
    Fashion-MNIST silently load MNIST);
-3. Debian's ``dataset-fashion-mnist`` package: ``/usr/share/datasets/fashion-mnist``
-   (Fashion-MNIST only);
-4. the download cache: ``$PES_CACHE_DIR/<name>``, else ``$XDG_CACHE_HOME/pes/<name>``, else
-   ``~/.cache/pes/<name>`` (what :func:`download` and ``pes data download NAME`` fill).
+3. ``$PES_CACHE_DIR/<name>`` (the download cache, set explicitly).
 
-Every location holds the same dataset, so falling through is harmless; ``Dataset.source`` says
-which one was used. Nothing found raises :class:`DatasetNotFoundError` (a FileNotFoundError)
-naming every path searched and how to get the data; a truncated or corrupt file raises
+With none of them, the default search order applies, first match wins (a directory matches
+when all four files are there):
+
+1. Debian's ``dataset-fashion-mnist`` package: ``/usr/share/datasets/fashion-mnist``
+   (Fashion-MNIST only);
+2. the download cache: ``$XDG_CACHE_HOME/pes/<name>``, else ``~/.cache/pes/<name>`` (what
+   :func:`download` and ``pes data download NAME`` fill).
+
+Every default location holds the same dataset, so falling through is harmless;
+``Dataset.source`` says which one was used. Nothing found raises
+:class:`DatasetNotFoundError` (a FileNotFoundError) naming every path searched, which explicit
+setting chose them (``explicit``), and how to get the data; a truncated or corrupt file raises
 :class:`CorruptFileError` naming the file.
 
 :func:`download` fetches the canonical ``.gz`` files into the cache, checks each one's SHA-256
@@ -136,7 +144,13 @@ CHECKSUM_SOURCES = {
 
 
 class DatasetNotFoundError(FileNotFoundError):
-    """No searched location holds all four files of the dataset."""
+    """No searched location holds all four files of the dataset. ``explicit``: the setting
+    that chose the location ('--data-dir', '$PES_DATA_DIR', '$PES_CACHE_DIR'), or None when the
+    default search order was used."""
+
+    def __init__(self, message: str, explicit: str | None = None):
+        super().__init__(message)
+        self.explicit = explicit
 
 
 class CorruptFileError(ValueError):
@@ -249,16 +263,27 @@ def default_cache_dir(name: str | None = None) -> Path:
     return base / check_name(name) if name is not None else base
 
 
-def search_paths(name: str, data_dir: str | os.PathLike | None = None) -> list[Path]:
-    """The directories :func:`find` tries for dataset ``name``, in order."""
-    check_name(name)
-    paths: list[Path] = []
+def explicit_source(data_dir: str | os.PathLike | None = None) -> tuple[str, Path] | None:
+    """The explicit location in force, as (setting, folder), or None: ``data_dir`` first, then
+    $PES_DATA_DIR, then $PES_CACHE_DIR (empty variables count as unset)."""
     if data_dir is not None:
-        root = Path(data_dir).expanduser()
-        paths += [root / name, root]
-    env = os.environ.get("PES_DATA_DIR")
-    if env:
-        paths.append(Path(env).expanduser() / name)
+        return "--data-dir", Path(data_dir).expanduser()
+    for var in ("PES_DATA_DIR", "PES_CACHE_DIR"):
+        value = os.environ.get(var)
+        if value:
+            return f"${var}", Path(value).expanduser()
+    return None
+
+
+def search_paths(name: str, data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """The directories :func:`find` tries for dataset ``name``, in order: only the explicit
+    location's (see :func:`explicit_source`) when there is one, else Debian's and the cache."""
+    check_name(name)
+    explicit = explicit_source(data_dir)
+    if explicit is not None:
+        setting, root = explicit
+        return [root / name, root] if setting == "--data-dir" else [root / name]
+    paths: list[Path] = []
     if name in DEBIAN_DIRS:
         paths.append(DEBIAN_DIRS[name])
     paths.append(default_cache_dir(name))
@@ -297,10 +322,15 @@ def find(name: str, data_dir: str | os.PathLike | None = None) -> dict[str, Path
         else:
             tried.append(f"{directory} (has {4 - len(missing)} of 4 files; missing "
                          f"{', '.join(missing)})")
+    explicit = explicit_source(data_dir)
+    if explicit is None:
+        head = f"dataset {name!r} not found. Searched, in order:"
+    else:
+        head = (f"dataset {name!r} not found in {explicit[0]} {explicit[1]} (an explicit "
+                "location is the only one searched). Searched:")
     raise DatasetNotFoundError(
-        f"dataset {name!r} not found. Searched, in order:\n  "
-        + "\n  ".join(tried)
-        + f"\nTo get it: {_how_to_get(name)}."
+        head + "\n  " + "\n  ".join(tried) + f"\nTo get it: {_how_to_get(name)}.",
+        explicit=None if explicit is None else explicit[0],
     )
 
 

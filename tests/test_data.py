@@ -161,8 +161,10 @@ def test_search_order(isolated, monkeypatch):
     debian = make_dataset_dir(data.DEBIAN_DIRS[name], num_train=23)
     cache = make_dataset_dir(data.default_cache_dir(name), num_train=24)
     monkeypatch.setenv("PES_DATA_DIR", str(isolated / "env"))
-    assert data.search_paths(name, isolated / "explicit") == [
-        explicit, isolated / "explicit", env, debian, cache]
+    # An explicit location is the only one searched: --data-dir, then $PES_DATA_DIR, then
+    # $PES_CACHE_DIR; with none of them, Debian's folder, then the default cache.
+    assert data.search_paths(name, isolated / "explicit") == [explicit, isolated / "explicit"]
+    assert data.search_paths(name) == [env]
 
     def n_train(data_dir=None):
         ds = data.load(name, data_dir, validation_size=1)
@@ -172,12 +174,44 @@ def test_search_order(isolated, monkeypatch):
     assert n_train(explicit) == (21, explicit)  # the dataset's own folder works too
     assert n_train() == (22, env)
     monkeypatch.delenv("PES_DATA_DIR")
+    assert data.search_paths(name) == [cache]  # $PES_CACHE_DIR (the fixture's) is explicit
+    assert n_train() == (24, cache)
+    xdg = isolated / "xdg"
+    monkeypatch.delenv("PES_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(xdg))
+    assert data.search_paths(name) == [debian, xdg / "pes" / name]
     assert n_train() == (23, debian)
     for f in debian.iterdir():
         f.unlink()
-    assert n_train() == (24, cache)
-    # An explicit folder without the files falls through to the next location.
-    assert n_train(isolated / "nowhere") == (24, cache)
+    make_dataset_dir(xdg / "pes" / name, num_train=25)
+    assert n_train() == (25, xdg / "pes" / name)
+
+
+@pytest.mark.parametrize("setting", ["--data-dir", "$PES_DATA_DIR", "$PES_CACHE_DIR"])
+def test_explicit_location_is_authoritative(isolated, monkeypatch, setting):
+    """A wrong explicit folder is an error naming it, never a silent fall-through to data found
+    elsewhere (issue 20: `--data-dir /nonexistent` trained on Debian's Fashion-MNIST)."""
+    name = "fashion-mnist"
+    make_dataset_dir(data.DEBIAN_DIRS[name])
+    wrong = isolated / "nonexistent"
+    data_dir = None
+    if setting == "--data-dir":
+        data_dir = wrong
+        monkeypatch.setenv("PES_DATA_DIR", str(wrong))  # the issue's command set both
+    elif setting == "$PES_DATA_DIR":
+        monkeypatch.setenv("PES_DATA_DIR", str(wrong))
+    else:
+        monkeypatch.setenv("PES_CACHE_DIR", str(wrong))
+    with pytest.raises(data.DatasetNotFoundError) as info:
+        data.load(name, data_dir)
+    msg = str(info.value)
+    assert info.value.explicit == setting
+    assert f"not found in {setting} {wrong}" in msg
+    assert str(wrong / name) in msg and str(data.DEBIAN_DIRS[name]) not in msg.split("To get")[0]
+    # Without any explicit location the default order finds Debian's copy.
+    monkeypatch.delenv("PES_DATA_DIR", raising=False)
+    monkeypatch.delenv("PES_CACHE_DIR", raising=False)
+    assert data.load(name, validation_size=1).source == data.DEBIAN_DIRS[name]
 
 
 def test_cache_dir_follows_xdg(monkeypatch, tmp_path):
@@ -315,11 +349,34 @@ def require_debian_dataset():
 def test_debian_fashion_mnist(monkeypatch, tmp_path):
     require_debian_dataset()
     monkeypatch.delenv("PES_DATA_DIR", raising=False)
-    ds = data.load("fashion-mnist", tmp_path / "nothing-here")
+    monkeypatch.delenv("PES_CACHE_DIR", raising=False)
+    ds = data.load("fashion-mnist")
     assert ds.source == DEBIAN
+    with pytest.raises(data.DatasetNotFoundError, match="--data-dir"):
+        data.load("fashion-mnist", tmp_path / "nothing-here")  # explicit: no fall-through
     assert (len(ds.train_labels), len(ds.valid_labels), len(ds.test_labels)) == (
         50000, 10000, 10000)
     assert ds.train_images.shape == (50000, 784) and ds.train_images.max() == 1.0
     np.testing.assert_array_equal(np.bincount(ds.test_labels), np.full(10, 1000))
     for stem in STEMS:
         assert data.verify_file("fashion-mnist", DEBIAN / f"{stem}.gz"), stem
+
+
+def test_pes_run_with_a_wrong_data_dir_is_one_line_naming_it(isolated, monkeypatch):
+    """Issue 20: `pes run mnist-lr-schedule --data-dir /nonexistent` (PES_DATA_DIR too) trained
+    on Debian's Fashion-MNIST; now it is exit 2 naming --data-dir, and nothing is written."""
+    from typer.testing import CliRunner
+
+    from pes.cli import app
+
+    make_dataset_dir(data.DEBIAN_DIRS["fashion-mnist"])
+    wrong = isolated / "nonexistent"
+    monkeypatch.setenv("PES_DATA_DIR", str(wrong))
+    out = isolated / "run"
+    result = CliRunner().invoke(app, ["run", "mnist-lr-schedule", "-e", "pes", "--data-dir",
+                                      str(wrong), "--size", "tiny", "--num-steps", "1", "--out",
+                                      str(out), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and f"not found in --data-dir {wrong}" in lines[0], result.output
+    assert not out.exists()

@@ -78,7 +78,7 @@ def reference(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference") / "run"
     result = cli(*RUN, "--out", out)
     assert result.exit_code == 0, result.output
-    assert complete_checkpoints(out) == [30, 35, 40]  # the last 3 are kept
+    assert complete_checkpoints(out) == [35, 40]  # the newest 2 are kept (--keep-checkpoints)
     return out
 
 
@@ -198,7 +198,7 @@ def test_default_checkpoints_by_time(tmp_path, monkeypatch):
     assert complete_checkpoints(tmp_path / "a") == [6]  # quicker than 5 minutes: the last only
     monkeypatch.setattr(run_module, "CHECKPOINT_INTERVAL_S", 0.0)
     assert cli(*args, "--out", tmp_path / "b").exit_code == 0
-    assert complete_checkpoints(tmp_path / "b") == [4, 5, 6]  # every step; 3 kept
+    assert complete_checkpoints(tmp_path / "b") == [5, 6]  # every step; 2 kept (the default)
 
 
 def test_same_seed_gives_byte_identical_metrics(reference, tmp_path):
@@ -287,8 +287,9 @@ def test_steps_per_call_gives_the_same_run_with_checkpoints_at_chunk_ends(refere
         a = [r[key] for r in ours if key in r]
         b = [r[key] for r in theirs if key in r]
         np.testing.assert_allclose(np.array(a, float), np.array(b, float), rtol=1e-5)
-    # The first chunk end at or after each multiple of 6: ..., 30, 36 -> 38, and the last.
-    assert complete_checkpoints(out) == [30, 38, 40]
+    # The first chunk end at or after each multiple of 6: ..., 30, 36 -> 38, and the last;
+    # the newest two are kept.
+    assert complete_checkpoints(out) == [38, 40]
 
 
 def test_steps_per_call_raise_stops_at_the_bad_step_inside_a_chunk(tmp_path):

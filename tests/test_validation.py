@@ -83,8 +83,8 @@ BAD_INPUTS = [
     (["mnist-lr-schedule", "-e", "rtrl", "--size", "tiny"],
      "task='mnist-lr-schedule' has no settings for estimator='rtrl'"),
     (["mnist-lr-schedule", "-e", "pes", "--dataset", "mnist", "--data-dir", "{tmp}"],
-     "dataset 'mnist' not found. Searched, in order: {tmp}/mnist (no such folder); {tmp} "
-     "(none of the 4 files);"),
+     "dataset 'mnist' not found in --data-dir {tmp} (an explicit location is the only one "
+     "searched). Searched: {tmp}/mnist (no such folder); {tmp} (none of the 4 files)."),
     (["mnist-lr-schedule", "-e", "pes", "--dataset", "mnist", "--data-dir", "{tmp}"],
      "To get it: run `pes data download mnist`"),
     # paths
@@ -128,8 +128,8 @@ BAD_INPUTS = [
     (["--resume", "{cfg}/type.yaml"], "type.yaml: not a directory"),
     (["--resume", "{run}", "--lr", "0.5"],
      "lr=0.5 contradicts {run}/config.json (lr=0.0001): a resumed run keeps its "
-     "configuration; only num_steps, checkpoint_every, nonfinite, devices, steps_per_call may "
-     "change"),
+     "configuration; only num_steps, checkpoint_every, nonfinite, devices, steps_per_call, "
+     "keep_checkpoints may change"),
     (["--resume", "{run}", "-e", "pes"], "estimator='pes' contradicts"),
     (["--resume", "{run}", "--theta0", "2"], "theta0=2.0 contradicts"),
     (["--resume", "{run}", "--num-steps", "2"],

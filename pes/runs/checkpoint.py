@@ -14,10 +14,18 @@ Writes go through ``orbax.checkpoint.CheckpointManager``: each is written to
 crash, SIGKILL, a full disk) leaves the previous checkpoint as the latest, never a half one;
 leftover temporary folders are removed when the next Checkpointer opens ``DIR`` (by process 0
 of a distributed run, while the others wait; every process takes part in each save, as orbax
-requires, and ``DIR`` must be on a filesystem they all see). Only the last
-``max_to_keep`` checkpoints are kept. Writes are asynchronous by default: ``save`` copies the
-arrays to host memory and returns while a background thread writes them (``wait`` blocks until
-the last one is on disk; ``close`` waits too).
+requires, and ``DIR`` must be on a filesystem they all see). Writes are asynchronous by
+default: ``save`` copies the arrays to host memory and returns while a background thread
+writes them (``wait`` blocks until the last one is on disk; ``close`` waits too).
+
+Every checkpoint proves itself: once orbax has committed it, ``DIR/s/pes_manifest.json``
+(:mod:`pes.runs.manifest`, written last and atomically) records the size and SHA-256 of each of
+its files, and ``restore`` checks them before reading anything, so a truncated file, damaged
+metadata or a flipped bit in array data is a :class:`CheckpointDamaged` error, never restored
+as data. :meth:`Checkpointer.restore_latest` falls back to the newest intact checkpoint. Only
+the newest ``max_to_keep`` proven checkpoints are kept (older ones are deleted once a newer one
+is proven). A write that fails (a full disk) raises :class:`CheckpointWriteError` naming the
+intact previous checkpoint, after removing its partial folder.
 
 Restoring needs the *shape* of the state, which a fresh init gives without computing
 anything::
@@ -34,14 +42,18 @@ orbax is imported on first use (it takes about a second).
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from pes.runs import manifest
 from pes.system import PyTree
 from pes.training import TrainState
 
@@ -88,10 +100,14 @@ class Checkpointer:
       asynchronous: write in a background thread (``save`` returns once the arrays are copied).
     """
 
-    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 2,
                  asynchronous: bool = True):
         ocp = _ocp()
         self.directory = Path(directory).absolute()
+        if max_to_keep is not None and (isinstance(max_to_keep, bool) or max_to_keep < 1):
+            raise ValueError(f"max_to_keep={max_to_keep!r} must be None or an integer >= 1")
+        self.max_to_keep = max_to_keep
+        self._unproven: list[int] = []  # written by this object, manifest not yet written
         # Several processes (a distributed run) share the folder: one cleans it, all wait.
         self.removed = remove_partial_writes(self.directory) if jax.process_index() == 0 \
             else []
@@ -99,8 +115,9 @@ class Checkpointer:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices(f"pes-checkpointer-open:{self.directory}")
+        # Pruning is ours (:meth:`_prune`): only checkpoints proven by a manifest count.
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=False, enable_async_checkpointing=asynchronous)
+            max_to_keep=None, create=False, enable_async_checkpointing=asynchronous)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=ITEMS)
 
@@ -124,6 +141,7 @@ class Checkpointer:
         already has a checkpoint is not written again (returns False).
         """
         ocp = _ocp()
+        self._finalize()  # the previous write: complete, proven by its manifest, pruned
         step = int(state.step)
         latest = self.latest_step()
         if latest is not None and step <= latest:
@@ -136,28 +154,123 @@ class Checkpointer:
                           "estimator_state": state.estimator_state, "key": _key_data(key)})
         meta = {**(extra or {}), "step": step, "inner_steps": int(state.inner_steps),
                 "arrays": _signature(arrays)}
-        saved = self._manager.save(
-            step, force=True,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(arrays),
-                                    meta=ocp.args.JsonSave(meta)))
+        try:
+            saved = self._manager.save(
+                step, force=True,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(arrays),
+                                        meta=ocp.args.JsonSave(meta)))
+        except OSError as e:
+            raise self._write_failed(step, e) from None
         if not saved:
             raise RuntimeError(f"orbax did not write the checkpoint of step {step} in "
                                f"{self.directory}")
+        self._unproven.append(step)
+        if not self._manager.is_saving_in_progress():
+            self._finalize()
         return True
 
+    def _write_failed(self, step: int, error: BaseException) -> CheckpointWriteError:
+        """The one-line error of a write that failed (a full disk); its partial folder is
+        removed so that the previous checkpoint stays the latest and the space comes back."""
+        if jax.process_index() == 0:
+            remove_partial_writes(self.directory)
+            shutil.rmtree(self.directory / str(step), ignore_errors=True)
+        self._unproven = [s for s in self._unproven if s != step]
+        try:
+            self._manager.reload()
+        except Exception:  # noqa: BLE001 - the write error is what the user must see
+            pass
+        kept = self.proven_steps()
+        why = _short(error, 160)
+        if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
+                "No space left on device" in str(error):
+            why = "No space left on device"
+        elif getattr(error, "strerror", None):
+            why = error.strerror
+        previous = (f"the checkpoint of step {kept[-1]} is intact" if kept
+                    else "no earlier checkpoint exists")
+        return CheckpointWriteError(
+            f"the checkpoint of step {step} could not be written in {self.directory} ({why}); "
+            f"{previous}", step=step, errno=getattr(error, "errno", None))
+
+    def _finalize(self) -> None:
+        """Wait for the write in progress; then write the manifest of every checkpoint this
+        object wrote (process 0) and prune. A write that failed in the background (a full
+        disk) raises CheckpointWriteError here."""
+        try:
+            with _quiet_orbax():
+                self._manager.wait_until_finished()
+        except Exception as e:  # orbax re-raises its writer thread's error
+            step = self._unproven[-1] if self._unproven else -1
+            raise self._write_failed(step, e) from None
+        if jax.process_index() == 0:
+            for step in self._unproven:
+                folder = self.directory / str(step)
+                if folder.is_dir():
+                    try:
+                        manifest.write(folder)
+                    except OSError as e:
+                        (folder / manifest.MANIFEST).unlink(missing_ok=True)
+                        raise self._write_failed(step, e) from None
+            self._prune()
+        self._unproven = []
+
+    def proven_steps(self) -> list[int]:
+        """Steps whose checkpoint folder has a checksum manifest, ascending (not verified)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.directory.iterdir()
+                      if p.name.isdigit() and manifest.has_manifest(p))
+
+    def _prune(self) -> None:
+        """Keep the newest ``max_to_keep`` proven checkpoints and anything newer than the
+        oldest of them; delete the rest (older proven ones, older unproven ones)."""
+        if self.max_to_keep is None:
+            return
+        proven = self.proven_steps()
+        if len(proven) < self.max_to_keep:
+            return
+        oldest_kept = proven[-self.max_to_keep]
+        doomed = [s for s in self.steps() if s < oldest_kept]
+        for step in doomed:
+            # Renamed first (atomic), so that a crash mid-deletion leaves a temporary folder
+            # (removed on the next open), never a half-deleted checkpoint under its step.
+            gone = self.directory / f"{step}.pruned{TMP_SUFFIX}"
+            os.replace(self.directory / str(step), gone)
+            shutil.rmtree(gone, ignore_errors=True)
+        if doomed:
+            self._manager.reload()
+
     def wait(self) -> None:
-        """Block until every checkpoint written so far is complete on disk."""
-        self._manager.wait_until_finished()
+        """Block until every checkpoint written so far is complete (and proven) on disk."""
+        self._finalize()
 
     def close(self) -> None:
-        """Wait for pending writes and release the manager's resources."""
-        self._manager.close()
+        """Wait for pending writes, prove them, and release the manager's resources."""
+        try:
+            self._finalize()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def quarantine(self, step: int, into: str | os.PathLike) -> Path:
+        """Move the (damaged) checkpoint of ``step`` out of the way, into the folder ``into``
+        (created), so that the run can write that step again; returns its new place."""
+        into = Path(into)
+        into.mkdir(parents=True, exist_ok=True)
+        target = into / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        n = 1
+        while target.exists():
+            target = into / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+            n += 1
+        shutil.move(str(self.directory / str(step)), target)
+        self._manager.reload()
+        return target
 
     # ---------------------------------------------------------------------------- reading
 
@@ -185,29 +298,100 @@ class Checkpointer:
                                            sharding=getattr(x, "sharding", None)), target)
         if like_key_sharding := _replicated_like(like):
             target["key"] = jax.ShapeDtypeStruct((2,), np.uint32, sharding=like_key_sharding)
+        where = f"the checkpoint of step {step} in {self.directory}"
+        folder = self.directory / str(step)
+        if manifest.has_manifest(folder):
+            try:
+                manifest.verify(folder, step)
+            except manifest.CheckpointDamaged as e:
+                raise manifest.CheckpointDamaged(f"{where} is damaged: {e}", step) from None
         try:
-            saved = self._manager.restore(
-                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+            with _quiet_orbax():
+                saved = self._manager.restore(
+                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         except Exception as e:
-            raise ValueError(f"the checkpoint of step {step} in {self.directory} cannot be "
-                             f"read: {type(e).__name__}: {e}") from None
+            raise manifest.CheckpointDamaged(f"{where} cannot be read: {_short(e)}",
+                                             step) from None
+        if not isinstance(saved, dict):
+            raise manifest.CheckpointDamaged(f"{where} has no readable metadata", step)
         _check_signature(saved.get("arrays"), _signature(target), step, self.directory)
         try:
-            restored = self._manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                              meta=ocp.args.JsonRestore()))
+            with _quiet_orbax():
+                restored = self._manager.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                  meta=ocp.args.JsonRestore()))
         except Exception as e:  # orbax's errors: a missing or damaged file
-            why = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-            why = why if len(why) <= 300 else why[:297] + "..."
-            raise ValueError(f"the checkpoint of step {step} in {self.directory} cannot be "
-                             f"restored into this run's state: {why or type(e).__name__}"
-                             ) from None
+            raise manifest.CheckpointDamaged(
+                f"{where} cannot be restored into this run's state: {_short(e)}", step
+            ) from None
         arrays, meta = restored.state, dict(restored.meta)
         meta.pop("arrays", None)
         _check_like(arrays, target, step, self.directory)
         state = TrainState(arrays["theta"], arrays["opt_state"], arrays["estimator_state"],
                            int(meta["step"]), int(meta["inner_steps"]))
         return state, arrays["key"], meta
+
+    def restore_latest(self, like: TrainState, steps: list[int] | None = None
+                       ) -> tuple[TrainState, jax.Array, dict[str, Any], list[tuple[int, str]]]:
+        """(state, key, meta, skipped) of the newest checkpoint that is intact.
+
+        Tries ``steps`` (default: all, newest first); a damaged or unreadable one
+        (:class:`CheckpointDamaged`) is skipped and listed in ``skipped`` as (step, why). Raises
+        the last CheckpointDamaged when none is intact, FileNotFoundError when there is none, and
+        a plain ValueError (not skipped) for a checkpoint of another run's shape.
+        """
+        order = sorted(self.steps() if steps is None else steps, reverse=True)
+        if not order:
+            raise FileNotFoundError(f"{self.directory} holds no complete checkpoint")
+        skipped: list[tuple[int, str]] = []
+        for step in order:
+            try:
+                state, key, meta = self.restore(like, step)
+            except manifest.CheckpointDamaged as e:
+                skipped.append((step, str(e)))
+                continue
+            return state, key, meta, skipped
+        raise manifest.CheckpointDamaged(
+            f"no intact checkpoint in {self.directory}: " + "; ".join(w for _, w in skipped),
+            order[-1])
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. the disk is full); the previous one is intact.
+    ``step``: the checkpoint that failed."""
+
+    def __init__(self, message: str, step: int | None = None, errno: int | None = None):
+        super().__init__(message)
+        self.step = step
+        self.write_errno = errno
+
+
+CheckpointDamaged = manifest.CheckpointDamaged
+
+
+def _short(error: BaseException, limit: int = 300) -> str:
+    why = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    why = why if len(why) <= limit else why[:limit - 3] + "..."
+    return why or type(error).__name__
+
+
+@contextmanager
+def _quiet_orbax():
+    """absl's log (where orbax reports a damaged file, bytes included) silenced: the caller
+    turns the failure into one line of its own."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    logger = logging.getLogger("absl")
+    level, verbosity = logger.level, absl_logging.get_verbosity()
+    logger.setLevel(logging.CRITICAL + 1)
+    absl_logging.set_verbosity(absl_logging.FATAL)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(verbosity)
+        logger.setLevel(level)
 
 
 def _global(arrays: PyTree) -> PyTree:

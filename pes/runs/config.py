@@ -160,6 +160,9 @@ class RunConfig:
       outer step costs well under a millisecond. Metrics still come per step, checkpoints come
       at the ends of calls (for checkpoint_every: the first at or after each multiple); the
       result is the same to float rounding, so a resumed run may change it.
+    keep_checkpoints: how many of the newest intact checkpoints a run keeps (older ones are
+      deleted once a newer one is proven by its checksums); None: 2. A resumed run may change
+      it.
     """
 
     task: str
@@ -190,48 +193,13 @@ class RunConfig:
     env_steps: int | None = None
     devices: int | None = None
     steps_per_call: int | None = None
+    keep_checkpoints: int | None = None
 
     def __post_init__(self) -> None:
-        checked: dict[str, Any] = {
-            "task": self.task if is_task_name(self.task) else _check_name(
-                "task", self.task, "task", TASK_NAMES + ("gym:ENV_ID",)),
-            "estimator": _check_name("estimator", self.estimator, "estimator", ESTIMATOR_NAMES),
-            "seed": check_int("seed", self.seed, 0, MAX_SEED),
-            "nonfinite": _check_name("nonfinite", self.nonfinite, "non-finite policy",
-                                     NONFINITE_POLICIES),
-        }
-        optional = {
-            "num_steps": lambda v: check_int("num_steps", v, 1),
-            "num_particles": lambda v: check_int("num_particles", v, 1),
-            "sigma": lambda v: _check_float("sigma", v, low=0.0),
-            "truncation_length": lambda v: check_int("truncation_length", v, 1),
-            "backprop_depth": lambda v: check_int("backprop_depth", v, 1),
-            "normalize_losses": lambda v: _check_bool("normalize_losses", v),
-            "stagger": lambda v: _check_bool("stagger", v),
-            "optimizer": lambda v: _check_name("optimizer", v, "optimizer", OPTIMIZER_NAMES),
-            "lr": lambda v: _check_float("lr", v, low=0.0),
-            "b1": lambda v: _check_float("b1", v, low=0.0, high=1.0, low_open=False,
-                                         high_open=True),
-            "lr_schedule": _check_lr_schedule,
-            "eval_every": lambda v: check_int("eval_every", v, 1),
-            "out": _check_out,
-            "theta0": _check_theta0,
-            "checkpoint_every": lambda v: check_int("checkpoint_every", v, 1),
-            "dataset": lambda v: _check_name("dataset", v, "dataset", DATASET_NAMES),
-            "data_dir": _check_data_dir,
-            "size": lambda v: _check_name("size", v, "size", TASK_SIZES),
-            "objective": lambda v: _check_name("objective", v, "objective", OBJECTIVES),
-            "backend": lambda v: check_option_value("backend", v),
-            "policy": lambda v: _check_name("policy", v, "policy", GYM_POLICIES),
-            "env_steps": lambda v: check_int("env_steps", v, 1),
-            "devices": lambda v: check_int("devices", v, 1),
-            "steps_per_call": lambda v: check_int("steps_per_call", v, 1),
-        }
-        for name, check in optional.items():
+        for name in self.fields():
             value = getattr(self, name)
-            checked[name] = None if value is None else check(value)
-        for name, value in checked.items():
-            object.__setattr__(self, name, value)
+            if value is not None or name in _REQUIRED_CHECKS:
+                object.__setattr__(self, name, check_field(name, value))
 
     # ---------------------------------------------------------------------- dict round trip
 
@@ -419,6 +387,55 @@ class RunConfig:
         return ", ".join(parts)
 
 
+_REQUIRED_CHECKS = {
+    "task": lambda v: v if is_task_name(v) else _check_name("task", v, "task",
+                                                            TASK_NAMES + ("gym:ENV_ID",)),
+    "estimator": lambda v: _check_name("estimator", v, "estimator", ESTIMATOR_NAMES),
+    "seed": lambda v: check_int("seed", v, 0, MAX_SEED),
+    "nonfinite": lambda v: _check_name("nonfinite", v, "non-finite policy", NONFINITE_POLICIES),
+}
+# Fields that may be None (unset); each check sees a set value.
+_OPTIONAL_CHECKS = {
+    "num_steps": lambda v: check_int("num_steps", v, 1),
+    "num_particles": lambda v: check_int("num_particles", v, 1),
+    "sigma": lambda v: _check_float("sigma", v, low=0.0),
+    "truncation_length": lambda v: check_int("truncation_length", v, 1),
+    "backprop_depth": lambda v: check_int("backprop_depth", v, 1),
+    "normalize_losses": lambda v: _check_bool("normalize_losses", v),
+    "stagger": lambda v: _check_bool("stagger", v),
+    "optimizer": lambda v: _check_name("optimizer", v, "optimizer", OPTIMIZER_NAMES),
+    "lr": lambda v: _check_float("lr", v, low=0.0),
+    "b1": lambda v: _check_float("b1", v, low=0.0, high=1.0, low_open=False, high_open=True),
+    "lr_schedule": lambda v: _check_lr_schedule(v),
+    "eval_every": lambda v: check_int("eval_every", v, 1),
+    "out": lambda v: _check_out(v),
+    "theta0": lambda v: _check_theta0(v),
+    "checkpoint_every": lambda v: check_int("checkpoint_every", v, 1),
+    "dataset": lambda v: _check_name("dataset", v, "dataset", DATASET_NAMES),
+    "data_dir": lambda v: _check_data_dir(v),
+    "size": lambda v: _check_name("size", v, "size", TASK_SIZES),
+    "objective": lambda v: _check_name("objective", v, "objective", OBJECTIVES),
+    "backend": lambda v: check_option_value("backend", v),
+    "policy": lambda v: _check_name("policy", v, "policy", GYM_POLICIES),
+    "env_steps": lambda v: check_int("env_steps", v, 1),
+    "devices": lambda v: check_int("devices", v, 1),
+    "steps_per_call": lambda v: check_int("steps_per_call", v, 1),
+    "keep_checkpoints": lambda v: check_int("keep_checkpoints", v, 1),
+}
+
+
+def check_field(name: str, value: Any) -> Any:
+    """``value`` checked (and normalised) as RunConfig field ``name`` on its own, or a
+    ConfigError naming it; None passes for every field but task, estimator, seed, nonfinite.
+    The command line checks its flags with it in the order they were given."""
+    if name in _REQUIRED_CHECKS:
+        return _REQUIRED_CHECKS[name](value)
+    if name not in _OPTIONAL_CHECKS:
+        raise ConfigError(f"unknown setting {name!r}; valid settings: "
+                          f"{', '.join(RunConfig.fields())}", field=name)
+    return None if value is None else _OPTIONAL_CHECKS[name](value)
+
+
 def _check_lr_schedule(value: Any) -> tuple[tuple[int, float], ...]:
     """A list of [boundary, scale] pairs (OptimizerSpec's rules), stored as a tuple."""
     try:
@@ -492,7 +509,8 @@ def make_task(name: str, options: Mapping[str, Any] | None = None) -> Any:
         # One line: the searched folders joined by "; " (the message has one per line).
         text = lines[0] if len(lines) < 3 else (
             f"{lines[0]} {'; '.join(lines[1:-1]).replace(':;', ':', 1)}. {lines[-1]}")
-        raise ConfigError(f"task={name!r}: {text}", field="dataset") from None
+        field = "data_dir" if getattr(e, "explicit", None) == "--data-dir" else "dataset"
+        raise ConfigError(f"task={name!r}: {text}", field=field) from None
     except pes_data.CorruptFileError as e:
         raise ConfigError(f"task={name!r}: {e}", field="data_dir") from None
     except ConfigError as e:  # the task's own (gym:ENV_ID: an unknown id, a bad space)
@@ -690,7 +708,7 @@ def config_with_overrides(data: Mapping[str, Any], source: str,
 
 # Settings a resumed run may change: they do not alter the steps already taken.
 RESUMABLE_SETTINGS = ("num_steps", "checkpoint_every", "nonfinite", "devices",
-                      "steps_per_call")
+                      "steps_per_call", "keep_checkpoints")
 
 
 def resumed_config(stored: RunConfig, source: str, overrides: Mapping[str, Any]

@@ -43,3 +43,8 @@ class RunInterrupted(KeyboardInterrupt):
         self.result = result
         self.signal = int(signal) if signal is not None else 2
         self.exit_code = 128 + self.signal
+
+
+class RunWarning(UserWarning):
+    """Something the run layer did on the user's behalf that they should know about (a stale
+    lock taken over, a damaged checkpoint skipped); the command line prints it as one line."""

@@ -40,6 +40,7 @@ after the same outer step.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -58,12 +59,21 @@ from typing import Any
 import jax
 import numpy as np
 
-from pes.runs import plots
-from pes.runs.checkpoint import Checkpointer, abstract_state, on_mesh
+from pes.runs import memory, plots
+from pes.runs.checkpoint import (
+    CheckpointDamaged,
+    Checkpointer,
+    CheckpointWriteError,
+    abstract_state,
+    on_mesh,
+)
 from pes.runs.config import RunConfig, Setup, build_setup, resumed_config
 from pes.runs.distributed import barrier, is_primary, max_over_processes, multiprocess
-from pes.runs.errors import ConfigError, RunFailed, RunInterrupted
+from pes.runs.errors import ConfigError, RunFailed, RunInterrupted, RunWarning
 from pes.runs.gym_task import is_gym_task
+from pes.runs.lock import LOCK_FILE, RunLock, RunLocked
+from pes.runs.lock import holder as lock_holder
+from pes.runs.lock import refusal as lock_refusal
 from pes.runs.registry import TaskEntry, export_files, get_task
 from pes.training import NonFiniteGradientError, TrainState, train
 
@@ -74,12 +84,13 @@ SUMMARY_FILE = "summary.json"
 METRIC_PLOT = "meta_objective.png"
 THETA_PLOT = "theta.png"
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "checkpoints.damaged"  # where resume moves checkpoints that failed their checks
 # What a run writes (with what a task's export adds); --overwrite removes exactly these.
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, TIMING_FILE, SUMMARY_FILE, METRIC_PLOT, THETA_PLOT,
-             CHECKPOINT_DIR) + export_files()
+             CHECKPOINT_DIR, DAMAGED_DIR) + export_files()
 MAX_LOGGED_THETA = 16
 MAX_PRINTED_THETA = 64  # a longer theta is printed as its first numbers and its size
-KEEP_CHECKPOINTS = 3
+KEEP_CHECKPOINTS = 2  # the default of keep_checkpoints (--keep-checkpoints)
 # Without checkpoint_every, a run checkpoints after this many seconds since the last one.
 CHECKPOINT_INTERVAL_S = 300.0
 CHECKPOINT_FORMAT = 1
@@ -229,7 +240,10 @@ def check_run_dir(path: Path | str, overwrite: bool = False) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"out={str(path)!r} exists and is not a directory", field="out")
-    if path.is_dir() and any(path.iterdir()):
+    record = lock_holder(path) if path.is_dir() else None
+    if record is not None and record.get("pid") != os.getpid():
+        raise RunLocked(lock_refusal(path, record), record, field="out")
+    if path.is_dir() and any(p.name != LOCK_FILE for p in path.iterdir()):
         if not overwrite:
             raise ConfigError(
                 f"out={str(path)!r} already exists and is not empty; pass --overwrite "
@@ -338,15 +352,46 @@ def execute_run(
     setup = build_setup(config)
     cfg = setup.config
     entry = get_task(cfg.task)
+    check_memory(setup)
     # In a distributed run every process checks (so all stop on a bad --out), then process 0
-    # alone prepares the directory while the others wait.
+    # alone locks and prepares the directory while the others wait.
     run_dir = check_run_dir(cfg.out, overwrite)
-    barrier("pes-run-dir-checked")
+    with _locked(run_dir, "out"):
+        barrier("pes-run-dir-checked")
+        if is_primary():
+            run_dir = prepare_run_dir(cfg.out, overwrite)
+            write_json(run_dir / CONFIG_FILE, cfg.to_dict())
+        barrier("pes-run-dir-ready")
+        return _Recorder(setup, entry, run_dir, progress, desc, leave).run()
+
+
+def check_memory(setup: Setup) -> None:
+    """A one-line ConfigError when the run's state cannot fit (:mod:`pes.runs.memory`)."""
+    cfg = setup.config
+    devices = int(getattr(getattr(setup.estimator, "mesh", None), "size", 1) or 1)
+    field = "num_particles" if cfg.num_particles is not None else "estimator"
+    memory.check(setup.estimator, setup.optimizer, setup.theta0, devices=devices, field=field)
+
+
+@contextmanager
+def _locked(run_dir: Path, field: str) -> Iterator[None]:
+    """Hold the run directory's lock (:mod:`pes.runs.lock`; process 0 of a distributed run,
+    the others learning whether it got it) for the life of the block."""
+    lock = RunLock(run_dir, field=field)
+    error = None
     if is_primary():
-        run_dir = prepare_run_dir(cfg.out, overwrite)
-        write_json(run_dir / CONFIG_FILE, cfg.to_dict())
-    barrier("pes-run-dir-ready")
-    return _Recorder(setup, entry, run_dir, progress, desc, leave).run()
+        try:
+            lock.acquire()
+        except ConfigError as e:
+            error = e
+    if multiprocess() and max_over_processes([int(error is not None)])[0]:
+        raise error or ConfigError(f"{run_dir} is in use by another pes run", field=field)
+    if error is not None:
+        raise error
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @dataclass
@@ -383,9 +428,22 @@ def resume_run(
         raise ConfigError(f"{where}: the directory does not exist", field="resume")
     if not run_dir.is_dir():
         raise ConfigError(f"{where}: not a directory", field="resume")
+    if (record := lock_holder(run_dir)) is not None:  # in use: say so before anything else
+        raise RunLocked(lock_refusal(run_dir, record), record, field="resume")
     if not (run_dir / CONFIG_FILE).is_file():
         raise ConfigError(f"{where}: not a pes run directory (it has no {CONFIG_FILE})",
                           field="resume")
+    with _locked(run_dir, "resume"):
+        return _resume_locked(run_dir, overrides, progress, desc, leave)
+
+
+class CheckpointFallbackWarning(RunWarning):
+    """Resume skipped a damaged checkpoint and continues from an older, intact one."""
+
+
+def _resume_locked(run_dir: Path, overrides: dict[str, Any] | None, progress: bool,
+                   desc: str | None, leave: bool) -> RunResult:
+    where = f"--resume {run_dir}"
     overrides = dict(overrides or {})
     out = overrides.pop("out", None)
     if out is not None and Path(out).resolve() != run_dir.resolve():
@@ -400,23 +458,11 @@ def resume_run(
         raise ConfigError(f"{where}: the run has no checkpoint ({ckpt_dir} does not exist); "
                           "start it again with --overwrite", field="resume")
     setup = build_setup(cfg)
-    checkpointer = Checkpointer(ckpt_dir, max_to_keep=KEEP_CHECKPOINTS)
+    check_memory(setup)
+    checkpointer = Checkpointer(ckpt_dir, max_to_keep=cfg.keep_checkpoints or KEEP_CHECKPOINTS)
     try:
-        step = checkpointer.latest_step()
-        if step is None:
-            raise ConfigError(f"{where}: the run has no complete checkpoint in {ckpt_dir}; "
-                              "start it again with --overwrite", field="resume")
-        if cfg.num_steps < step:
-            raise ConfigError(f"num_steps={cfg.num_steps} is less than the {step} outer steps "
-                              f"the checkpoint in {ckpt_dir} has already taken",
-                              field="num_steps")
-        try:
-            # Restored onto this run's devices, whichever devices and processes wrote it.
-            like = on_mesh(abstract_state(setup.estimator, setup.optimizer, setup.theta0),
-                           getattr(setup.estimator, "mesh", None))
-            state, key_data, meta = checkpointer.restore(like, step)
-        except ValueError as e:
-            raise ConfigError(f"{where}: {e}", field="resume") from None
+        state, key_data, meta = _restore_intact(checkpointer, setup, where)
+        step = state.step
         expected = np.asarray(jax.random.PRNGKey(cfg.seed))
         if meta.get("seed") != cfg.seed or not np.array_equal(np.asarray(key_data), expected):
             raise ConfigError(f"{where}: the checkpoint of step {step} was written with seed "
@@ -435,6 +481,43 @@ def resume_run(
                        int(meta["metrics_bytes"]))
     return _Recorder(setup, get_task(cfg.task), run_dir, progress, desc, leave,
                      resumed).run()
+
+
+def _restore_intact(checkpointer: Checkpointer, setup: Setup, where: str
+                    ) -> tuple[TrainState, Any, dict[str, Any]]:
+    """The newest intact checkpoint; damaged newer ones are moved to DAMAGED_DIR with one
+    warning line saying which and why. None intact, or one of another run's shape: a
+    ConfigError."""
+    cfg, ckpt_dir = setup.config, checkpointer.directory
+    step = checkpointer.latest_step()
+    if step is None:
+        raise ConfigError(f"{where}: the run has no complete checkpoint in {ckpt_dir}; "
+                          "start it again with --overwrite", field="resume")
+    if cfg.num_steps < step:
+        raise ConfigError(f"num_steps={cfg.num_steps} is less than the {step} outer steps "
+                          f"the checkpoint in {ckpt_dir} has already taken", field="num_steps")
+    # Restored onto this run's devices, whichever devices and processes wrote it.
+    like = on_mesh(abstract_state(setup.estimator, setup.optimizer, setup.theta0),
+                   getattr(setup.estimator, "mesh", None))
+    try:
+        state, key_data, meta, skipped = checkpointer.restore_latest(like)
+    except CheckpointDamaged as e:
+        raise ConfigError(f"{where}: {e}; start it again with --overwrite",
+                          field="resume") from None
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}", field="resume") from None
+    if skipped:
+        moved = []
+        if is_primary():
+            moved = [checkpointer.quarantine(s, ckpt_dir.parent / DAMAGED_DIR) for s, _ in skipped]
+        barrier("pes-resume-quarantined")
+        steps = ", ".join(str(s) for s, _ in skipped)
+        why = skipped[0][1].replace(f" in {ckpt_dir}", "")
+        kept = f" (moved to {moved[0].parent})" if moved else ""
+        warnings.warn(f"{where}: resuming from step {state.step}, the newest intact checkpoint; "
+                      f"skipped step {steps}{kept}: {why}", CheckpointFallbackWarning,
+                      stacklevel=3)
+    return state, key_data, meta
 
 
 def _cut_log(path: Path, meta: dict[str, Any], step: int, truncate: bool = True
@@ -485,6 +568,7 @@ def _cut_timing(path: Path, step: int) -> None:
 
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @contextmanager
@@ -560,7 +644,7 @@ class _Recorder:
                                           resumed.metrics_bytes if resumed else 0)
             self.timing = CountingWriter()
         self.checkpointer = resumed.checkpointer if resumed else Checkpointer(
-            run_dir / CHECKPOINT_DIR, max_to_keep=KEEP_CHECKPOINTS)
+            run_dir / CHECKPOINT_DIR, max_to_keep=cfg.keep_checkpoints or KEEP_CHECKPOINTS)
 
     def notice(self, text: str) -> None:
         if self.primary:
@@ -702,18 +786,37 @@ class _Recorder:
             error = "interrupted (KeyboardInterrupt)"
             if not self.forced:
                 error += "; " + self._try_checkpoint(self.last_state)
+        except CheckpointWriteError as e:  # e.g. a full disk: the previous one is intact
+            status, error = "failed", (f"{e}; free space, then continue with: pes run "
+                                       f"--resume {self.run_dir}")
+        except OSError as e:
+            if e.errno not in DISK_FULL:
+                status, error = "failed", f"{type(e).__name__}: {e}"
+                raise
+            where = f": {e.filename}" if e.filename else ""
+            status, error = "failed", (f"the disk is full ({e.strerror}{where}); free space, "
+                                       f"then continue with: pes run --resume {self.run_dir}")
         except BaseException as e:
             status, error = "failed", f"{type(e).__name__}: {e}"
-            raise
+            if not memory.is_out_of_memory(e):
+                raise
+            error = memory.out_of_memory_message(e)
         finally:
             self.bar.close()
             try:
                 self.checkpointer.close()
-            except Exception as e:
-                warnings.warn(f"checkpoint writes in {self.run_dir} did not finish: {e}",
-                              stacklevel=2)
-            self.metrics.close()
-            self.timing.close()
+            except Exception as e:  # noqa: BLE001 - the run's own error comes first
+                if status == "completed":
+                    status, error = "failed", str(e)
+                    if isinstance(e, CheckpointWriteError):
+                        error += (f"; free space, then continue with: pes run --resume "
+                                  f"{self.run_dir}")
+            for writer in (self.metrics, self.timing):
+                try:
+                    writer.close()
+                except OSError as e:
+                    if status == "completed":
+                        status, error = "failed", f"{writer.path}: {e}"
             run_result = self._finish(status, error)
         if status == "failed":
             raise RunFailed(f"{cfg.task} {cfg.estimator} seed {cfg.seed}: {error}", run_result)
@@ -777,9 +880,13 @@ class _Recorder:
         result = RunResult(cfg, self.run_dir, jsonable(summary), self.records)
         if not self.primary:  # process 0 writes the run's files
             return result
-        write_json(self.run_dir / SUMMARY_FILE, summary)
         try:
+            write_json(self.run_dir / SUMMARY_FILE, summary)
             plot_run(self.run_dir, self.records, self.entry, cfg)
+        except OSError as e:
+            if e.errno not in DISK_FULL or status == "completed":
+                raise
+            # A full disk already stopped the run; its error says so, and says enough.
         except Exception as e:  # a plot must never cost the run its summary
             warnings.warn(f"could not plot {self.run_dir}: {e}", stacklevel=2)
         return result
