@@ -7,6 +7,7 @@
     pes run ... [--devices N] [--distributed [--coordinator-address H:P --num-processes N
                                               --process-id I]]
     pes compare EXPERIMENT [--seeds 0,1,2] [--num-steps N] [--out DIR]
+    pes run/compare ... --log tensorboard[,wandb,mlflow]    (experiment trackers)
     pes surface toy-regression [--resolution R] [--runs DIR...] [--out FILE]
     pes diagnose TASK --estimators pes,tes,... [--truncation-lengths 1,10,100] [--replicates R]
     pes compare variance [--size default|paper|tiny]
@@ -37,6 +38,7 @@ from pes.runs import (
     RunInterrupted,
     execute_run,
     resume_run,
+    tracking,
 )
 
 app = typer.Typer(
@@ -61,6 +63,20 @@ def _user_errors():
         yield
     except ConfigError as e:
         _fail(str(e))
+
+
+@contextmanager
+def _tracking(log: str | None):
+    """--log for every run inside (pes compare's); a bad or missing tracker exits 2."""
+    try:
+        scope = tracking(log)
+        scope.__enter__()
+    except ConfigError as e:
+        _fail(str(e))
+    try:
+        yield
+    finally:
+        scope.__exit__(None, None, None)
 
 
 def _names(names) -> str:
@@ -106,6 +122,10 @@ _DATA_DIR = dict(metavar="DIR", show_default=False,
                  "$PES_DATA_DIR, /usr/share/datasets/fashion-mnist, the download cache).")
 _DATASET = dict(show_default=False,
                 help="Image tasks: fashion-mnist or mnist. [default: fashion-mnist]")
+_LOG = dict(metavar="TRACKERS", show_default=False,
+            help="Also log to experiment trackers, comma-separated: tensorboard, wandb, mlflow "
+            "(files inside each run directory; wandb offline unless WANDB_API_KEY is set). "
+            "Each needs its extra, e.g. pip install 'pes[tensorboard]'.")
 _SIZE = dict(show_default=False,
              help="Image tasks: cpu (minutes on 2 cores), paper (the paper's), tiny "
              "(seconds; tests), or full (learned-optimizer at 28x28). [default: cpu]")
@@ -183,6 +203,7 @@ def run_command(
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace the run already in --out.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    log: Annotated[str | None, typer.Option("--log", **_LOG)] = None,
     data_dir: Annotated[str | None, typer.Option("--data-dir", **_DATA_DIR)] = None,
     dataset: Annotated[str | None, typer.Option("--dataset", **_DATASET)] = None,
     size: Annotated[str | None, typer.Option("--size", **_SIZE)] = None,
@@ -232,7 +253,7 @@ def run_command(
                     if given:
                         _fail(f"{name} cannot be combined with --resume: a resumed run keeps "
                               "its directory and its config.json")
-                result = resume_run(resume, flags, progress=progress)
+                result = resume_run(resume, flags, progress=progress, log=log)
             else:
                 if config is not None:
                     run_config = RunConfig.from_file(config, flags)
@@ -245,7 +266,8 @@ def run_command(
                               f"{_names(ESTIMATOR_NAMES)}")
                     run_config = RunConfig.from_dict(
                         {k: v for k, v in flags.items() if v is not None}, source="flags")
-                result = execute_run(run_config, overwrite=overwrite, progress=progress)
+                result = execute_run(run_config, overwrite=overwrite, progress=progress,
+                                     log=log)
         except RunFailed as e:
             if e.result is not None and _primary():
                 typer.echo(e.result.summary_line())
@@ -310,6 +332,7 @@ def compare_command(
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace the comparison already in --out.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    log: Annotated[str | None, typer.Option("--log", **_LOG)] = None,
     data_dir: Annotated[str | None, typer.Option("--data-dir", **_DATA_DIR)] = None,
     dataset: Annotated[str | None, typer.Option("--dataset", **_DATASET)] = None,
     size: Annotated[str | None, typer.Option("--size", **_SIZE)] = None,
@@ -324,48 +347,49 @@ def compare_command(
     --objective, --heatmap-points for mnist-lr-schedule); their default seeds are 0 and 0,1,2
     (what fits 30 minutes on 2 cores at --size cpu).
     """
-    from pes.paper import images
+    with _tracking(log):
+        from pes.paper import images
 
-    if experiment == "variance":  # the variance study: not a comparison of training runs
-        _variance_compare(size=size, out=out, overwrite=overwrite, given={
-            "--seeds": seeds, "--num-steps": num_steps, "--estimators": estimators,
-            "--data-dir": data_dir, "--dataset": dataset, "--objective": objective,
-            "--heatmap-points": heatmap_points})
-        return
-    if experiment == "learned-optimizer":
-        _learned_optimizer_compare(seeds=seeds, out=out, num_steps=num_steps,
-                                   estimators=estimators, overwrite=overwrite,
-                                   progress=progress, data_dir=data_dir, dataset=dataset,
-                                   size=size, given={"--objective": objective,
-                                                     "--heatmap-points": heatmap_points})
-        return
-    if experiment in images.IMAGE_COMPARISONS:
-        _image_compare(experiment, seeds=seeds, out=out, num_steps=num_steps,
-                       estimators=estimators, overwrite=overwrite, progress=progress,
-                       data_dir=data_dir, dataset=dataset, size=size, objective=objective,
-                       heatmap_points=heatmap_points)
-        return
-    given = [f"--{n.replace('_', '-')}" for n, v in (
-        ("data_dir", data_dir), ("dataset", dataset), ("size", size),
-        ("objective", objective), ("heatmap_points", heatmap_points)) if v is not None]
-    if given:
-        _fail(f"{given[0]} applies only to pes compare "
-              f"{' and '.join(images.IMAGE_COMPARISONS)}, not {experiment}")
-    if seeds is None:
-        seeds = "0,1,2"
-    with _user_errors():
-        seed_list = parse_seeds(seeds)
-        chosen = _csv(estimators)
-        try:
-            result = run_comparison(experiment, seeds=seed_list, out=out, num_steps=num_steps,
-                                    estimators=chosen, overwrite=overwrite, progress=progress,
-                                    echo=typer.echo)
-        except RunInterrupted as e:
-            _fail(str(e), code=e.exit_code)
-    typer.echo(result.table)
-    typer.echo(f"{result.experiment.name}: {len(result.seeds)} seed(s) in "
-               f"{result.wall_time_s:.1f} s; wrote "
-               + ", ".join(str(f) for f in result.files))
+        if experiment == "variance":  # the variance study: not a comparison of training runs
+            _variance_compare(size=size, out=out, overwrite=overwrite, given={
+                "--seeds": seeds, "--num-steps": num_steps, "--estimators": estimators,
+                "--data-dir": data_dir, "--dataset": dataset, "--objective": objective,
+                "--heatmap-points": heatmap_points})
+            return
+        if experiment == "learned-optimizer":
+            _learned_optimizer_compare(seeds=seeds, out=out, num_steps=num_steps,
+                                       estimators=estimators, overwrite=overwrite,
+                                       progress=progress, data_dir=data_dir, dataset=dataset,
+                                       size=size, given={"--objective": objective,
+                                                         "--heatmap-points": heatmap_points})
+            return
+        if experiment in images.IMAGE_COMPARISONS:
+            _image_compare(experiment, seeds=seeds, out=out, num_steps=num_steps,
+                           estimators=estimators, overwrite=overwrite, progress=progress,
+                           data_dir=data_dir, dataset=dataset, size=size, objective=objective,
+                           heatmap_points=heatmap_points)
+            return
+        given = [f"--{n.replace('_', '-')}" for n, v in (
+            ("data_dir", data_dir), ("dataset", dataset), ("size", size),
+            ("objective", objective), ("heatmap_points", heatmap_points)) if v is not None]
+        if given:
+            _fail(f"{given[0]} applies only to pes compare "
+                  f"{' and '.join(images.IMAGE_COMPARISONS)}, not {experiment}")
+        if seeds is None:
+            seeds = "0,1,2"
+        with _user_errors():
+            seed_list = parse_seeds(seeds)
+            chosen = _csv(estimators)
+            try:
+                result = run_comparison(experiment, seeds=seed_list, out=out, num_steps=num_steps,
+                                        estimators=chosen, overwrite=overwrite, progress=progress,
+                                        echo=typer.echo)
+            except RunInterrupted as e:
+                _fail(str(e), code=e.exit_code)
+        typer.echo(result.table)
+        typer.echo(f"{result.experiment.name}: {len(result.seeds)} seed(s) in "
+                   f"{result.wall_time_s:.1f} s; wrote "
+                   + ", ".join(str(f) for f in result.files))
 
 
 def _image_compare(experiment: str, *, seeds: str | None, out: str | None,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -116,6 +116,7 @@ def train(
     resume: TrainState | None = None,
     on_state: Callable[[TrainState], Any] | None = None,
     steps_per_call: int = 1,
+    loggers: Sequence[Any] = (),
 ) -> TrainResult:
     """Minimise the mean per-step loss: theta <- optimizer(estimator's gradient), num_steps times.
 
@@ -152,6 +153,10 @@ def train(
         ``on_state`` is called at chunk ends only. ``estimator.estimate`` must be traceable
         (every pes estimator is). Pays off when an outer step is cheap (small tasks, many
         steps); 1 (the default) runs one step per call.
+      loggers: experiment trackers (:class:`pes.loggers.Logger`: TensorBoard, W&B, MLflow or
+        your own) whose ``log_metrics(step, metrics, inner_steps)`` gets every record
+        (``loss``, ``meta_objective`` when evaluated, ``nonfinite``), step 0 included; only
+        on process 0 of a multi-process run. train does not close them.
 
     Returns TrainResult(theta, history). Raises NonFiniteGradientError (naming the outer step,
     the particle and its inner step) instead of applying a NaN or inf gradient.
@@ -199,8 +204,13 @@ def train(
     def evaluation(step):
         return float(evaluate_fn(theta, jax.random.fold_in(k_eval, step)))
 
+    if loggers and jax.process_index() == 0:
+        callback = _logging_callback(callback, tuple(loggers))
+    else:
+        loggers = ()
     if eval_every is not None and start == 0:
         history.append(Record(0, 0, None, evaluation(0)))
+        _log_record(loggers, history[-1])
     if steps_per_call > 1:
         return _train_in_chunks(
             estimator, apply, theta, opt_state, state, start, inner_steps, num_steps,
@@ -227,6 +237,24 @@ def train(
         if callback is not None and callback(record, theta) is True:
             break
     return TrainResult(theta, history)
+
+
+def _log_record(loggers: Sequence[Any], record: Record) -> None:
+    metrics = {"loss": record.loss, "meta_objective": record.meta_objective,
+               "nonfinite": record.nonfinite if record.nonfinite else None}
+    metrics = {k: float(v) for k, v in metrics.items() if v is not None}
+    for logger in loggers:
+        logger.log_metrics(record.step, metrics, record.inner_steps)
+
+
+def _logging_callback(callback, loggers):
+    """``callback`` that first sends the record to ``loggers``."""
+
+    def logged(record, theta):
+        _log_record(loggers, record)
+        return None if callback is None else callback(record, theta)
+
+    return logged
 
 
 class _ChunkOut(NamedTuple):
