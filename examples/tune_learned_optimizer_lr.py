@@ -39,7 +39,7 @@ import jax
 import numpy as np
 
 from pes.paper.compare import run_arm
-from pes.paper.learned_optimizer import NAME, PROBLEMS, TUNE_SEED
+from pes.paper.learned_optimizer_comparison import NAME, PROBLEMS, TUNE_SEED
 from pes.runs.config import RunConfig, make_task
 
 # Log grids of factor 10^(1/4). The first tuning (factor sqrt(10), seeds 100 and 101) chose

@@ -19,13 +19,22 @@ stopped by SIGINT or SIGTERM 130 or 143 (both after checkpointing; ``--resume`` 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import typing
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
 
-from pes.paper import EXPERIMENT_NAMES, EXPERIMENTS, draw_surface, parse_seeds, run_comparison
+from pes.paper import (
+    EXPERIMENT_NAMES,
+    EXPERIMENTS,
+    CompareOptions,
+    draw_surface,
+    run_experiment,
+)
 from pes.paper.surface import surface_tasks
 from pes.runs import (
     ESTIMATOR_NAMES,
@@ -134,140 +143,154 @@ _OBJECTIVE = dict(show_default=False,
                   "validation accuracy). [default: loss; pes compare: both]")
 
 
-@app.command("run")
-def run_command(
+def dataclass_command(typer_app: typer.Typer, name: str, options: type):
+    """Register ``fn(opts)`` as the command ``name`` whose parameters are the fields of the
+    dataclass ``options`` (each annotated with its typer.Argument/Option, in order): typer sees
+    one parameter per field, ``fn`` gets them as one ``options`` instance."""
+    hints = typing.get_type_hints(options, include_extras=True)
+    params = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                annotation=hints[f.name]) for f in dataclasses.fields(options)]
+
+    def register(fn):
+        @functools.wraps(fn)
+        def command(**values):
+            return fn(options(**values))
+
+        del command.__wrapped__  # typer must see the fields, not fn's signature
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        typer_app.command(name)(command)
+        return fn
+
+    return register
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFlags:
+    """The arguments of ``pes run``, as typer reads them (see :func:`dataclass_command`)."""
+
     task: Annotated[str | None, typer.Argument(
         help=f"Task: {_names(TASK_NAMES)}. [default: from --config or --resume]",
-        show_default=False)] = None,
+        show_default=False)] = None
     estimator: Annotated[str | None, typer.Option(
         "--estimator", "-e", help=f"Estimator: {_names(ESTIMATOR_NAMES)}.",
-        show_default=False)] = None,
+        show_default=False)] = None
     seed: Annotated[int | None, typer.Option(help="PRNG seed (>= 0). [default: 0]",
-                                             show_default=False)] = None,
+                                             show_default=False)] = None
     num_steps: Annotated[int | None, typer.Option(
         help="Outer steps (with --resume: may extend the run). [default: the task's for this "
-        "estimator]", show_default=False)] = None,
+        "estimator]", show_default=False)] = None
     out: Annotated[str | None, typer.Option(
-        help="Run directory. [default: runs/TASK/ESTIMATOR-seedS]", show_default=False)] = None,
+        help="Run directory. [default: runs/TASK/ESTIMATOR-seedS]", show_default=False)] = None
     num_particles: Annotated[int | None, typer.Option(
         help="Particles N (even for ES estimators). [default: the task's]",
-        show_default=False)] = None,
+        show_default=False)] = None
     sigma: Annotated[float | None, typer.Option(
-        help="ES perturbation scale. [default: the task's]", show_default=False)] = None,
+        help="ES perturbation scale. [default: the task's]", show_default=False)] = None
     truncation_length: Annotated[int | None, typer.Option(
         "--truncation-length", "-K", help="Window length K. [default: the task's]",
-        show_default=False)] = None,
+        show_default=False)] = None
     backprop_depth: Annotated[int | None, typer.Option(
         "--backprop-depth", help="tbptt only: backpropagate each window's losses through "
         "this many steps of history (>= K; TBPTT(K, depth)). [default: K]",
-        show_default=False)] = None,
+        show_default=False)] = None
     normalize_losses: Annotated[bool | None, typer.Option(
         "--normalize-losses/--no-normalize-losses", help="ES estimators: scale each estimate "
         "by 2 sigma / (std of the particles' window losses), as augmented random search does "
-        "with rewards. [default: the task's]", show_default=False)] = None,
+        "with rewards. [default: the task's]", show_default=False)] = None
     stagger: Annotated[bool | None, typer.Option(
         "--stagger/--no-stagger", help="Windowed estimators: burn each particle in to a random "
         "step of its first episode (--no-stagger: all start at t = 0). [default: the task's, "
-        "else staggered]", show_default=False)] = None,
+        "else staggered]", show_default=False)] = None
     optimizer: Annotated[str | None, typer.Option(
-        help="Outer optimizer: sgd or adam. [default: the task's]", show_default=False)] = None,
+        help="Outer optimizer: sgd or adam. [default: the task's]", show_default=False)] = None
     lr: Annotated[float | None, typer.Option(
-        help="Outer learning rate. [default: the task's]", show_default=False)] = None,
+        help="Outer learning rate. [default: the task's]", show_default=False)] = None
     b1: Annotated[float | None, typer.Option(
-        help="Adam's b1. [default: the task's]", show_default=False)] = None,
+        help="Adam's b1. [default: the task's]", show_default=False)] = None
     eval_every: Annotated[int | None, typer.Option(
         help="Evaluate every this many outer steps. [default: num_steps // 100]",
-        show_default=False)] = None,
+        show_default=False)] = None
     theta0: Annotated[str | None, typer.Option(
         help="Initial theta: one number per component, comma-separated (e.g. --theta0=-1,2). "
-        "[default: the task's]", show_default=False)] = None,
+        "[default: the task's]", show_default=False)] = None
     nonfinite: Annotated[str | None, typer.Option(
         help="On a NaN/inf loss: raise (checkpoint the last good state and stop) or drop "
         "(leave those particles out and count them). [default: raise]",
-        show_default=False)] = None,
+        show_default=False)] = None
     checkpoint_every: Annotated[int | None, typer.Option(
         help="Checkpoint the run state every this many outer steps (also after the last, and "
-        "on SIGINT/SIGTERM). [default: every 5 minutes]", show_default=False)] = None,
+        "on SIGINT/SIGTERM). [default: every 5 minutes]", show_default=False)] = None
     steps_per_call: Annotated[int | None, typer.Option(
         help="Run this many outer steps per compiled call, reading their metrics back once "
         "(faster when a step is cheap; checkpoints then come at the ends of calls). "
-        "[default: 1]", show_default=False)] = None,
+        "[default: 1]", show_default=False)] = None
     config: Annotated[str | None, typer.Option(
         "--config", help="YAML or JSON file of settings (the names above with underscores, "
-        "e.g. num_particles: 10); flags override it.", show_default=False)] = None,
+        "e.g. num_particles: 10); flags override it.", show_default=False)] = None
     resume: Annotated[str | None, typer.Option(
         "--resume", metavar="RUN_DIR", help="Continue the run in RUN_DIR from its latest "
         "checkpoint, with its config.json (only --num-steps, --checkpoint-every, "
         "--nonfinite, --devices and --steps-per-call may change).",
-        show_default=False)] = None,
+        show_default=False)] = None
     overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Replace the run already in --out.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-    log: Annotated[str | None, typer.Option("--log", **_LOG)] = None,
-    data_dir: Annotated[str | None, typer.Option("--data-dir", **_DATA_DIR)] = None,
-    dataset: Annotated[str | None, typer.Option("--dataset", **_DATASET)] = None,
-    size: Annotated[str | None, typer.Option("--size", **_SIZE)] = None,
-    objective: Annotated[str | None, typer.Option("--objective", **_OBJECTIVE)] = None,
+        "--overwrite", help="Replace the run already in --out.")] = False
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True
+    log: Annotated[str | None, typer.Option("--log", **_LOG)] = None
+    data_dir: Annotated[str | None, typer.Option("--data-dir", **_DATA_DIR)] = None
+    dataset: Annotated[str | None, typer.Option("--dataset", **_DATASET)] = None
+    size: Annotated[str | None, typer.Option("--size", **_SIZE)] = None
+    objective: Annotated[str | None, typer.Option("--objective", **_OBJECTIVE)] = None
     backend: Annotated[str | None, typer.Option(
         help="swimmer: its simulator, mujoco (C, through a host callback) or mjx (pure JAX "
         "through mujoco.mjx, for GPUs/TPUs; pip install 'pes[mjx]'). [default: mujoco]",
-        show_default=False)] = None,
+        show_default=False)] = None
     devices: Annotated[int | None, typer.Option(
         help="Split the particles over this many devices (on CPU: start with XLA_FLAGS="
         "--xla_force_host_platform_device_count=N). [default: 1; --distributed: all devices "
-        "of all processes]", show_default=False)] = None,
+        "of all processes]", show_default=False)] = None
     distributed: Annotated[bool, typer.Option(
         "--distributed", help="One of several processes (e.g. one per host) sharing the "
         "particles: jax.distributed with the three flags below, or $PES_COORDINATOR_ADDRESS, "
         "$PES_NUM_PROCESSES, $PES_PROCESS_ID, or what JAX detects (SLURM, Open MPI). Process 0 "
-        "writes the files; --out must be on a filesystem every process sees.")] = False,
+        "writes the files; --out must be on a filesystem every process sees.")] = False
     coordinator_address: Annotated[str | None, typer.Option(
         metavar="HOST:PORT", help="--distributed: process 0's address and a free port.",
-        show_default=False)] = None,
+        show_default=False)] = None
     num_processes: Annotated[int | None, typer.Option(
-        help="--distributed: how many processes.", show_default=False)] = None,
+        help="--distributed: how many processes.", show_default=False)] = None
     process_id: Annotated[int | None, typer.Option(
         help="--distributed: this process's index, 0 to num_processes - 1.",
-        show_default=False)] = None,
-) -> None:
+        show_default=False)] = None
+
+    def settings(self) -> dict[str, object]:
+        """The RunConfig settings among the flags (None where not given), theta0 parsed."""
+        return {name: parse_theta0(self.theta0) if name == "theta0" else getattr(self, name)
+                for name in _RUN_SETTINGS}
+
+
+# RunFlags that are RunConfig settings, in the order a resumed run compares them.
+_RUN_SETTINGS = (
+    "task", "estimator", "seed", "num_steps", "num_particles", "sigma", "truncation_length",
+    "backprop_depth", "normalize_losses", "stagger", "optimizer", "lr", "b1", "eval_every",
+    "nonfinite", "out", "theta0", "checkpoint_every", "data_dir", "dataset", "size",
+    "objective", "backend", "devices", "steps_per_call")
+
+
+@dataclass_command(app, "run", RunFlags)
+def run_command(flags: RunFlags) -> None:
     """Train theta on TASK with one estimator; writes a run directory and prints a summary.
 
     Exit status: 0 done; 1 stopped by a non-finite loss (checkpointed: --resume continues);
     2 a bad setting; 130/143 stopped by SIGINT/SIGTERM (checkpointed: --resume continues).
     """
     with _user_errors():
-        _start_processes(distributed, coordinator_address, num_processes, process_id)
-        flags = dict(
-            task=task, estimator=estimator, seed=seed, num_steps=num_steps,
-            num_particles=num_particles, sigma=sigma, truncation_length=truncation_length,
-            backprop_depth=backprop_depth, normalize_losses=normalize_losses,
-            stagger=stagger,
-            optimizer=optimizer, lr=lr, b1=b1, eval_every=eval_every, nonfinite=nonfinite,
-            out=out, theta0=parse_theta0(theta0), checkpoint_every=checkpoint_every,
-            data_dir=data_dir, dataset=dataset, size=size, objective=objective,
-            backend=backend, devices=devices, steps_per_call=steps_per_call)
+        _start_processes(flags.distributed, flags.coordinator_address, flags.num_processes,
+                         flags.process_id)
+        settings = flags.settings()
         try:
-            if resume is not None:
-                for name, given in (("--config", config is not None),
-                                    ("--overwrite", overwrite)):
-                    if given:
-                        _fail(f"{name} cannot be combined with --resume: a resumed run keeps "
-                              "its directory and its config.json")
-                result = resume_run(resume, flags, progress=progress, log=log)
-            else:
-                if config is not None:
-                    run_config = RunConfig.from_file(config, flags)
-                else:
-                    if task is None:
-                        _fail("missing TASK: pes run TASK --estimator NAME (or --config FILE, "
-                              f"or --resume RUN_DIR); tasks: {_names(TASK_NAMES)}")
-                    if estimator is None:
-                        _fail("missing --estimator NAME; estimators: "
-                              f"{_names(ESTIMATOR_NAMES)}")
-                    run_config = RunConfig.from_dict(
-                        {k: v for k, v in flags.items() if v is not None}, source="flags")
-                result = execute_run(run_config, overwrite=overwrite, progress=progress,
-                                     log=log)
+            result = (_resume(flags, settings) if flags.resume is not None
+                      else _execute(flags, settings))
         except RunFailed as e:
             if e.result is not None and _primary():
                 typer.echo(e.result.summary_line())
@@ -278,6 +301,33 @@ def run_command(
             _fail(str(e), code=e.exit_code)
     if _primary():
         typer.echo(result.summary_line())
+
+
+def _resume(flags: RunFlags, settings: dict[str, object]):
+    """pes run --resume RUN_DIR: the run continued from its latest checkpoint."""
+    for name, given in (("--config", flags.config is not None),
+                        ("--overwrite", flags.overwrite)):
+        if given:
+            _fail(f"{name} cannot be combined with --resume: a resumed run keeps "
+                  "its directory and its config.json")
+    return resume_run(flags.resume, settings, progress=flags.progress, log=flags.log)
+
+
+def _execute(flags: RunFlags, settings: dict[str, object]):
+    """pes run TASK -e NAME | --config FILE: a new run."""
+    if flags.config is not None:
+        run_config = RunConfig.from_file(flags.config, settings)
+    else:
+        if flags.task is None:
+            _fail("missing TASK: pes run TASK --estimator NAME (or --config FILE, "
+                  f"or --resume RUN_DIR); tasks: {_names(TASK_NAMES)}")
+        if flags.estimator is None:
+            _fail("missing --estimator NAME; estimators: "
+                  f"{_names(ESTIMATOR_NAMES)}")
+        run_config = RunConfig.from_dict(
+            {k: v for k, v in settings.items() if v is not None}, source="flags")
+    return execute_run(run_config, overwrite=flags.overwrite, progress=flags.progress,
+                       log=flags.log)
 
 
 def _start_processes(distributed: bool, coordinator_address: str | None,
@@ -347,85 +397,18 @@ def compare_command(
     --objective, --heatmap-points for mnist-lr-schedule); their default seeds are 0 and 0,1,2
     (what fits 30 minutes on 2 cores at --size cpu).
     """
-    with _tracking(log):
-        from pes.paper import images
-
-        if experiment == "variance":  # the variance study: not a comparison of training runs
-            _variance_compare(size=size, out=out, overwrite=overwrite, given={
-                "--seeds": seeds, "--num-steps": num_steps, "--estimators": estimators,
-                "--data-dir": data_dir, "--dataset": dataset, "--objective": objective,
-                "--heatmap-points": heatmap_points})
-            return
-        if experiment == "learned-optimizer":
-            _learned_optimizer_compare(seeds=seeds, out=out, num_steps=num_steps,
-                                       estimators=estimators, overwrite=overwrite,
-                                       progress=progress, data_dir=data_dir, dataset=dataset,
-                                       size=size, given={"--objective": objective,
-                                                         "--heatmap-points": heatmap_points})
-            return
-        if experiment in images.IMAGE_COMPARISONS:
-            _image_compare(experiment, seeds=seeds, out=out, num_steps=num_steps,
-                           estimators=estimators, overwrite=overwrite, progress=progress,
-                           data_dir=data_dir, dataset=dataset, size=size, objective=objective,
-                           heatmap_points=heatmap_points)
-            return
-        given = [f"--{n.replace('_', '-')}" for n, v in (
-            ("data_dir", data_dir), ("dataset", dataset), ("size", size),
-            ("objective", objective), ("heatmap_points", heatmap_points)) if v is not None]
-        if given:
-            _fail(f"{given[0]} applies only to pes compare "
-                  f"{' and '.join(images.IMAGE_COMPARISONS)}, not {experiment}")
-        if seeds is None:
-            seeds = "0,1,2"
-        with _user_errors():
-            seed_list = parse_seeds(seeds)
-            chosen = _csv(estimators)
-            try:
-                result = run_comparison(experiment, seeds=seed_list, out=out, num_steps=num_steps,
-                                        estimators=chosen, overwrite=overwrite, progress=progress,
-                                        echo=typer.echo)
-            except RunInterrupted as e:
-                _fail(str(e), code=e.exit_code)
-        typer.echo(result.table)
-        typer.echo(f"{result.experiment.name}: {len(result.seeds)} seed(s) in "
-                   f"{result.wall_time_s:.1f} s; wrote "
-                   + ", ".join(str(f) for f in result.files))
-
-
-def _image_compare(experiment: str, *, seeds: str | None, out: str | None,
-                   num_steps: int | None, estimators: str | None, overwrite: bool,
-                   progress: bool, data_dir: str | None, dataset: str | None,
-                   size: str | None, objective: str | None,
-                   heatmap_points: int | None) -> None:
-    """pes compare mnist-lr-schedule | many-hyperparameters (pes.paper.images)."""
-    from pes.paper import images
-
-    if estimators is not None:
-        _fail(f"--estimators does not apply to pes compare {experiment}: it always runs PES "
-              "and TES" + (" and random search" if experiment != "mnist-lr-schedule" else ""))
-    lr = experiment == "mnist-lr-schedule"
-    for flag, value in (("--objective", objective), ("--heatmap-points", heatmap_points)):
-        if value is not None and not lr:
-            _fail(f"{flag} applies only to pes compare mnist-lr-schedule")
-    with _user_errors():
-        seed_list = parse_seeds(seeds if seeds is not None else images.DEFAULT_SEEDS[experiment])
-        common = dict(seeds=seed_list, out=out, dataset=dataset, data_dir=data_dir, size=size,
-                      num_steps=num_steps, overwrite=overwrite, progress=progress,
-                      echo=typer.echo)
+    options = CompareOptions(
+        seeds=seeds, out=out, num_steps=num_steps, estimators=_csv(estimators),
+        overwrite=overwrite, progress=progress, data_dir=data_dir, dataset=dataset, size=size,
+        objective=objective, heatmap_points=heatmap_points)
+    with _tracking(log), _user_errors():
         try:
-            if lr:
-                result = images.run_lr_schedule_comparison(
-                    objectives=(objective,) if objective else images.LR_OBJECTIVES,
-                    heatmap_points=heatmap_points, **common)
-            else:
-                result = images.run_many_hyperparameters_comparison(**common)
+            result = run_experiment(experiment, options, echo=typer.echo)
         except RunInterrupted as e:
             _fail(str(e), code=e.exit_code)
-    for line in Path(result["files"][-1]).read_text().splitlines():
-        if line.startswith(("* ", "Finding")):
-            typer.echo(line)
-    typer.echo(f"{experiment}: {len(seed_list)} seed(s) in {result['wall_time_s']:.1f} s; "
-               "wrote " + ", ".join(str(f) for f in result["files"]))
+    for line in result.lines:
+        typer.echo(line)
+    typer.echo(result.summary_line())
 
 
 @app.command("surface")
@@ -488,55 +471,6 @@ def data_download_command(
     typer.echo(f"{name}: the four files are in {target}")
 
 
-def _refuse_given(given: dict[str, object], experiment: str, takes: str) -> None:
-    """Exit 2 naming the first flag in ``given`` that was set: ``experiment`` takes only
-    ``takes``."""
-    for flag, value in given.items():
-        if value is not None:
-            _fail(f"{flag} does not apply to pes compare {experiment}; it takes {takes}")
-
-
-def _learned_optimizer_compare(*, seeds: str | None, out: str | None, num_steps: int | None,
-                               estimators: str | None, overwrite: bool, progress: bool,
-                               data_dir: str | None, dataset: str | None, size: str | None,
-                               given: dict[str, object]) -> None:
-    """pes compare learned-optimizer (pes.paper.learned_optimizer)."""
-    from pes.paper import learned_optimizer as lopt
-
-    _refuse_given(given, "learned-optimizer", "--seeds, --num-steps, --estimators, --size, "
-                  "--dataset, --data-dir, --out")
-    with _user_errors():
-        seed_list = parse_seeds(seeds if seeds is not None else lopt.DEFAULT_SEEDS)
-        chosen = _csv(estimators)
-        try:
-            result = lopt.run_learned_optimizer_comparison(
-                seeds=seed_list, out=out, dataset=dataset, data_dir=data_dir, size=size,
-                num_steps=num_steps, estimators=chosen, overwrite=overwrite,
-                progress=progress, echo=typer.echo)
-        except RunInterrupted as e:
-            _fail(str(e), code=e.exit_code)
-    for line in Path(result["files"][-1]).read_text().splitlines():
-        if line.startswith("* "):
-            typer.echo(line)
-    typer.echo(f"learned-optimizer: {len(seed_list)} seed(s) in {result['wall_time_s']:.1f} s; "
-               "wrote " + ", ".join(str(f) for f in result["files"]))
-
-
-def _variance_compare(*, size: str | None, out: str | None, overwrite: bool,
-                      given: dict[str, object]) -> None:
-    """pes compare variance [--size default|paper|tiny] (pes.paper.variance_compare)."""
-    from pes.paper.variance_compare import run_variance_comparison
-
-    _refuse_given(given, "variance", "--size (default, paper or tiny), --out and --overwrite")
-    with _user_errors():
-        res = run_variance_comparison(size=size, out=out, overwrite=overwrite,
-                                      echo=typer.echo)
-    for c in res["claims"]:
-        typer.echo(f"[{'holds' if c.holds else 'FAILS'}] {c.claim}: {c.detail}")
-    typer.echo(f"variance: {res['wall_time_s']:.1f} s; wrote "
-               + ", ".join(str(f) for f in res["files"]))
-
-
 def _csv(text: str | None) -> list[str] | None:
     return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
 
@@ -580,7 +514,7 @@ def diagnose_command(
     gradient of the Gaussian-smoothed episode loss at the estimator's sigma. Prints the table
     and writes diagnose.json, diagnose.md and diagnose.png.
     """
-    from pes.paper.diagnose import DiagnoseConfig, format_table, run_diagnose
+    from pes.paper.diagnose_sweep import DiagnoseConfig, format_table, run_diagnose
 
     with _user_errors():
         ks = _csv(truncation_lengths)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from pes.cli import app
 from pes.paper import EXPERIMENT_NAMES
-from pes.paper.variance import VarianceStudyConfig
+from pes.paper.variance_study import VarianceStudyConfig
 from pes.runs import ESTIMATOR_NAMES, TASK_NAMES
 
 RUNNER = CliRunner()

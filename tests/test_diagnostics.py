@@ -10,7 +10,7 @@ from systems import LinearQuadratic, exact_gradient, flat, theta_dict
 
 import pes
 from pes.diagnostics import Reference, diagnose, reference_gradient, replicate_estimates
-from pes.paper.variance import (
+from pes.paper.variance_study import (
     VarianceStudyConfig,
     check_claims,
     plot_variance_study,

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from pes.paper.compare import ArmResult, _milestone_lines, milestone_rows
-from pes.paper.comparisons import Arm, get_experiment
+from pes.paper.experiments import Arm, get_experiment
 from pes.runs.run import RunResult
 
 

@@ -16,7 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from pes.paper.comparisons import Arm, Experiment, get_experiment
+from pes.paper.experiments import (
+    EXPERIMENTS,
+    IMAGE_COMPARISONS,
+    TRAINING_RUNS,
+    Arm,
+    Experiment,
+    get_experiment,
+    load,
+)
 from pes.runs import plots
 from pes.runs.config import MAX_SEED, RunConfig, check_int
 from pes.runs.errors import ConfigError, RunFailed
@@ -77,13 +85,81 @@ class ArmResult:
 
 @dataclass
 class ComparisonResult:
+    """What every comparison returns (each Experiment's runner, see :func:`run_experiment`).
+
+    seeds: the seeds run (None for a comparison that is not over seeds: variance); files: what
+    was written (results.md last); lines: what ``pes compare`` prints before
+    :meth:`summary_line` (the table of final results, the findings, or the claims); arms: the
+    arms' runs (comparisons of training runs); details: the comparison's own results (the
+    results.json data of the image and learned-optimizer comparisons; the study and its
+    claims for variance).
+    """
+
     experiment: Experiment
     out_dir: Path
-    seeds: tuple[int, ...]
-    arms: list[ArmResult]
+    seeds: tuple[int, ...] | None
     files: list[Path]
     wall_time_s: float
-    table: str = ""  # the markdown table of final results, as in results.md
+    lines: list[str] = field(default_factory=list)
+    arms: list[ArmResult] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def summary_line(self) -> str:
+        """``NAME: S seed(s) in W s; wrote FILES`` (no seed count without seeds)."""
+        seeds = "" if self.seeds is None else f"{len(self.seeds)} seed(s) in "
+        return (f"{self.experiment.name}: {seeds}{self.wall_time_s:.1f} s; wrote "
+                + ", ".join(str(f) for f in self.files))
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    """The options of ``pes compare EXPERIMENT`` as given (None: not given). Each runner uses
+    the ones that apply to its experiment and refuses the others (a ConfigError)."""
+
+    seeds: str | None = None
+    out: str | None = None
+    num_steps: int | None = None
+    estimators: Sequence[str] | None = None
+    overwrite: bool = False
+    progress: bool = True
+    data_dir: str | None = None
+    dataset: str | None = None
+    size: str | None = None
+    objective: str | None = None
+    heatmap_points: int | None = None
+
+    def refuse(self, names: Sequence[str], experiment: str, takes: str) -> None:
+        """A ConfigError naming the first of ``names`` that was given: ``experiment`` takes
+        only ``takes``."""
+        for name in names:
+            if getattr(self, name) is not None:
+                raise ConfigError(f"--{name.replace('_', '-')} does not apply to pes compare "
+                                  f"{experiment}; it takes {takes}")
+
+
+def run_experiment(name: str, options: CompareOptions,
+                   echo: Callable[[str], Any] | None = None) -> ComparisonResult:
+    """``pes compare NAME``: the runner that experiment ``name`` names
+    (:attr:`Experiment.runner`), called as ``runner(name, options, echo)``. An unknown name
+    goes to the runner of training runs, which refuses it after checking the options."""
+    runner = EXPERIMENTS[name].runner if name in EXPERIMENTS else TRAINING_RUNS
+    return load(runner)(name, options, echo or (lambda line: None))
+
+
+def compare_training_runs(name: str, options: CompareOptions,
+                          echo: Callable[[str], Any]) -> ComparisonResult:
+    """The runner of a comparison of training runs (every arm over every seed):
+    :func:`run_comparison` with the options that apply (default seeds 0,1,2)."""
+    given = [f"--{n.replace('_', '-')}" for n in (
+        "data_dir", "dataset", "size", "objective", "heatmap_points")
+        if getattr(options, n) is not None]
+    if given:
+        raise ConfigError(f"{given[0]} applies only to pes compare "
+                          f"{' and '.join(IMAGE_COMPARISONS)}, not {name}")
+    seeds = parse_seeds(options.seeds if options.seeds is not None else "0,1,2")
+    return run_comparison(name, seeds=seeds, out=options.out, num_steps=options.num_steps,
+                          estimators=options.estimators, overwrite=options.overwrite,
+                          progress=options.progress, echo=echo)
 
 
 def select_arms(experiment: Experiment, estimators: Sequence[str] | None) -> tuple[Arm, ...]:
@@ -214,11 +290,9 @@ def run_comparison(
     wall = time.perf_counter() - start
     files, table = write_results(experiment, out_dir, seeds, results, num_steps, estimators,
                                  wall)
-    if experiment.task == "swimmer":  # the trained swimmers' paths and an animation
-        from pes.paper.swimmer_view import comparison_views
-
-        files += comparison_views(out_dir, results, echo)
-    return ComparisonResult(experiment, out_dir, seeds, results, files, wall, table)
+    if experiment.views is not None:  # e.g. the trained swimmers' paths and an animation
+        files += load(experiment.views)(out_dir, results, echo)
+    return ComparisonResult(experiment, out_dir, seeds, files, wall, [table], results)
 
 
 def _run_line(arm: Arm, run: RunResult, metric: str) -> str:

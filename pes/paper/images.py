@@ -40,21 +40,24 @@ from pes.paper.compare import (
     MARKER,
     RESULTS_JSON,
     RESULTS_MD,
+    CompareOptions,
+    ComparisonResult,
     check_seeds,
     options_command,
+    parse_seeds,
     prepare_comparison_dir,
     run_arm,
 )
+from pes.paper.experiments import get_experiment
 from pes.paper.random_search import random_search, running_best
 from pes.runs import plots
 from pes.runs.config import RunConfig, check_int, make_task
 from pes.runs.errors import ConfigError
 from pes.runs.run import RunResult, fmt_num, write_json
 
-IMAGE_COMPARISONS = ("mnist-lr-schedule", "many-hyperparameters")
 DEFAULT_SEEDS = {"mnist-lr-schedule": "0", "many-hyperparameters": "0,1,2"}
 LR_OBJECTIVES = ("loss", "accuracy")
-ESTIMATORS = ("pes", "tes")
+ARMS = ("pes", "tes")  # the estimators each image comparison runs
 # The heatmap's "good region": cells within this fraction of the grid's range of its minimum.
 GOOD_FRACTION = 0.1
 HEATMAP_CHUNK = 12  # full runs vmapped at once (a 784-100-100-10 MLP: a few MB each)
@@ -67,6 +70,38 @@ def _echo(echo: Callable[[str], Any] | None) -> Callable[[str], Any]:
 
 def _trajectory(run: RunResult) -> np.ndarray:
     return np.array([r["theta"] for r in run.records if "theta" in r], float)
+
+
+def compare_images(name: str, options: CompareOptions,
+                   echo: Callable[[str], Any]) -> ComparisonResult:
+    """The runner of ``pes compare mnist-lr-schedule | many-hyperparameters``: the options
+    that apply (--estimators never; --objective and --heatmap-points for mnist-lr-schedule),
+    the comparison, and its findings (the lines of results.md that start with '* ' or
+    'Finding') to print."""
+    if options.estimators is not None:
+        raise ConfigError(f"--estimators does not apply to pes compare {name}: it always runs "
+                          "PES and TES" + (" and random search" if name != "mnist-lr-schedule"
+                                           else ""))
+    lr = name == "mnist-lr-schedule"
+    for flag, value in (("--objective", options.objective),
+                        ("--heatmap-points", options.heatmap_points)):
+        if value is not None and not lr:
+            raise ConfigError(f"{flag} applies only to pes compare mnist-lr-schedule")
+    seeds = parse_seeds(options.seeds if options.seeds is not None else DEFAULT_SEEDS[name])
+    common = dict(seeds=seeds, out=options.out, dataset=options.dataset,
+                  data_dir=options.data_dir, size=options.size, num_steps=options.num_steps,
+                  overwrite=options.overwrite, progress=options.progress, echo=echo)
+    if lr:
+        result = run_lr_schedule_comparison(
+            objectives=(options.objective,) if options.objective else LR_OBJECTIVES,
+            heatmap_points=options.heatmap_points, **common)
+    else:
+        result = run_many_hyperparameters_comparison(**common)
+    results_md = Path(result["files"][-1])
+    findings = [line for line in results_md.read_text().splitlines()
+                if line.startswith(("* ", "Finding"))]
+    return ComparisonResult(get_experiment(name), results_md.parent, seeds, result["files"],
+                            result["wall_time_s"], findings, details=result)
 
 
 # ------------------------------------------------------------------- mnist-lr-schedule
@@ -159,7 +194,7 @@ def run_lr_schedule_comparison(
         plan[obj] = [RunConfig(task=name, estimator=est, seed=s, num_steps=num_steps,
                                out=str(out_dir / obj / est / f"seed-{s}"), objective=obj,
                                **base).resolve()
-                     for est in ESTIMATORS for s in seeds]
+                     for est in ARMS for s in seeds]
     first = plan[objectives[0]][0]
     options = first.task_options()
     cmd = options_command(name, seeds, base, num_steps, out_dir,
@@ -186,7 +221,7 @@ def run_lr_schedule_comparison(
         say(f"{obj}: heatmap {len(axes[0])}x{len(axes[1])} full runs in {heat_s:.1f} s; best "
             f"{values[i, j]:.4g} at (log lr0, log decay) = ({axes[0][i]:.2f}, "
             f"{axes[1][j]:.2f})")
-        runs: dict[str, list[RunResult]] = {est: [] for est in ESTIMATORS}
+        runs: dict[str, list[RunResult]] = {est: [] for est in ARMS}
         for cfg in configs:
             run = run_arm(cfg, progress, f"{obj} {cfg.estimator} seed {cfg.seed}")
             runs[cfg.estimator].append(run)
@@ -338,7 +373,7 @@ def run_many_hyperparameters_comparison(
         plan.append([RunConfig(task=name, estimator=est, seed=s, num_steps=num_steps,
                                eval_every=max(1, steps // 20), theta0=theta0,
                                out=str(out_dir / est / f"seed-{s}"), **base).resolve()
-                     for est in ESTIMATORS])
+                     for est in ARMS])
     cmd = options_command(name, seeds, base, num_steps, out_dir)
     prepare_comparison_dir(out_dir, overwrite)
     write_json(out_dir / MARKER, {"experiment": name, "seeds": list(seeds),
@@ -397,7 +432,7 @@ def run_many_hyperparameters_comparison(
     returned_wins = sum(r["pes_le_random_returned"] for r in per_seed)
     result = {"experiment": name, "seeds": list(seeds), "options": options, "command": cmd,
               "wall_time_s": round(wall, 2), "settings": {
-                  est: c.settings_text() for est, c in zip(ESTIMATORS, plan[0], strict=True)},
+                  est: c.settings_text() for est, c in zip(ARMS, plan[0], strict=True)},
               "per_seed": per_seed, "pes_le_random_seeds": wins,
               "pes_le_random_in_most_seeds": wins > len(seeds) / 2,
               "reeval_episodes": REEVAL_EPISODES,

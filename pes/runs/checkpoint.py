@@ -1,4 +1,4 @@
-"""Checkpoints of a training run: the complete :class:`~pes.training.TrainState`, written with orbax.
+"""Checkpoints of a training run: the complete :class:`pes.TrainState`, written with orbax.
 
 A checkpoint of outer step ``s`` is the folder ``DIR/s`` holding two orbax items:
 

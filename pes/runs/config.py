@@ -37,12 +37,12 @@ from pes.runs.registry import (
     TASK_NAMES,
     TASK_OPTIONS,
     EstimatorEntry,
+    check_option_value,
     get_estimator,
     get_task,
     unknown_name,
 )
 from pes.tasks.base import OPTIMIZER_NAMES, OptimizerSpec
-from pes.tasks.swimmer import BACKENDS as SWIMMER_BACKENDS  # no mujoco import until used
 from pes.training import NONFINITE_POLICIES
 
 MAX_SEED = 2**31 - 1
@@ -147,10 +147,10 @@ class RunConfig:
       distributed run (:mod:`pes.runs.distributed`). It changes where the particles
       are computed, not the result (to float tolerance), so a resumed run may change it.
     steps_per_call: outer steps per compiled call of the training loop (``pes.train``'s
-      steps_per_call), their records read back once per call; None: 1. Worth it where an
-      outer step costs well under a millisecond. Metrics still come per step, checkpoints come
-      at the ends of calls (for checkpoint_every: the first at or after each multiple); the
-      result is the same to float rounding, so a resumed run may change it.
+      steps_per_call, at most 64), their records read back once per call; None: sized
+      automatically (calls of about 0.1 s). Metrics still come per step, checkpoints come at
+      the ends of calls (for checkpoint_every: the first at or after each multiple); the
+      result is bit for bit the same for every value, so a resumed run may change it.
     """
 
     task: str
@@ -209,8 +209,7 @@ class RunConfig:
             "data_dir": _check_data_dir,
             "size": lambda v: _check_name("size", v, "size", TASK_SIZES),
             "objective": lambda v: _check_name("objective", v, "objective", OBJECTIVES),
-            "backend": lambda v: _check_name("backend", v, "swimmer backend",
-                                             SWIMMER_BACKENDS),
+            "backend": lambda v: check_option_value("backend", v),
             "devices": lambda v: check_int("devices", v, 1),
             "steps_per_call": lambda v: check_int("steps_per_call", v, 1),
         }

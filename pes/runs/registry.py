@@ -19,6 +19,8 @@ import numpy as np
 
 from pes.runs.errors import ConfigError
 from pes.tasks import InfluenceBalancing, Lorenz, ToyRegression
+from pes.tasks.learned_optimizer import EXPORT_FILE as LEARNED_OPTIMIZER_FILE
+from pes.tasks.swimmer import BACKENDS as SWIMMER_BACKENDS  # no mujoco import until used
 
 ESTIMATOR_SETTINGS = ("num_particles", "sigma", "truncation_length", "backprop_depth",
                       "normalize_losses", "stagger")
@@ -60,8 +62,12 @@ class TaskEntry:
     # Writes files a run leaves besides the standard ones, from its final theta:
     # ``export(task, theta, run_dir) -> path`` (e.g. the learned optimizer's file).
     export: Callable[[Any, Any, Any], Any] | None = None
+    # The names of the files ``export`` writes (``--overwrite`` removes them with the rest).
+    export_files: tuple[str, ...] = ()
     # Task options (TASK_OPTIONS) the factory takes as keyword arguments, with their defaults.
     options: dict[str, Any] = field(default_factory=dict, hash=False)
+    # The values allowed for an option only this task takes (others are checked by RunConfig).
+    option_values: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
 
     def make(self, **options: Any) -> Any:
         """The task object (one per name and options); ``options``: some of ``self.options``."""
@@ -174,6 +180,7 @@ TASKS["learned-optimizer"] = TaskEntry(
     theta_names=("learned-optimizer weights",),
     options=dict(_IMAGE_OPTIONS),
     export=_export_learned_optimizer,
+    export_files=(LEARNED_OPTIMIZER_FILE,),
 )
 
 
@@ -223,9 +230,26 @@ TASKS["swimmer"] = TaskEntry(
     log_y=False,
     theta_names=tuple(f"W[{a},{o}]" for a in range(2) for o in range(8)),
     options={"backend": "mujoco"},
+    option_values={"backend": SWIMMER_BACKENDS},
 )
 
 TASK_NAMES = tuple(TASKS)
+
+
+def check_option_value(option: str, value: Any) -> str:
+    """``value`` if it is allowed for ``option``, an option whose values one task defines
+    (its ``option_values``); otherwise the ConfigError naming them (e.g. 'not a known swimmer
+    backend')."""
+    entry = next(e for e in TASKS.values() if option in e.option_values)
+    valid = entry.option_values[option]
+    if not isinstance(value, str) or value not in valid:
+        raise unknown_name(option, value, f"{entry.name} {option}", valid)
+    return value
+
+
+def export_files() -> tuple[str, ...]:
+    """Every file a task's ``export`` may add to a run directory."""
+    return tuple(name for e in TASKS.values() for name in e.export_files)
 
 
 @functools.cache

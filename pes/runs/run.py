@@ -15,9 +15,10 @@ A run directory holds
   the run started, summed over its sessions);
 * ``checkpoints/``: the last few checkpoints of the complete run state (:mod:`pes.runs.checkpoint`),
   written every ``checkpoint_every`` outer steps (or every CHECKPOINT_INTERVAL_S seconds when
-  it is None; with ``steps_per_call`` > 1 at the first chunk end at or after each multiple,
-  since states come at chunk ends only), after the last one, on SIGINT/SIGTERM and before a
-  non-finite loss stops the run; each records how far metrics.jsonl had got;
+  it is None; with calls of several steps (``steps_per_call``) at the first call end at or
+  after each multiple, since states come at call ends only), after the last one, on
+  SIGINT/SIGTERM and before a non-finite loss stops the run; each records how far
+  metrics.jsonl had got;
 * ``summary.json``: ``status`` ('completed', 'failed' or 'interrupted'), ``error``,
   ``final_theta``, ``final_meta_loss``, ``final_metrics``, ``inner_steps``, ``wall_time_s``,
   ``outer_steps``, ``checkpoint_step`` and more, written when the run ends for any reason;
@@ -68,7 +69,7 @@ from pes.runs.checkpoint import Checkpointer, abstract_state, on_mesh
 from pes.runs.config import RunConfig, Setup, build_setup, resumed_config
 from pes.runs.distributed import barrier, is_primary, max_over_processes, multiprocess
 from pes.runs.errors import ConfigError, RunFailed, RunInterrupted
-from pes.runs.registry import TaskEntry, get_task
+from pes.runs.registry import TaskEntry, export_files, get_task
 from pes.training import NonFiniteGradientError, TrainState, train
 
 CONFIG_FILE = "config.json"
@@ -78,10 +79,9 @@ SUMMARY_FILE = "summary.json"
 METRIC_PLOT = "meta_objective.png"
 THETA_PLOT = "theta.png"
 CHECKPOINT_DIR = "checkpoints"
-LEARNED_OPTIMIZER_FILE = "learned_optimizer.npz"  # the learned-optimizer task's export
-# What a run writes; --overwrite removes exactly these.
+# What a run writes (with what a task's export adds); --overwrite removes exactly these.
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, TIMING_FILE, SUMMARY_FILE, METRIC_PLOT, THETA_PLOT,
-             CHECKPOINT_DIR, LEARNED_OPTIMIZER_FILE, "tensorboard", "wandb", "mlruns")
+             CHECKPOINT_DIR, "tensorboard", "wandb", "mlruns") + export_files()
 MAX_LOGGED_THETA = 16
 MAX_PRINTED_THETA = 64  # a longer theta is printed as its first numbers and its size
 KEEP_CHECKPOINTS = 3
@@ -636,10 +636,7 @@ class _Recorder:
 
     def evaluate(self, theta: Any, key: jax.Array) -> float:
         evals = {k: float(v) for k, v in self.evaluator(theta, key).items()}
-        if not self.records and self.outer_steps == 0:
-            self._write(0, 0, None, theta, evals)
-            self._show(evals)
-        self.pending_eval = evals
+        self.pending_eval = evals  # written by the callback of the same record
         return evals["meta_loss"]
 
     def _show(self, evals: dict[str, float]) -> None:
@@ -661,6 +658,8 @@ class _Recorder:
                     int(getattr(record, "nonfinite", 0) or 0))
         if evals is not None:
             self._show(evals)
+        if record.step == 0:  # the evaluation before training
+            return False
         self.bar.update(1)
         state = self.pending_state
         stop = self.signal
@@ -723,7 +722,7 @@ class _Recorder:
                         callback=self.callback, evaluate_fn=self.evaluate,
                         nonfinite=cfg.nonfinite, on_state=self.on_state,
                         resume=self.resumed.state if self.resumed else None,
-                        steps_per_call=cfg.steps_per_call or 1)
+                        steps_per_call=cfg.steps_per_call or "auto")
                     self.theta = result.theta
                     if self.stop_signal is not None and self.outer_steps < cfg.num_steps:
                         signum = self.stop_signal

@@ -36,11 +36,15 @@ from pes.paper.compare import (
     MARKER,
     RESULTS_JSON,
     RESULTS_MD,
+    CompareOptions,
+    ComparisonResult,
     check_seeds,
     options_command,
+    parse_seeds,
     prepare_comparison_dir,
     run_arm,
 )
+from pes.paper.experiments import get_experiment
 from pes.runs import plots
 from pes.runs.config import ConfigError, RunConfig, check_int, make_task
 from pes.runs.run import RunResult, write_json
@@ -102,6 +106,23 @@ def tune(task: Any, name: str, grid: Sequence[float], tune_keys: Any,
     return {"grid": list(grid), "tune_meta_loss": losses.tolist(),
             "learning_rate": grid[best], "at_grid_edge": edge,
             "test_meta_loss": float(test.mean()), "test_meta_loss_per_problem": test.tolist()}
+
+
+def compare_learned_optimizer(name: str, options: CompareOptions,
+                              echo: Callable[[str], Any]) -> ComparisonResult:
+    """The runner of ``pes compare learned-optimizer``: the comparison with the options that
+    apply, and its findings (the lines of results.md that start with '* ') to print."""
+    options.refuse(("objective", "heatmap_points"), NAME, "--seeds, --num-steps, "
+                   "--estimators, --size, --dataset, --data-dir, --out")
+    seeds = parse_seeds(options.seeds if options.seeds is not None else DEFAULT_SEEDS)
+    result = run_learned_optimizer_comparison(
+        seeds=seeds, out=options.out, dataset=options.dataset, data_dir=options.data_dir,
+        size=options.size, num_steps=options.num_steps, estimators=options.estimators,
+        overwrite=options.overwrite, progress=options.progress, echo=echo)
+    results_md = Path(result["files"][-1])
+    findings = [line for line in results_md.read_text().splitlines() if line.startswith("* ")]
+    return ComparisonResult(get_experiment(name), results_md.parent, seeds, result["files"],
+                            result["wall_time_s"], findings, details=result)
 
 
 def run_learned_optimizer_comparison(

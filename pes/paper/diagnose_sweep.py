@@ -2,7 +2,7 @@
 
 For each estimator and truncation length K, at the task's initial theta (its ``defaults()``),
 :func:`run_diagnose` calls :func:`pes.diagnostics.diagnose` and tabulates the result. The
-protocol is the variance study's (:mod:`pes.paper.variance`), so that every estimator
+protocol is the variance study's (:mod:`pes.paper.variance_study`), so that every estimator
 and every K aims at one target at one cost:
 
 * an *episode* of T steps from ``task.init``: T is the task's horizon, or ``episode_length``

@@ -1,4 +1,4 @@
-"""``pes compare variance``: the variance study (:mod:`pes.paper.variance`) as a
+"""``pes compare variance``: the variance study (:mod:`pes.paper.variance_study`) as a
 comparison directory.
 
 Writes ``variance.json`` (settings, every point, references, claims), ``variance.png``
@@ -14,8 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pes.paper.compare import MARKER, prepare_comparison_dir
-from pes.paper.variance import (
+from pes.paper.compare import MARKER, CompareOptions, ComparisonResult, prepare_comparison_dir
+from pes.paper.experiments import get_experiment
+from pes.paper.variance_study import (
     Claim,
     VarianceStudyConfig,
     VarianceStudyResult,
@@ -42,6 +43,20 @@ def study_config(size: str | None) -> VarianceStudyConfig:
     if size == "tiny":
         return VarianceStudyConfig.tiny()
     return VarianceStudyConfig()
+
+
+def compare_variance(name: str, options: CompareOptions,
+                     echo: Callable[[str], Any]) -> ComparisonResult:
+    """The runner of ``pes compare variance``: it takes --size, --out and --overwrite only;
+    prints one line per claim (holds or FAILS)."""
+    options.refuse(("seeds", "num_steps", "estimators", "data_dir", "dataset", "objective",
+                    "heatmap_points"), NAME, "--size (default, paper or tiny), --out and "
+                   "--overwrite")
+    res = run_variance_comparison(size=options.size, out=options.out,
+                                  overwrite=options.overwrite, echo=echo)
+    lines = [f"[{'holds' if c.holds else 'FAILS'}] {c.claim}: {c.detail}" for c in res["claims"]]
+    return ComparisonResult(get_experiment(name), res["out_dir"], None, res["files"],
+                            res["wall_time_s"], lines, details=res)
 
 
 def run_variance_comparison(

@@ -3,15 +3,33 @@
 Each :class:`Experiment` is a task and a list of :class:`Arm` (one line on the plot: an
 estimator and the settings that differ from the task's defaults). Everything else (N, sigma,
 K, optimizer, outer steps) comes from the task's ``defaults()``, which follow the paper.
+Each also names its runner (``"module:function"``, imported when it runs): most compare
+training runs (:func:`pes.paper.compare.compare_training_runs`); the image, learned-optimizer
+and variance comparisons have their own protocol. Every runner returns a
+:class:`pes.paper.compare.ComparisonResult`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from importlib import import_module
 from typing import Any
 
 from pes.runs.registry import get_task, unknown_name
+
+# Runners, as "module:function" called as function(name, CompareOptions, echo) ->
+# ComparisonResult (see pes.paper.compare.run_experiment).
+TRAINING_RUNS = "pes.paper.compare:compare_training_runs"
+IMAGES = "pes.paper.images:compare_images"
+LEARNED_OPTIMIZER = "pes.paper.learned_optimizer_comparison:compare_learned_optimizer"
+VARIANCE = "pes.paper.variance_comparison:compare_variance"
+
+
+def load(reference: str) -> Callable[..., Any]:
+    """The function a ``"module:function"`` reference names (importing its module)."""
+    module, function = reference.split(":")
+    return getattr(import_module(module), function)
 
 
 @dataclass(frozen=True)
@@ -36,6 +54,9 @@ class Experiment:
       per run: the metric at the last evaluation within ``budget`` inner steps, and the inner
       steps at which it first reached each milestone and 95% of ``level_arm``'s mean final
       value.
+    runner: who runs it (see the module docstring); views: for a comparison of training runs,
+      ``"module:function"`` drawing more pictures after the runs, called as
+      ``function(out_dir, arm_results, echo) -> [Path]`` (the swimmer's paths and animation).
     """
 
     name: str
@@ -51,6 +72,8 @@ class Experiment:
     milestones: tuple[float, ...] = ()
     budget: int | None = None
     level_arm: str | None = None
+    runner: str = TRAINING_RUNS
+    views: str | None = None
 
     @property
     def metric_key(self) -> str:
@@ -128,8 +151,8 @@ EXPERIMENTS: dict[str, Experiment] = {
         ),
     )
 }
-# The image-data comparisons: `pes compare` runs them with pes.paper.images (heatmap,
-# best-so-far against random search); these entries name them for `pes list`.
+# The image-data comparisons: run by pes.paper.images (heatmap, best-so-far against random
+# search).
 EXPERIMENTS["mnist-lr-schedule"] = Experiment(
     name="mnist-lr-schedule",
     task="mnist-lr-schedule",
@@ -141,6 +164,7 @@ EXPERIMENTS["mnist-lr-schedule"] = Experiment(
     plot_theta=True,
     expected="TES settles at a larger decay than PES (short-horizon bias); PES reaches the "
     "good region of the heatmap, for both objectives.",
+    runner=IMAGES,
 )
 EXPERIMENTS["many-hyperparameters"] = Experiment(
     name="many-hyperparameters",
@@ -153,9 +177,10 @@ EXPERIMENTS["many-hyperparameters"] = Experiment(
     log_y=False,
     plot_theta=False,
     expected="PES's best-so-far is at or below random search's at equal inner steps.",
+    runner=IMAGES,
 )
-# The learned optimizer (PES paper, experiment 5): `pes compare` runs it with
-# pes.paper.learned_optimizer (meta-test losses, tuned SGD); this entry names it.
+# The learned optimizer (PES paper, experiment 5): run by
+# pes.paper.learned_optimizer_comparison (meta-test losses, tuned SGD).
 EXPERIMENTS["learned-optimizer"] = Experiment(
     name="learned-optimizer",
     task="learned-optimizer",
@@ -169,9 +194,10 @@ EXPERIMENTS["learned-optimizer"] = Experiment(
     plot_theta=False,
     expected="PES reaches a lower meta-test loss than TES in most seeds, with a smaller "
     "spread across seeds than full ES at equal inner steps, and beats tuned SGD.",
+    runner=LEARNED_OPTIMIZER,
 )
-# The variance study (PES paper, experiment 7): not training runs, so `pes compare variance`
-# runs it with pes.paper.variance_compare; this entry names it for `pes list`.
+# The variance study (PES paper, experiment 7): not training runs; run by
+# pes.paper.variance_comparison.
 EXPERIMENTS["variance"] = Experiment(
     name="variance",
     task="text-lstm",
@@ -185,6 +211,7 @@ EXPERIMENTS["variance"] = Experiment(
     expected="PES's variance grows > 10x from 1 to 1000 unrolls on random tokens and stays "
     "within 2x on the repeated token; NRES stays within 2x; TES is biased where the sequence "
     "has memory.",
+    runner=VARIANCE,
 )
 EXPERIMENTS["swimmer"] = Experiment(
     name="swimmer",
@@ -208,8 +235,10 @@ EXPERIMENTS["swimmer"] = Experiment(
     milestones=(60.0, 300.0),
     budget=150_000,
     level_arm="pes",
+    views="pes.paper.swimmer_view:comparison_views",
 )
 EXPERIMENT_NAMES = tuple(EXPERIMENTS)
+IMAGE_COMPARISONS = tuple(name for name, e in EXPERIMENTS.items() if e.runner == IMAGES)
 
 
 def get_experiment(name: str, field_name: str = "experiment") -> Experiment:

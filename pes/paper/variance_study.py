@@ -387,7 +387,7 @@ def plot_variance_study(result: VarianceStudyResult, path: str | Path, *,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pes.paper.variance [--paper] [--out DIR]``: run the study, print its
+    """``python -m pes.paper.variance_study [--paper] [--out DIR]``: run the study, print its
     points and claims, write ``variance.json`` and ``variance.png`` under DIR."""
     import argparse
 
