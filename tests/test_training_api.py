@@ -46,9 +46,9 @@ def test_best_theta_is_the_evaluated_theta_with_the_lowest_meta_objective():
         assert float(jnp.sum((result.history.thetas[r.step] - 0.3) ** 2)) == \
             pytest.approx(r.meta_objective, rel=1e-6)
     np.testing.assert_array_equal(result.history.thetas[0], jnp.zeros(2))
+    unevaluated = pes.train(est, jnp.zeros(2), SGD, num_steps=2, key=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="eval_every"):
-        pes.train(est, jnp.zeros(2), SGD, num_steps=2,
-                  key=jax.random.PRNGKey(0)).best_theta
+        _ = unevaluated.best_theta
 
 
 def test_callback_sees_the_step_0_evaluation_and_can_stop_there():
