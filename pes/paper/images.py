@@ -207,62 +207,9 @@ def run_lr_schedule_comparison(
     files: list[Path] = []
     per_obj: dict[str, Any] = {}
     for obj in objectives:
-        configs = plan[obj]
-        task = make_task(name, configs[0].task_options())
-        axes = task.heatmap_axes(heatmap_points)
-        t0 = time.perf_counter()
-        grid = task.surface(axes[0], axes[1], jax.random.PRNGKey(0), chunk_size=HEATMAP_CHUNK)
-        heat_s = time.perf_counter() - t0
-        values = np.asarray(grid["meta_loss"], float)
-        (out_dir / obj).mkdir(parents=True, exist_ok=True)
-        np.savez(out_dir / obj / "heatmap.npz", log_lr0=axes[0], log_decay=axes[1],
-                 **{k: np.asarray(v) for k, v in grid.items()})
-        i, j = np.unravel_index(np.nanargmin(values), values.shape)
-        say(f"{obj}: heatmap {len(axes[0])}x{len(axes[1])} full runs in {heat_s:.1f} s; best "
-            f"{values[i, j]:.4g} at (log lr0, log decay) = ({axes[0][i]:.2f}, "
-            f"{axes[1][j]:.2f})")
-        runs: dict[str, list[RunResult]] = {est: [] for est in ARMS}
-        for cfg in configs:
-            run = run_arm(cfg, progress, f"{obj} {cfg.estimator} seed {cfg.seed}")
-            runs[cfg.estimator].append(run)
-            s = run.summary
-            say(f"{obj} {cfg.estimator} seed {cfg.seed}: theta {s['final_theta']}, meta "
-                f"{fmt_num(s['final_meta_loss'])}, {s['inner_steps']:,} inner steps, "
-                f"{s['wall_time_s']:.1f} s")
-        threshold = good_threshold(values)
-        stats: dict[str, Any] = {}
-        for est, rs in runs.items():
-            finals = np.array([r.summary["final_theta"] for r in rs], float)
-            on_map = [heatmap_value(axes, values, th) for th in finals]
-            stats[est] = {
-                "final_theta": finals.tolist(),
-                "final_log_decay_mean": float(finals[:, 1].mean()),
-                "final_decay_mean": float(np.exp(finals[:, 1]).mean()),
-                "final_meta_objective": [r.summary["final_meta_loss"] for r in rs],
-                "heatmap_value_at_final_theta": on_map,
-                "in_good_region": [bool(v <= threshold) for v in on_map],
-                "inner_steps": [r.summary["inner_steps"] for r in rs],
-                "wall_time_s": [r.summary["wall_time_s"] for r in rs],
-            }
-        label = ("mean training loss over the run" if obj == "loss"
-                 else "minus mean validation accuracy over the run")
-        trajectories = [(f"{est} seed {r.config.seed}", _trajectory(r))
-                        for est, rs in runs.items() for r in rs]
-        files.append(plot_heatmap(
-            out_dir / obj / "heatmap.png", axes, values, trajectories, label=label,
-            title=f"mnist-lr-schedule ({options['dataset']}, size {options['size']}, objective "
-            f"{obj})\nfinal meta-objective of full runs; dashed: good region; PES and TES "
-            "from theta0"))
-        per_obj[obj] = {
-            "heatmap": {"points": len(axes[0]), "min": float(values[i, j]),
-                        "argmin": [float(axes[0][i]), float(axes[1][j])],
-                        "good_threshold": threshold, "wall_time_s": round(heat_s, 2)},
-            "settings": {est: runs[est][0].config.settings_text() for est in runs},
-            "estimators": stats,
-            "tes_decay_larger": stats["tes"]["final_log_decay_mean"]
-            > stats["pes"]["final_log_decay_mean"],
-            "pes_in_good_region": all(stats["pes"]["in_good_region"]),
-        }
+        heatmap_png, per_obj[obj] = _lr_objective(obj, plan[obj], heatmap_points, out_dir,
+                                                  options, progress, say)
+        files.append(heatmap_png)
     wall = time.perf_counter() - start
     result = {"experiment": name, "seeds": list(seeds), "options": options,
               "command": cmd, "wall_time_s": round(wall, 2), "objectives": per_obj}
@@ -270,6 +217,70 @@ def run_lr_schedule_comparison(
     files.append(out_dir / RESULTS_JSON)
     files.append(_lr_results_md(out_dir, result))
     return {**result, "files": files}
+
+
+def _lr_objective(obj: str, configs: list[RunConfig], heatmap_points: int | None,
+                  out_dir: Path, options: dict[str, Any], progress: bool,
+                  say: Callable[[str], Any]) -> tuple[Path, dict[str, Any]]:
+    """One objective of mnist-lr-schedule: the heatmap of full runs (saved as
+    ``obj/heatmap.npz``), the PES and TES runs of ``configs``, and the heatmap plot with their
+    trajectories. Returns (the plot's path, the objective's entry of results.json)."""
+    name = "mnist-lr-schedule"
+    task = make_task(name, configs[0].task_options())
+    axes = task.heatmap_axes(heatmap_points)
+    t0 = time.perf_counter()
+    grid = task.surface(axes[0], axes[1], jax.random.PRNGKey(0), chunk_size=HEATMAP_CHUNK)
+    heat_s = time.perf_counter() - t0
+    values = np.asarray(grid["meta_loss"], float)
+    (out_dir / obj).mkdir(parents=True, exist_ok=True)
+    np.savez(out_dir / obj / "heatmap.npz", log_lr0=axes[0], log_decay=axes[1],
+             **{k: np.asarray(v) for k, v in grid.items()})
+    i, j = np.unravel_index(np.nanargmin(values), values.shape)
+    say(f"{obj}: heatmap {len(axes[0])}x{len(axes[1])} full runs in {heat_s:.1f} s; best "
+        f"{values[i, j]:.4g} at (log lr0, log decay) = ({axes[0][i]:.2f}, "
+        f"{axes[1][j]:.2f})")
+    runs: dict[str, list[RunResult]] = {est: [] for est in ARMS}
+    for cfg in configs:
+        run = run_arm(cfg, progress, f"{obj} {cfg.estimator} seed {cfg.seed}")
+        runs[cfg.estimator].append(run)
+        s = run.summary
+        say(f"{obj} {cfg.estimator} seed {cfg.seed}: theta {s['final_theta']}, meta "
+            f"{fmt_num(s['final_meta_loss'])}, {s['inner_steps']:,} inner steps, "
+            f"{s['wall_time_s']:.1f} s")
+    threshold = good_threshold(values)
+    stats: dict[str, Any] = {}
+    for est, rs in runs.items():
+        finals = np.array([r.summary["final_theta"] for r in rs], float)
+        on_map = [heatmap_value(axes, values, th) for th in finals]
+        stats[est] = {
+            "final_theta": finals.tolist(),
+            "final_log_decay_mean": float(finals[:, 1].mean()),
+            "final_decay_mean": float(np.exp(finals[:, 1]).mean()),
+            "final_meta_objective": [r.summary["final_meta_loss"] for r in rs],
+            "heatmap_value_at_final_theta": on_map,
+            "in_good_region": [bool(v <= threshold) for v in on_map],
+            "inner_steps": [r.summary["inner_steps"] for r in rs],
+            "wall_time_s": [r.summary["wall_time_s"] for r in rs],
+        }
+    label = ("mean training loss over the run" if obj == "loss"
+             else "minus mean validation accuracy over the run")
+    trajectories = [(f"{est} seed {r.config.seed}", _trajectory(r))
+                    for est, rs in runs.items() for r in rs]
+    heatmap_png = plot_heatmap(
+        out_dir / obj / "heatmap.png", axes, values, trajectories, label=label,
+        title=f"mnist-lr-schedule ({options['dataset']}, size {options['size']}, objective "
+        f"{obj})\nfinal meta-objective of full runs; dashed: good region; PES and TES "
+        "from theta0")
+    return heatmap_png, {
+        "heatmap": {"points": len(axes[0]), "min": float(values[i, j]),
+                    "argmin": [float(axes[0][i]), float(axes[1][j])],
+                    "good_threshold": threshold, "wall_time_s": round(heat_s, 2)},
+        "settings": {est: runs[est][0].config.settings_text() for est in runs},
+        "estimators": stats,
+        "tes_decay_larger": stats["tes"]["final_log_decay_mean"]
+        > stats["pes"]["final_log_decay_mean"],
+        "pes_in_good_region": all(stats["pes"]["in_good_region"]),
+    }
 
 
 def _lr_results_md(out_dir: Path, result: dict[str, Any]) -> Path:

@@ -49,7 +49,7 @@ import pes
 from pes.diagnostics import diagnose, reference_gradient
 from pes.tasks.text_lstm import VARIANTS, TextLSTM
 
-ESTIMATORS = {"pes": "PES", "nres": "NRES", "tes": "TruncatedES", "tbptt": "TBPTT"}
+ESTIMATOR_CLASSES = {"pes": "PES", "nres": "NRES", "tes": "TruncatedES", "tbptt": "TBPTT"}
 LABELS = {"pes": "PES", "nres": "NRES", "tes": "TES", "tbptt": "TBPTT"}
 
 
@@ -101,9 +101,9 @@ class VarianceStudyConfig:
             if v not in VARIANTS:
                 raise ValueError(f"variants has {v!r}; valid variants: {', '.join(VARIANTS)}")
         for e in self.estimators:
-            if e not in ESTIMATORS:
+            if e not in ESTIMATOR_CLASSES:
                 raise ValueError(
-                    f"estimators has {e!r}; valid estimators: {', '.join(ESTIMATORS)}")
+                    f"estimators has {e!r}; valid estimators: {', '.join(ESTIMATOR_CLASSES)}")
         if self.num_particles < 2 or self.num_particles % 2:
             raise ValueError(f"num_particles={self.num_particles} must be even and >= 2")
         if not (math.isfinite(self.sigma) and self.sigma > 0):
@@ -184,7 +184,7 @@ class VarianceStudyResult:
 
 def make_estimator(name: str, system: Any, K: int, config: VarianceStudyConfig) -> Any:
     """A fresh, non-staggered estimator ``name`` with window K."""
-    cls = getattr(pes, ESTIMATORS[name])
+    cls = getattr(pes, ESTIMATOR_CLASSES[name])
     if name == "tbptt":
         return cls(system, num_particles=1, truncation_length=K, stagger=False)
     return cls(system, num_particles=config.num_particles, sigma=config.sigma,

@@ -447,7 +447,7 @@ class Swimmer:
         all in JAX, ``sum_j W[:, j] obs[j]`` elementwise (no reduced-precision dot product).
         """
         del t, key  # the dynamics are deterministic and the episode length is the horizon
-        self.check_theta(theta)
+        self.validate_theta(theta)
         if self.mjx is not None:
             obs = self.mjx.observe(state)
             action = jnp.sum(jnp.asarray(theta, obs.dtype) * obs, axis=-1)
@@ -479,7 +479,7 @@ class Swimmer:
             jnp.asarray(action, jnp.float32), vmap_method="broadcast_all")
         return SwimmerState(out[:n]), jax.lax.bitcast_convert_type(out[n], jnp.float32)
 
-    def check_theta(self, theta: Any) -> None:
+    def validate_theta(self, theta: Any) -> None:
         """A ValueError unless theta is a float array of shape (2, 8)."""
         shape = tuple(getattr(theta, "shape", ()))
         if not hasattr(theta, "shape") or shape != self.theta_shape:
@@ -499,7 +499,7 @@ class Swimmer:
         of ``horizon`` single callbacks costs several times more. On the mjx backend it is
         that scan of ``step``, vmapped over the episodes, in JAX.
         """
-        self.check_theta(theta)
+        self.validate_theta(theta)
         keys = jax.random.split(key, self.eval_episodes)
         if self.mjx is not None:
             returns = jax.vmap(lambda k: self._mjx_return(theta, k))(keys)
@@ -574,7 +574,7 @@ def episode(task: Swimmer, theta: Any, seed: int = 0) -> dict[str, np.ndarray]:
     """
     sim = task.sim
     W = np.asarray(theta, np.float32)
-    task.check_theta(W)
+    task.validate_theta(W)
     s = task.reset_noise_scale
     noise = np.random.default_rng(seed).uniform(-s, s, (1, sim.nq + sim.nv)).astype(np.float32)
     states = [sim.reset_states(noise)]
