@@ -406,12 +406,13 @@ def _chunk_runner(estimator, optimizer, stop_on_nonfinite_loss):
 
 
 class _Sizer:
-    """Chunk sizes: a fixed steps_per_call, or 'auto': 1 for the first call (it compiles),
-    then about AUTO_CALL_S seconds' worth of steps, growing at most 4x per call."""
+    """Chunk sizes: a fixed steps_per_call, or 'auto': ``start`` (1 for a program not run
+    before: its first call compiles), then about AUTO_CALL_S seconds' worth of steps, growing
+    at most 4x per call. ``size`` is kept for the next train call with the same program."""
 
-    def __init__(self, steps_per_call: int | str):
+    def __init__(self, steps_per_call: int | str, start: int = 1):
         self.fixed = None if steps_per_call == "auto" else int(steps_per_call)
-        self.size, self.calls = 1, 0
+        self.size, self.calls = start, 0
 
     def next(self) -> int:
         return self.fixed if self.fixed is not None else self.size
@@ -441,7 +442,8 @@ def _train_in_chunks(loop: _Loop, start: TrainState, history: History) -> TrainR
     result), which gives the last good state for the error."""
     run = loop.run
     theta, opt_state, state, step, inner_steps = start
-    sizer = _Sizer(loop.steps_per_call)
+    memory = getattr(run, "__dict__", {})
+    sizer = _Sizer(loop.steps_per_call, memory.get("pes_auto_size", 1))
     stop_requested = False
     while step < loop.num_steps and not stop_requested:
         first, count = step + 1, _chunk_end(loop, step, sizer.next()) - step
@@ -451,6 +453,8 @@ def _train_in_chunks(loop: _Loop, start: TrainState, history: History) -> TrainR
         ran, stopped, info = jax.device_get((ran, stopped, out.info))
         ran, stopped = int(ran), bool(stopped)
         sizer.measured(ran, time.perf_counter() - tic)
+        if sizer.fixed is None and sizer.calls >= 2:
+            memory["pes_auto_size"] = sizer.size
         good = ran - 1 if stopped else ran
         if stopped and good > 0:
             new_theta, new_opt_state, new_state, *_ = run(theta, opt_state, state,
