@@ -85,9 +85,9 @@ def test_steps_per_call_default_is_chunked_only_without_per_step_hooks(monkeypat
     real = training._Sizer
 
     class Spy(real):
-        def __init__(self, steps_per_call):
+        def __init__(self, steps_per_call, *args):
             calls.append(steps_per_call)
-            super().__init__(steps_per_call)
+            super().__init__(steps_per_call, *args)
 
     monkeypatch.setattr(training, "_Sizer", Spy)
     est = _estimator()
