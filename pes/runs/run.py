@@ -722,7 +722,9 @@ class _Recorder:
                         callback=self.callback, evaluate_fn=self.evaluate,
                         nonfinite=cfg.nonfinite, on_state=self.on_state,
                         resume=self.resumed.state if self.resumed else None,
-                        steps_per_call=cfg.steps_per_call or "auto")
+                        # One step per call unless asked: SIGINT and checkpoint_every act
+                        # after the exact step (a chunked run gives the same results).
+                        steps_per_call=cfg.steps_per_call or 1)
                     self.theta = result.theta
                     if self.stop_signal is not None and self.outer_steps < cfg.num_steps:
                         signum = self.stop_signal
