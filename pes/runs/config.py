@@ -149,9 +149,9 @@ class RunConfig:
     steps_per_call: outer steps per compiled call of the training loop (``pes.train``'s
       steps_per_call, at most 64), their records read back once per call; None: 1 (a
       signal or checkpoint_every then acts after the exact step). Metrics still come per
-      step, checkpoints come at
-      the ends of calls (for checkpoint_every: the first at or after each multiple); the
-      result is bit for bit the same for every value, so a resumed run may change it.
+      step, checkpoints come at the ends of calls (for checkpoint_every: the first at or
+      after each multiple); the result is bit for bit the same for every value, so a
+      resumed run may change it.
     """
 
     task: str
