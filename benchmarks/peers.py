@@ -11,6 +11,8 @@ particle-steps per outer step:
   non-finite count back to the host every step);
 - ``pes.train M=50``: the same with ``steps_per_call=50``: 50 outer steps in one compiled
   loop, their records read back once per call;
+- ``pes.train default``: pes.train with neither steps_per_call nor a callback (the call a
+  user makes); it sizes its compiled calls itself;
 - ``pes loop``: ``PES.estimate`` and a jitted optax update in a Python loop with no host reads;
 - ``pes scan``: the same outer step traced into a user's own jitted ``lax.scan`` over chunks
   of 50 outer steps (estimate is a pure function, so it composes with jit and scan);
@@ -88,6 +90,22 @@ class PesTrainChunked(PesTrain):
 
     steps_per_call = 50
     name = "pes.train M=50"
+
+
+class PesTrainDefault(PesTrain):
+    """pes.train as users call it: no steps_per_call, no callback (it then chooses its own
+    chunk sizes), the whole call timed (its setup included); the compiled program is reused
+    from the warm-up call (same estimator and optimizer objects)."""
+
+    name = "pes.train default"
+
+    def run(self, steps):
+        self.calls += 1
+        t0 = time.perf_counter()
+        result = pes.train(self.est, self.theta, self.opt, num_steps=steps,
+                           key=jax.random.fold_in(self.key, self.calls))
+        self.theta = jax.block_until_ready(result.theta)
+        return self.theta, time.perf_counter() - t0
 
 
 class PesLoop:
@@ -289,10 +307,10 @@ def main(argv=None):
     steps, repeats = (5, 1) if args.quick else (args.steps, args.repeats)
 
     task = ToyRegression()
-    makers = [PesTrain, PesTrainChunked, PesLoop, PesScan, NumpyPES]
+    makers = [PesTrain, PesTrainChunked, PesTrainDefault, PesLoop, PesScan, NumpyPES]
     try:
         evosax_version = importlib.metadata.version("evosax")
-        makers.insert(4, Evosax)
+        makers.insert(5, Evosax)
     except importlib.metadata.PackageNotFoundError:
         evosax_version = None
         print("evosax is not installed: skipping it (pip install -e '.[bench]' adds it)\n")

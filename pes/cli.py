@@ -7,6 +7,7 @@
     pes run ... [--devices N] [--distributed [--coordinator-address H:P --num-processes N
                                               --process-id I]]
     pes compare EXPERIMENT [--seeds 0,1,2] [--num-steps N] [--out DIR]
+    pes run/compare ... --log tensorboard[,wandb,mlflow]    (experiment trackers)
     pes surface toy-regression [--resolution R] [--runs DIR...] [--out FILE]
     pes diagnose TASK --estimators pes,tes,... [--truncation-lengths 1,10,100] [--replicates R]
     pes compare variance [--size default|paper|tiny]
@@ -47,6 +48,7 @@ from pes.runs import (
     RunInterrupted,
     execute_run,
     resume_run,
+    tracking,
 )
 
 app = typer.Typer(
@@ -71,6 +73,20 @@ def _user_errors():
         yield
     except ConfigError as e:
         _fail(str(e))
+
+
+@contextmanager
+def _tracking(log: str | None):
+    """--log for every run inside (pes compare's); a bad or missing tracker exits 2."""
+    try:
+        scope = tracking(log)
+        scope.__enter__()
+    except ConfigError as e:
+        _fail(str(e))
+    try:
+        yield
+    finally:
+        scope.__exit__(None, None, None)
 
 
 def _names(names) -> str:
@@ -151,6 +167,10 @@ _DATA_DIR = dict(metavar="DIR", show_default=False,
                  "/usr/share/datasets/fashion-mnist, then the download cache).")
 _DATASET = dict(show_default=False,
                 help="Image tasks: fashion-mnist or mnist. [default: fashion-mnist]")
+_LOG = dict(metavar="TRACKERS", show_default=False,
+            help="Also log to experiment trackers, comma-separated: tensorboard, wandb, mlflow "
+            "(files inside each run directory; wandb offline unless WANDB_API_KEY is set). "
+            "Each needs its extra, e.g. pip install 'pes[tensorboard]'.")
 _SIZE = dict(show_default=False,
              help="Image tasks: cpu (minutes on 2 cores), paper (the paper's), tiny "
              "(seconds; tests), or full (learned-optimizer at 28x28). [default: cpu]")
@@ -266,6 +286,7 @@ class RunFlags:
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace the run already in --out.")] = False
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True
+    log: Annotated[str | None, typer.Option("--log", **_LOG)] = None
     data_dir: Annotated[str | None, typer.Option("--data-dir", **_DATA_DIR)] = None
     dataset: Annotated[str | None, typer.Option("--dataset", **_DATASET)] = None
     size: Annotated[str | None, typer.Option("--size", **_SIZE)] = None
@@ -374,7 +395,7 @@ def _resume(flags: RunFlags, settings: dict[str, object]):
         if given:
             _fail(f"{name} cannot be combined with --resume: a resumed run keeps "
                   "its directory and its config.json")
-    return resume_run(flags.resume, settings, progress=flags.progress)
+    return resume_run(flags.resume, settings, progress=flags.progress, log=flags.log)
 
 
 def _execute(flags: RunFlags, settings: dict[str, object]):
@@ -390,7 +411,8 @@ def _execute(flags: RunFlags, settings: dict[str, object]):
                   f"{_names(ESTIMATOR_NAMES)}")
         run_config = RunConfig.from_dict(
             {k: v for k, v in settings.items() if v is not None}, source="flags")
-    return execute_run(run_config, overwrite=flags.overwrite, progress=flags.progress)
+    return execute_run(run_config, overwrite=flags.overwrite, progress=flags.progress,
+                       log=flags.log)
 
 
 def _start_processes(distributed: bool, coordinator_address: str | None,
@@ -445,6 +467,7 @@ def compare_command(
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace the comparison already in --out.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    log: Annotated[str | None, typer.Option("--log", **_LOG)] = None,
     data_dir: Annotated[str | None, typer.Option("--data-dir", **_DATA_DIR)] = None,
     dataset: Annotated[str | None, typer.Option("--dataset", **_DATASET)] = None,
     size: Annotated[str | None, typer.Option("--size", **_SIZE)] = None,
@@ -463,7 +486,7 @@ def compare_command(
         seeds=seeds, out=out, num_steps=num_steps, estimators=_csv(estimators),
         overwrite=overwrite, progress=progress, data_dir=data_dir, dataset=dataset, size=size,
         objective=objective, heatmap_points=heatmap_points)
-    with _user_errors():
+    with _tracking(log), _user_errors():
         try:
             result = run_experiment(experiment, options, echo=typer.echo)
         except RunInterrupted as e:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -22,6 +23,7 @@ class Record(NamedTuple):
     loss: the window's mean per-step loss (None at step 0).
     meta_objective: the evaluation at this step, None when not evaluated.
     nonfinite: particles left out of this step's estimate for a NaN/inf loss (policy 'drop').
+    The theta of an evaluated record is kept in ``History.thetas``.
     """
 
     step: int
@@ -32,7 +34,15 @@ class Record(NamedTuple):
 
 
 class History(list):
-    """The list of Records of a run, with ``column(name)`` as a float numpy array (None->nan)."""
+    """The list of Records of a run, with ``column(name)`` as a float numpy array (None->nan).
+
+    ``thetas`` maps each evaluated step to the theta evaluated there (step 0: the initial
+    theta); :meth:`best` is the evaluated record with the lowest meta-objective.
+    """
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.thetas: dict[int, PyTree] = {}
 
     def column(self, name: str) -> np.ndarray:
         if name not in Record._fields:
@@ -43,10 +53,30 @@ class History(list):
     def evaluated(self) -> list[Record]:
         return [r for r in self if r.meta_objective is not None]
 
+    def best(self) -> Record:
+        """The evaluated record with the lowest meta-objective (the earliest of equals; NaN
+        never wins); ``thetas[best().step]`` is its theta. ValueError without evaluations."""
+        scored = [r for r in self.evaluated() if np.isfinite(r.meta_objective)]
+        if not scored:
+            raise ValueError("no finite evaluation in this history: pass eval_every to "
+                             "pes.train to evaluate (and keep) theta during training")
+        return min(scored, key=lambda r: r.meta_objective)
+
 
 class TrainResult(NamedTuple):
+    """theta: the last theta; history: a Record per outer step (step 0 = before training).
+
+    ``best_theta`` is the evaluated theta with the lowest meta-objective
+    (``history.best().theta``), which is what to keep when the last steps got worse; it
+    needs evaluations (``eval_every``). Lower is better: a meta-objective is a loss.
+    """
+
     theta: PyTree
     history: History
+
+    @property
+    def best_theta(self) -> PyTree:
+        return self.history.thetas[self.history.best().step]
 
 
 class TrainState(NamedTuple):
@@ -115,7 +145,8 @@ def train(
     nonfinite: str = "raise",
     resume: TrainState | None = None,
     on_state: Callable[[TrainState], Any] | None = None,
-    steps_per_call: int = 1,
+    steps_per_call: int | str | None = None,
+    loggers: Sequence[Any] = (),
 ) -> TrainResult:
     """Minimise the mean per-step loss: theta <- optimizer(estimator's gradient), num_steps times.
 
@@ -126,35 +157,47 @@ def train(
       num_steps: outer steps (one estimate each).
       key: PRNG key; the run is a deterministic function of it.
       eval_every: evaluate the meta-objective before training, every this many steps and at the
-        end; None never evaluates.
-      callback: called as ``callback(record, theta)`` after every outer step; returning True
+        end, keeping each evaluated theta (``history.thetas``; ``TrainResult.best_theta`` is
+        the best of them); None never evaluates.
+      callback: called as ``callback(record, theta)`` for the evaluation before training
+        (step 0, when ``eval_every`` is set) and after every outer step; returning True
         stops training early.
       evaluate_fn: ``(theta, key) -> scalar`` used for evaluation; by default
         ``pes.evaluate(estimator.system, theta, key, eval_episodes, eval_steps)``.
       nonfinite: 'raise' stops at the first NaN/inf loss; 'drop' leaves the particles that
-        produced one out of the estimate (the ES family) and counts them in the record.
+        produced one out of the estimate (the ES family) and counts them in the record. With
+        'drop', a step in which every pair has a NaN/inf loss has no estimate left and still
+        raises NonFiniteGradientError. Neither catches losses that are finite but huge (a
+        diverging inner problem gives 1e21 without a NaN); the library's tasks cap their
+        loss for that (a ``loss_cap`` option), and a System of yours should do the same.
       resume: a TrainState from ``on_state`` of an earlier run with the same key: the run
         continues from it exactly (the history then holds the steps after it).
-      on_state: called with the TrainState after every outer step (e.g. to checkpoint it).
-      steps_per_call: run up to this many outer steps in one compiled loop (a
-        ``lax.while_loop`` of estimate + update) and read their records back to the host once,
-        instead of a dispatch and a host read per step. The run is the same: theta, history
-        and records equal those of ``steps_per_call=1`` for the same key up to float rounding
-        (compiled into one program, a multiply and an add may become one fused multiply-add
-        or stop being one; with FMA off, ``XLA_FLAGS=--xla_cpu_max_isa=AVX``, the runs checked
-        matched bit for bit).
-        A chunk ends at every evaluation step and at the first step that must not be applied
-        (a NaN/inf), which raises as above. What changes: the callback is called for each
-        step of a chunk after the whole chunk ran, with theta as a pytree of NumPy arrays (the
-        values after that step), so a callback's True stops training at the end of its chunk
-        (the chunk's later steps are still taken, recorded and passed to the callback; a bad
-        step among them ends the run there without an error, as stopping first would); and
-        ``on_state`` is called at chunk ends only. ``estimator.estimate`` must be traceable
-        (every pes estimator is). Pays off when an outer step is cheap (small tasks, many
-        steps); 1 (the default) runs one step per call.
+      on_state: called with the TrainState after every outer step, or at chunk ends only
+        when steps are chunked (below; e.g. to checkpoint it).
+      steps_per_call: outer steps per compiled call. Every step is run by one compiled
+        program (a ``lax.while_loop`` of estimate + update that runs a given count of steps),
+        whatever this is, so the run does not depend on it: theta, history and records are
+        bit for bit the same for every setting. It changes only how often control returns to
+        Python: an int M runs up to M steps per call (at most MAX_STEPS_PER_CALL) and reads
+        their records back once; 'auto' sizes calls from their measured time (about
+        AUTO_CALL_S seconds each, 1 to MAX_STEPS_PER_CALL steps); None (the default) is
+        'auto' when there is no callback and no on_state, else 1. A call ends at every
+        evaluation step and at the first step that must not be applied (a NaN/inf), which
+        raises as above. With more than one step per call, the callback is called for each
+        step after the whole call ran, with theta as NumPy arrays (the values after that
+        step), so its True stops training at the end of the call (the call's later steps
+        are still taken, recorded and passed to it; a bad step among them ends the run
+        there without an error, as stopping first would), and ``on_state`` comes at call
+        ends only. ``estimator.estimate`` must be traceable (every pes estimator is).
+      loggers: experiment trackers (:class:`pes.loggers.Logger`: TensorBoard, W&B, MLflow or
+        your own) whose ``log_metrics(step, metrics, inner_steps)`` gets every record
+        (``loss``, ``meta_objective`` when evaluated, ``nonfinite``), step 0 included; only
+        on process 0 of a multi-process run. train does not close them.
 
-    Returns TrainResult(theta, history). Raises NonFiniteGradientError (naming the outer step,
-    the particle and its inner step) instead of applying a NaN or inf gradient.
+    Returns TrainResult(theta, history) (and ``best_theta``). Raises NonFiniteGradientError
+    (naming the outer step, the particle and its inner step) instead of applying a NaN or inf
+    gradient. A theta whose leaves do not match the estimator's (shape, dtype, structure) is
+    refused by ``estimate`` with the leaf named.
 
     Examples:
         PES with SGD on a System whose loss is (theta - 3)^2 at every step:
@@ -174,6 +217,8 @@ def train(
         >>> [round(r.meta_objective, 3) for r in history.evaluated()]   # steps 0, 25, 50
         [9.0, 0.0, 0.0]
     """
+    if loggers and jax.process_index() == 0:
+        callback = _logging_callback(callback, tuple(loggers))
     loop, start = _setup(
         estimator, theta, optimizer, num_steps=num_steps, key=key, eval_every=eval_every,
         callback=callback, evaluate_fn=evaluate_fn, eval_episodes=eval_episodes,
@@ -181,23 +226,32 @@ def train(
         steps_per_call=steps_per_call)
     history = History()
     if loop.eval_every is not None and start.step == 0:
-        history.append(Record(0, 0, None, loop.evaluation(0, start.theta)))
-    if loop.steps_per_call > 1:
-        return _train_in_chunks(loop, start, history)
-    return _train_step_by_step(loop, start, history)
+        record = Record(0, 0, None, loop.evaluation(0, start.theta))
+        history.append(record)
+        history.thetas[0] = start.theta
+        if loop.callback is not None and loop.callback(record, start.theta) is True:
+            return TrainResult(start.theta, history)
+    return _train_in_chunks(loop, start, history)
+
+
+# Rows of a compiled call's per-step output buffers: the most steps one call runs.
+MAX_STEPS_PER_CALL = 64
+# steps_per_call='auto' aims at calls of about this many seconds (responsive callbacks and
+# signals, a Python round trip per call amortised over many cheap steps).
+AUTO_CALL_S = 0.1
 
 
 class _Loop(NamedTuple):
     """What stays fixed during one ``train`` call (its arguments, checked, and what is made
-    from them): ``apply(theta, opt_state, grad) -> (theta, opt_state, finite)`` updates only
-    when the gradient is finite; ``evaluation(step, theta)`` is the meta-objective as a
-    float; the key of outer step i is ``fold_in(k_train, i)``."""
+    from them): ``run`` is the compiled chunk program (:func:`_chunk_runner`);
+    ``evaluation(step, theta)`` is the meta-objective as a float; the key of outer step i is
+    ``fold_in(k_train, i)``; steps_per_call is an int or 'auto'."""
 
     estimator: Any
-    apply: Callable
+    run: Callable
     k_train: jax.Array
     num_steps: int
-    steps_per_call: int
+    steps_per_call: int | str
     eval_every: int | None
     evaluation: Callable[[int, PyTree], float]
     callback: Callable[[Record, PyTree], Any] | None
@@ -210,12 +264,20 @@ class _Loop(NamedTuple):
                                                 or step == self.num_steps)
 
 
+def _check_steps_per_call(value: Any, callback: Any, on_state: Any) -> int | str:
+    if value is None:
+        return "auto" if callback is None and on_state is None else 1
+    if value == "auto":
+        return "auto"
+    return min(check_positive_int("steps_per_call", value), MAX_STEPS_PER_CALL)
+
+
 def _setup(estimator, theta, optimizer, *, num_steps, key, eval_every, callback, evaluate_fn,
            eval_episodes, eval_steps, nonfinite, resume, on_state,
            steps_per_call) -> tuple[_Loop, TrainState]:
     """train's arguments checked, and the state it starts from (fresh, or ``resume``)."""
     num_steps = check_positive_int("num_steps", num_steps)
-    steps_per_call = check_positive_int("steps_per_call", steps_per_call)
+    steps_per_call = _check_steps_per_call(steps_per_call, callback, on_state)
     if eval_every is not None:
         eval_every = check_positive_int("eval_every", eval_every)
     if not isinstance(optimizer, optax.GradientTransformation):
@@ -244,7 +306,8 @@ def _setup(estimator, theta, optimizer, *, num_steps, key, eval_every, callback,
     def evaluation(step, theta):
         return float(evaluate_fn(theta, jax.random.fold_in(k_eval, step)))
 
-    loop = _Loop(estimator, _applier(optimizer), k_train, num_steps, steps_per_call,
+    run = _chunk_runner(estimator, optimizer, nonfinite == "raise")
+    loop = _Loop(estimator, run, k_train, num_steps, steps_per_call,
                  eval_every, evaluation, callback, nonfinite, on_state)
     return loop, TrainState(theta, opt_state, state, start, inner_steps)
 
@@ -264,59 +327,68 @@ def _applier(optimizer: optax.GradientTransformation) -> Callable:
     return apply
 
 
-def _train_step_by_step(loop: _Loop, start: TrainState, history: History) -> TrainResult:
-    """train's loop with one dispatch and one host read per outer step."""
-    update = jax.jit(loop.apply)
-    theta, opt_state, state, first, inner_steps = start
-    for step in range(first + 1, loop.num_steps + 1):
-        good = TrainState(theta, opt_state, state, step - 1, inner_steps)
-        grad, state, info = loop.estimator.estimate(state, theta,
-                                                    jax.random.fold_in(loop.k_train, step))
-        theta, opt_state, finite = update(theta, opt_state, grad)
-        loss = float(info.loss)
-        bad = int(info.num_nonfinite)
-        if not bool(finite) or (bad and loop.nonfinite == "raise"):
-            raise _nonfinite_error(step, good, loss, bad, int(info.nonfinite_particle),
-                                   int(info.nonfinite_step))
-        inner_steps += int(info.inner_steps)
-        meta = loop.evaluation(step, theta) if loop.evaluates(step) else None
-        record = Record(step, inner_steps, loss, meta, bad)
-        history.append(record)
-        if loop.on_state is not None:
-            loop.on_state(TrainState(theta, opt_state, state, step, inner_steps))
-        if loop.callback is not None and loop.callback(record, theta) is True:
-            break
-    return TrainResult(theta, history)
+def _log_record(loggers: Sequence[Any], record: Record) -> None:
+    metrics = {"loss": record.loss, "meta_objective": record.meta_objective,
+               "nonfinite": record.nonfinite if record.nonfinite else None}
+    metrics = {k: float(v) for k, v in metrics.items() if v is not None}
+    for logger in loggers:
+        logger.log_metrics(record.step, metrics, record.inner_steps)
+
+
+def _logging_callback(callback, loggers):
+    """``callback`` that first sends the record to ``loggers``."""
+
+    def logged(record, theta):
+        _log_record(loggers, record)
+        return None if callback is None else callback(record, theta)
+
+    return logged
 
 
 class _ChunkOut(NamedTuple):
-    """Per-step outputs of one chunk, leaves [steps_per_call, ...] (rows past the steps run
-    are zeros): each step's EstimateInfo, the update's finiteness and, when a callback wants
-    them, theta after each step."""
+    """Per-step outputs of one chunk, leaves [MAX_STEPS_PER_CALL, ...] (rows past the steps
+    run are zeros): each step's EstimateInfo, the update's finiteness and theta after each
+    step."""
 
     info: EstimateInfo
     finite: jax.Array
     thetas: PyTree
 
 
-def _chunk_runner(estimator, apply, k_train, steps_per_call, stop_on_nonfinite_loss,
-                  keep_thetas):
-    """A jitted ``run(theta, opt_state, state, first, count)``: outer steps first, ...,
-    first + count - 1 (count <= steps_per_call) in one ``lax.while_loop``, each exactly the
-    unchunked loop's step (key fold_in(k_train, step), estimate, apply). It stops after the
-    first step that must not be applied (a non-finite gradient, or with
-    ``stop_on_nonfinite_loss`` a NaN/inf loss); that step's carry is then returned as computed
-    (the caller re-runs the steps before it). Returns (theta, opt_state, state, steps run,
-    stopped, _ChunkOut)."""
-    M = steps_per_call
+
+def _chunk_runner(estimator, optimizer, stop_on_nonfinite_loss):
+    """A jitted ``run(theta, opt_state, state, k_train, first, count)``: outer steps first,
+    ..., first + count - 1 (count <= MAX_STEPS_PER_CALL) in one ``lax.while_loop``, each
+    the same step (key fold_in(k_train, step), estimate, optimizer update). The trip count is
+    an argument, so one program runs every chunk size and a step's result never depends on
+    how the run was chunked. It stops after the first step that must not be applied (a
+    non-finite gradient, or with ``stop_on_nonfinite_loss`` a NaN/inf loss); that step's
+    carry is then returned as computed (the caller re-runs the steps before it). Returns
+    (theta, opt_state, state, steps run, stopped, _ChunkOut)."""
+    # Kept on the estimator and reused by every train call with it: a fresh jit per call
+    # would compile the whole estimate again each time (what made chunking slow before).
+    cache = getattr(estimator, "_pes_chunk_runners", None)
+    if cache is None:
+        cache = {}
+        try:
+            estimator._pes_chunk_runners = cache
+        except AttributeError:  # slots or frozen: compiled per train call
+            pass
+    cache_key = (optimizer, bool(stop_on_nonfinite_loss))
+    try:
+        return cache[cache_key]
+    except (KeyError, TypeError):
+        pass
+    apply = _applier(optimizer)
+    M = MAX_STEPS_PER_CALL
 
     def rows(x):  # an array or a ShapeDtypeStruct
         return jnp.zeros((M,) + jnp.shape(x), x.dtype)
 
-    def run(theta, opt_state, state, first, count):
+    def run(theta, opt_state, state, k_train, first, count):
         probe = jax.eval_shape(estimator.estimate, state, theta, k_train)[2]
         out = _ChunkOut(jax.tree_util.tree_map(rows, probe), rows(jnp.bool_(True)),
-                        jax.tree_util.tree_map(rows, theta) if keep_thetas else ())
+                        jax.tree_util.tree_map(rows, theta))
 
         def body(carry):
             i, theta, opt_state, state, _, out = carry
@@ -327,9 +399,9 @@ def _chunk_runner(estimator, apply, k_train, steps_per_call, stop_on_nonfinite_l
             if stop_on_nonfinite_loss:
                 stop = stop | (info.num_nonfinite > 0)
             put = lambda buf, x: buf.at[i].set(x)
-            out = _ChunkOut(
-                jax.tree_util.tree_map(put, out.info, info), put(out.finite, finite),
-                jax.tree_util.tree_map(put, out.thetas, theta) if keep_thetas else ())
+            out = _ChunkOut(jax.tree_util.tree_map(put, out.info, info),
+                            put(out.finite, finite), jax.tree_util.tree_map(put, out.thetas,
+                                                                            theta))
             return i + 1, theta, opt_state, state, stop, out
 
         def cond(carry):
@@ -341,57 +413,97 @@ def _chunk_runner(estimator, apply, k_train, steps_per_call, stop_on_nonfinite_l
                          jnp.zeros((), bool), out))
         return theta, opt_state, state, i, stopped, out
 
-    return jax.jit(run)
+    compiled = jax.jit(run)
+    try:
+        cache[cache_key] = compiled
+    except TypeError:  # an unhashable optimizer: compiled per call
+        pass
+    return compiled
+
+
+class _Sizer:
+    """Chunk sizes: a fixed steps_per_call, or 'auto': ``start`` (1 for a program not run
+    before: its first call compiles), then about AUTO_CALL_S seconds' worth of steps, growing
+    at most 4x per call. ``size`` is kept for the next train call with the same program."""
+
+    def __init__(self, steps_per_call: int | str, start: int = 1):
+        self.fixed = None if steps_per_call == "auto" else int(steps_per_call)
+        self.size, self.calls = start, 0
+
+    def next(self) -> int:
+        return self.fixed if self.fixed is not None else self.size
+
+    def measured(self, steps: int, seconds: float) -> None:
+        self.calls += 1
+        if self.fixed is not None or self.calls < 2 or steps < 1:
+            return  # the first call's time is mostly compilation
+        per_step = max(seconds / steps, 1e-7)
+        want = int(AUTO_CALL_S / per_step)
+        self.size = max(1, min(want, 4 * self.size, MAX_STEPS_PER_CALL))
+
+
+def _chunk_end(loop: _Loop, step: int, size: int) -> int:
+    end = min(step + size, loop.num_steps)
+    if loop.eval_every is not None:
+        end = min(end, (step // loop.eval_every + 1) * loop.eval_every)
+    return end
 
 
 def _train_in_chunks(loop: _Loop, start: TrainState, history: History) -> TrainResult:
-    """train's loop with ``steps_per_call`` outer steps per compiled call (see train).
+    """train's loop: chunks of steps, each one compiled call (see train).
 
-    A chunk ends at the next evaluation step, at num_steps, or after steps_per_call steps;
-    its per-step records come back in one read. When a step must not be applied, the chunk is
+    A chunk ends at the next evaluation step, at num_steps, or after the chunk size; its
+    per-step records come back in one read. When a step must not be applied, the chunk is
     run again up to the step before it (the same program on the same inputs: the same
     result), which gives the last good state for the error."""
-    callback, on_state, eval_every = loop.callback, loop.on_state, loop.eval_every
-    run = _chunk_runner(loop.estimator, loop.apply, loop.k_train, loop.steps_per_call,
-                        loop.nonfinite == "raise", callback is not None)
+    run = loop.run
     theta, opt_state, state, step, inner_steps = start
+    memory = getattr(run, "__dict__", {})
+    sizer = _Sizer(loop.steps_per_call, memory.get("pes_auto_size", 1))
     stop_requested = False
     while step < loop.num_steps and not stop_requested:
-        end = min(step + loop.steps_per_call, loop.num_steps)
-        if eval_every is not None:
-            end = min(end, (step // eval_every + 1) * eval_every)
-        first, count = step + 1, end - step
+        first, count = step + 1, _chunk_end(loop, step, sizer.next()) - step
+        tic = time.perf_counter()
         new_theta, new_opt_state, new_state, ran, stopped, out = run(
-            theta, opt_state, state, first, count)
-        ran, stopped, out = jax.device_get((ran, stopped, out))
+            theta, opt_state, state, loop.k_train, first, count)
+        ran, stopped, info = jax.device_get((ran, stopped, out.info))
         ran, stopped = int(ran), bool(stopped)
+        sizer.measured(ran, time.perf_counter() - tic)
+        if sizer.fixed is None and sizer.calls >= 2:
+            memory["pes_auto_size"] = sizer.size
         good = ran - 1 if stopped else ran
         if stopped and good > 0:
-            new_theta, new_opt_state, new_state, *_ = run(theta, opt_state, state, first, good)
+            new_theta, new_opt_state, new_state, *_ = run(theta, opt_state, state,
+                                                          loop.k_train, first, good)
         if good > 0:
             theta, opt_state, state = new_theta, new_opt_state, new_state
+        thetas = out.thetas
+        if loop.callback is not None and good > 1:
+            thetas = jax.device_get(jax.tree_util.tree_map(lambda x, n=good: x[:n], thetas))
         for i in range(good):
             step = first + i
-            inner_steps += int(out.info.inner_steps[i])
+            inner_steps += int(info.inner_steps[i])
             last = i == good - 1
             meta = None
             if last and not stopped and loop.evaluates(step):
                 meta = loop.evaluation(step, theta)
-            record = Record(step, inner_steps, float(out.info.loss[i]), meta,
-                            int(out.info.num_nonfinite[i]))
+                history.thetas[step] = theta
+            record = Record(step, inner_steps, float(info.loss[i]), meta,
+                            int(info.num_nonfinite[i]))
             history.append(record)
-            if last and on_state is not None:
-                on_state(TrainState(theta, opt_state, state, step, inner_steps))
-            if callback is not None:
-                theta_i = jax.tree_util.tree_map(lambda x, i=i: x[i], out.thetas)
-                if callback(record, theta_i) is True:
+            if last and loop.on_state is not None:
+                loop.on_state(TrainState(theta, opt_state, state, step, inner_steps))
+            if loop.callback is not None:
+                theta_i = theta if last else jax.tree_util.tree_map(lambda x, i=i: x[i],
+                                                                     thetas)
+                if loop.callback(record, theta_i) is True:
                     stop_requested = True
         if stopped and not stop_requested:
             b = ran - 1
             raise _nonfinite_error(
                 first + b, TrainState(theta, opt_state, state, first + b - 1, inner_steps),
-                float(out.info.loss[b]), int(out.info.num_nonfinite[b]),
-                int(out.info.nonfinite_particle[b]), int(out.info.nonfinite_step[b]))
+                float(info.loss[b]), int(info.num_nonfinite[b]),
+                int(info.nonfinite_particle[b]), int(info.nonfinite_step[b]))
         if stopped:
             break
     return TrainResult(theta, history)

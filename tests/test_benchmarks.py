@@ -21,7 +21,10 @@ def load(name):
 
 @pytest.mark.parametrize("name, rows", [
     ("overhead", ["| influence balancing |", "| toy regression |", "| MLP |", "| unrolled |"]),
-    ("peers", ["| pes.train |", "| pes.train M=50 |", "| pes loop |", "| pes scan |", "| numpy |"]),
+    ("peers", ["| pes.train |", "| pes.train M=50 |", "| pes.train default |", "| pes loop |",
+               "| pes scan |", "| numpy |"]),
+    ("chunking", ["| toy regression (40 steps) | none | default |",
+                  "| toy regression (40 steps) | every 20 | 50 |"]),
     ("memory", ["| 10 |"]),
     ("scaling", ["| toy regression | 8 | 2 | 1 |", "| toy regression | 8 | 2 | 2 |"]),
     ("gym_throughput", ["InvertedPendulum-v5, 2 antithetic pairs", "PES / gymnasium sync:"]),

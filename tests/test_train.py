@@ -180,9 +180,9 @@ def test_steps_per_call_runs_the_same_steps_and_reports_each():
     assert_histories_close(h1, h3)
     assert [r.step for r in h3.evaluated()] == [0, 4, 8, 11]
     assert_trees_close(theta1, theta3)
-    # The callback sees every step with that step's theta; states come at chunk ends, which
-    # fall on evaluation steps and at num_steps.
-    assert [r for r, _ in seen3] == list(h3)[1:]
+    # The callback sees every step (the step-0 evaluation too) with that step's theta; states
+    # come at chunk ends, which fall on evaluation steps and at num_steps.
+    assert [r for r, _ in seen3] == list(h3)
     for (_, a), (_, b) in zip(seen1, seen3, strict=True):
         assert_trees_close(a, b)
     assert [s.step for s in states1] == list(range(1, 12))

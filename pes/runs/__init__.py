@@ -22,11 +22,18 @@ from pes.runs.registry import (
     TaskEntry,
     available_estimators,
 )
-from pes.runs.run import RunResult, execute_run, read_config, read_metrics, resume_run
+from pes.runs.run import (
+    RunResult,
+    execute_run,
+    read_config,
+    read_metrics,
+    resume_run,
+    tracking,
+)
 
 __all__ = [
     "ESTIMATORS", "ESTIMATOR_NAMES", "TASKS", "TASK_NAMES", "ConfigError", "EstimatorEntry",
     "RunConfig", "RunFailed", "RunInterrupted", "RunResult", "Setup", "TaskEntry",
     "available_estimators", "build", "build_setup", "execute_run", "load_config_file",
-    "read_config", "read_metrics", "resume_run",
+    "read_config", "read_metrics", "resume_run", "tracking",
 ]

@@ -15,13 +15,17 @@ A run directory holds
   the run started, summed over its sessions);
 * ``checkpoints/``: the last few checkpoints of the complete run state (:mod:`pes.runs.checkpoint`),
   written every ``checkpoint_every`` outer steps (or every CHECKPOINT_INTERVAL_S seconds when
-  it is None; with ``steps_per_call`` > 1 at the first chunk end at or after each multiple,
-  since states come at chunk ends only), after the last one, on SIGINT/SIGTERM and before a
-  non-finite loss stops the run; each records how far metrics.jsonl had got;
+  it is None; with calls of several steps (``steps_per_call``) at the first call end at or
+  after each multiple, since states come at call ends only), after the last one, on
+  SIGINT/SIGTERM and before a non-finite loss stops the run; each records how far
+  metrics.jsonl had got;
 * ``summary.json``: ``status`` ('completed', 'failed' or 'interrupted'), ``error``,
   ``final_theta``, ``final_meta_loss``, ``final_metrics``, ``inner_steps``, ``wall_time_s``,
   ``outer_steps``, ``checkpoint_step`` and more, written when the run ends for any reason;
-* ``meta_objective.png`` (the task's metric against inner steps) and ``theta.png``.
+* ``meta_objective.png`` (the task's metric against inner steps) and ``theta.png``;
+* with trackers (``log=['tensorboard', 'wandb', 'mlflow']``, ``pes run --log ...``):
+  ``tensorboard/``, ``wandb/`` and ``mlruns/`` (:mod:`pes.loggers`), which get the config,
+  every metrics line and the final plots.
 
 An existing non-empty directory is refused unless ``overwrite=True``, and even then only a
 pes run directory (one with a config.json or metrics.jsonl) is cleared, and only of the
@@ -52,6 +56,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +64,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from pes import loggers as trackers
 from pes.runs import memory, plots
 from pes.runs.checkpoint import (
     CheckpointDamaged,
@@ -87,7 +93,7 @@ CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "checkpoints.damaged"  # where resume moves checkpoints that failed their checks
 # What a run writes (with what a task's export adds); --overwrite removes exactly these.
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, TIMING_FILE, SUMMARY_FILE, METRIC_PLOT, THETA_PLOT,
-             CHECKPOINT_DIR, DAMAGED_DIR) + export_files()
+             CHECKPOINT_DIR, DAMAGED_DIR, "tensorboard", "wandb", "mlruns") + export_files()
 MAX_LOGGED_THETA = 16
 MAX_PRINTED_THETA = 64  # a longer theta is printed as its first numbers and its size
 KEEP_CHECKPOINTS = 2  # the default of keep_checkpoints (--keep-checkpoints)
@@ -337,8 +343,14 @@ def execute_run(
     progress: bool = True,
     desc: str | None = None,
     leave: bool = True,
+    log: str | Sequence[str] | None = None,
 ) -> RunResult:
     """Run ``config`` to the end, recording it in its run directory (``config.out``).
+
+    ``log``: experiment trackers ('tensorboard', 'wandb', 'mlflow'; a list or a comma-separated
+    string) that also get the config, every metrics line and the plots, writing inside the
+    run directory (:func:`pes.loggers.make_loggers`); None: those of an enclosing
+    :func:`tracking` block, else none. Only process 0 logs.
 
     Settings are resolved and checked (ConfigError) before anything is written. Shows a tqdm
     progress bar with the current meta-objective when ``progress``. Checkpoints the run every
@@ -349,6 +361,7 @@ def execute_run(
     checkpointed) or a KeyboardInterrupt; summary.json and the plots are written in every
     case.
     """
+    log = check_log(log)
     setup = build_setup(config)
     cfg = setup.config
     entry = get_task(cfg.task)
@@ -362,7 +375,7 @@ def execute_run(
             run_dir = prepare_run_dir(cfg.out, overwrite)
             write_json(run_dir / CONFIG_FILE, cfg.to_dict())
         barrier("pes-run-dir-ready")
-        return _Recorder(setup, entry, run_dir, progress, desc, leave).run()
+        return _Recorder(setup, entry, run_dir, progress, desc, leave, log=log).run()
 
 
 def check_memory(setup: Setup) -> None:
@@ -394,6 +407,34 @@ def _locked(run_dir: Path, field: str) -> Iterator[None]:
         lock.release()
 
 
+_TRACKING: ContextVar[tuple[str, ...]] = ContextVar("pes_tracking", default=())
+
+
+@contextmanager
+def tracking(log: str | Sequence[str] | None) -> Iterator[None]:
+    """Inside this block, every run that is not given ``log`` logs to these trackers (how
+    ``pes compare --log`` reaches the runs of a comparison)."""
+    token = _TRACKING.set(tuple(check_log(log)))
+    try:
+        yield
+    finally:
+        _TRACKING.reset(token)
+
+
+def check_log(log: str | Sequence[str] | None) -> list[str]:
+    """The tracker names of ``log`` (None: the enclosing :func:`tracking` block's), each
+    importable; a ConfigError naming the unknown name or the extra to install."""
+    if log is None:
+        return list(_TRACKING.get())
+    try:
+        names = trackers.parse_logger_names(log)
+        for name in names:
+            trackers.require(name)
+    except (ValueError, trackers.MissingExtraError) as e:
+        raise ConfigError(str(e), field="log") from None
+    return names
+
+
 @dataclass
 class _Resumed:
     """Where a resumed run starts: its checkpointed state and the metrics lines kept."""
@@ -412,6 +453,7 @@ def resume_run(
     progress: bool = True,
     desc: str | None = None,
     leave: bool = True,
+    log: str | Sequence[str] | None = None,
 ) -> RunResult:
     """Continue the run in ``run_dir`` from its latest checkpoint, to ``num_steps``.
 
@@ -420,8 +462,10 @@ def resume_run(
     nonfinite, and must otherwise agree with it (ConfigError). metrics.jsonl and
     timing.jsonl are cut back to the lines the checkpoint recorded and continued, so every
     step appears once; the theta trajectory is exactly that of an uninterrupted run.
-    Raises like :func:`execute_run`.
+    ``log`` as for :func:`execute_run` (trackers get the steps after the checkpoint). Raises
+    like :func:`execute_run`.
     """
+    log = check_log(log)
     run_dir = Path(run_dir)
     where = f"--resume {run_dir}"
     if not run_dir.exists():
@@ -434,7 +478,7 @@ def resume_run(
         raise ConfigError(f"{where}: not a pes run directory (it has no {CONFIG_FILE})",
                           field="resume")
     with _locked(run_dir, "resume"):
-        return _resume_locked(run_dir, overrides, progress, desc, leave)
+        return _resume_locked(run_dir, overrides, progress, desc, leave, log)
 
 
 class CheckpointFallbackWarning(RunWarning):
@@ -442,7 +486,7 @@ class CheckpointFallbackWarning(RunWarning):
 
 
 def _resume_locked(run_dir: Path, overrides: dict[str, Any] | None, progress: bool,
-                   desc: str | None, leave: bool) -> RunResult:
+                   desc: str | None, leave: bool, log: list[str]) -> RunResult:
     where = f"--resume {run_dir}"
     overrides = dict(overrides or {})
     out = overrides.pop("out", None)
@@ -480,7 +524,7 @@ def _resume_locked(run_dir: Path, overrides: dict[str, Any] | None, progress: bo
     resumed = _Resumed(state, records, float(meta.get("elapsed_s", 0.0)), checkpointer,
                        int(meta["metrics_bytes"]))
     return _Recorder(setup, get_task(cfg.task), run_dir, progress, desc, leave,
-                     resumed).run()
+                     resumed, log=log).run()
 
 
 def _restore_intact(checkpointer: Checkpointer, setup: Setup, where: str
@@ -602,7 +646,8 @@ class _Recorder:
     """Drives pes.train and writes the run directory as it goes."""
 
     def __init__(self, setup: Setup, entry: TaskEntry, run_dir: Path, progress: bool,
-                 desc: str | None, leave: bool, resumed: _Resumed | None = None):
+                 desc: str | None, leave: bool, resumed: _Resumed | None = None,
+                 log: Sequence[str] = ()):
         from tqdm import tqdm
 
         self.setup, self.entry, self.run_dir = setup, entry, run_dir
@@ -645,6 +690,9 @@ class _Recorder:
             self.timing = CountingWriter()
         self.checkpointer = resumed.checkpointer if resumed else Checkpointer(
             run_dir / CHECKPOINT_DIR, max_to_keep=cfg.keep_checkpoints or KEEP_CHECKPOINTS)
+        self.trackers = _Trackers(log if self.primary else (), run_dir,
+                                  f"{cfg.task} {cfg.estimator} seed {cfg.seed}")
+        self.trackers.call("log_config", cfg.to_dict())
 
     def notice(self, text: str) -> None:
         if self.primary:
@@ -672,15 +720,13 @@ class _Recorder:
             obj["theta"] = _theta_value(theta)
         obj = jsonable(obj)
         self.metrics.write(obj)
+        self.trackers.call("log_metrics", step, trackers.flat_metrics(obj), inner_steps)
         self.timing.write({"step": step, "wall_time_s": round(self.elapsed(), 4)})
         self.records.append(obj)
 
     def evaluate(self, theta: Any, key: jax.Array) -> float:
         evals = {k: float(v) for k, v in self.evaluator(theta, key).items()}
-        if not self.records and self.outer_steps == 0:
-            self._write(0, 0, None, theta, evals)
-            self._show(evals)
-        self.pending_eval = evals
+        self.pending_eval = evals  # written by the callback of the same record
         return evals["meta_loss"]
 
     def _show(self, evals: dict[str, float]) -> None:
@@ -702,6 +748,8 @@ class _Recorder:
                     int(getattr(record, "nonfinite", 0) or 0))
         if evals is not None:
             self._show(evals)
+        if record.step == 0:  # the evaluation before training
+            return False
         self.bar.update(1)
         state = self.pending_state
         stop = self.signal
@@ -766,6 +814,8 @@ class _Recorder:
                         callback=self.callback, evaluate_fn=self.evaluate,
                         nonfinite=cfg.nonfinite, on_state=self.on_state,
                         resume=self.resumed.state if self.resumed else None,
+                        # One step per call unless asked: SIGINT and checkpoint_every act
+                        # after the exact step (a chunked run gives the same results).
                         steps_per_call=cfg.steps_per_call or 1)
                     self.theta = result.theta
                     if self.stop_signal is not None and self.outer_steps < cfg.num_steps:
@@ -818,6 +868,11 @@ class _Recorder:
                     if status == "completed":
                         status, error = "failed", f"{writer.path}: {e}"
             run_result = self._finish(status, error)
+            for plot in (METRIC_PLOT, THETA_PLOT):
+                if (self.run_dir / plot).is_file():
+                    self.trackers.call("log_image", f"plots/{Path(plot).stem}",
+                                        self.run_dir / plot)
+            self.trackers.close()
         if status == "failed":
             raise RunFailed(f"{cfg.task} {cfg.estimator} seed {cfg.seed}: {error}", run_result)
         if status == "interrupted":
@@ -890,6 +945,33 @@ class _Recorder:
         except Exception as e:  # a plot must never cost the run its summary
             warnings.warn(f"could not plot {self.run_dir}: {e}", stacklevel=2)
         return result
+
+
+class _Trackers:
+    """The run's experiment trackers; one that fails is reported once and left out (a
+    tracker must never cost the run)."""
+
+    def __init__(self, names: Sequence[str], run_dir: Path, run_name: str):
+        self.loggers = []
+        for name in names:
+            try:
+                self.loggers += trackers.make_loggers([name], run_dir, run_name)
+            except Exception as e:
+                warnings.warn(f"--log {name}: could not start ({type(e).__name__}: {e}); the "
+                              "run goes on without it", stacklevel=2)
+
+    def call(self, method: str, *args: Any) -> None:
+        for logger in list(self.loggers):
+            try:
+                getattr(logger, method)(*args)
+            except Exception as e:
+                warnings.warn(f"{type(logger).__name__}.{method} failed ({type(e).__name__}: "
+                              f"{e}); it logs nothing more for this run", stacklevel=2)
+                self.loggers.remove(logger)
+
+    def close(self) -> None:
+        self.call("close")
+        self.loggers = []
 
 
 def _pes_version() -> str:
