@@ -164,6 +164,8 @@ def compare_training_runs(name: str, options: CompareOptions,
 
 def select_arms(experiment: Experiment, estimators: Sequence[str] | None) -> tuple[Arm, ...]:
     """The arms named by label or estimator name (all of them for None), in paper order."""
+    if not estimators and experiment.default_arms is not None:
+        estimators = experiment.default_arms
     if not estimators:
         return experiment.arms
     valid = experiment.arm_labels()
@@ -249,7 +251,8 @@ def run_comparison(
     if num_steps is not None:
         num_steps = check_int("num_steps", num_steps, 1)
     arms = select_arms(experiment, estimators)
-    out_dir = Path(out) if out is not None else Path("runs") / "compare" / experiment.name
+    folder = experiment.folder or experiment.name
+    out_dir = Path(out) if out is not None else Path("runs") / "compare" / folder
 
     plan: list[tuple[ArmResult, list[RunConfig]]] = []
     for arm in arms:
@@ -506,8 +509,7 @@ def write_results(experiment: Experiment, out_dir: Path, seeds: Sequence[int],
         "",
         f"{experiment.description[0].upper()}{experiment.description[1:]}.",
         "",
-        f"Paper: {experiment.expected}",
-        "",
+        *([f"Paper: {experiment.expected}", ""] if experiment.expected else []),
         f"Command: `{cmd}` ({wall_time_s:.1f} s in all). Seeds: {', '.join(map(str, seeds))}. "
         f"Final values are mean ± sample std over seeds; the metric is {experiment.metric_label}"
         " at the final theta.",

@@ -46,6 +46,7 @@ from pes.runs.config import RunConfig, make_task
 from pes.runs.errors import ConfigError
 from pes.runs.registry import ESTIMATOR_NAMES, get_estimator, get_task, unknown_name
 from pes.runs.run import remove_entries, write_json
+from pes.runs.user_task import is_user_spec, slug
 
 DIAGNOSE_JSON = "diagnose.json"
 DIAGNOSE_MD = "diagnose.md"
@@ -273,7 +274,8 @@ def run_diagnose(config: DiagnoseConfig, *,
     task = make_task(config.task, dict(get_task(config.task).options))
     T, points, notes = _resolve(config, task)
     theta = task.defaults().initial_theta()
-    out_dir = Path(config.out) if config.out else Path("runs") / "diagnose" / config.task
+    folder = slug(config.task) if is_user_spec(config.task) else config.task
+    out_dir = Path(config.out) if config.out else Path("runs") / "diagnose" / folder
     prepare_out_dir(out_dir, config.overwrite)
     result = DiagnoseResult(config, out_dir, T, int(np.size(theta)), notes=notes)
     for line in notes:

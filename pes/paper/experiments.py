@@ -74,6 +74,10 @@ class Experiment:
     level_arm: str | None = None
     runner: str = TRAINING_RUNS
     views: str | None = None
+    # The arms run when no --estimators are given (None: all); the output folder under
+    # runs/compare/ (None: the name).
+    default_arms: tuple[str, ...] | None = None
+    folder: str | None = None
 
     @property
     def metric_key(self) -> str:
@@ -241,7 +245,28 @@ EXPERIMENT_NAMES = tuple(EXPERIMENTS)
 IMAGE_COMPARISONS = tuple(name for name, e in EXPERIMENTS.items() if e.runner == IMAGES)
 
 
+def user_experiment(spec: str) -> Experiment:
+    """``pes compare FILE.py:fn`` (or ``package.module:fn``): training runs of a user's System
+    with every estimator it offers; the ES ones (PES, TES, and NRES and full ES when episodes
+    end) unless --estimators names others."""
+    from pes.runs.config import make_task
+    from pes.runs.user_task import ES_ESTIMATORS, normalize_spec, slug
+
+    task_name = normalize_spec(spec)
+    offered = tuple(make_task(task_name).defaults().estimators)
+    return Experiment(
+        name=spec, task=task_name, title=f"Your System {slug(spec)}",
+        description=f"training runs of the System from {spec}, each estimator with the "
+        "factory's default settings",
+        arms=tuple(Arm(n, n) for n in offered), log_y=False, plot_theta=True, expected="",
+        default_arms=tuple(n for n in offered if n in ES_ESTIMATORS), folder=slug(spec))
+
+
 def get_experiment(name: str, field_name: str = "experiment") -> Experiment:
+    from pes.runs.user_task import is_user_spec
+
+    if name not in EXPERIMENTS and is_user_spec(name):
+        return user_experiment(name)
     if name not in EXPERIMENTS:
         raise unknown_name(field_name, name, "experiment", EXPERIMENT_NAMES)
     return EXPERIMENTS[name]

@@ -5,6 +5,8 @@
   (estimator, optax optimizer and initial theta from a task's defaults with overrides);
 * :mod:`~pes.runs.run`: :func:`execute_run`, the run directory it writes, :func:`resume_run`;
 * :mod:`~pes.runs.checkpoint`: orbax checkpoints of a :class:`pes.TrainState`;
+* :mod:`~pes.runs.user_task`: a user's System as a task (``pes run FILE.py:fn``,
+  :class:`UserTask`);
 * :mod:`~pes.runs.distributed`: multi-process runs; :mod:`~pes.runs.plots`: a run's pictures.
 
 This layer knows train, tasks and estimators, never the paper's comparisons (:mod:`pes.paper`).
@@ -30,10 +32,11 @@ from pes.runs.run import (
     resume_run,
     tracking,
 )
+from pes.runs.user_task import UserTask
 
 __all__ = [
     "ESTIMATORS", "ESTIMATOR_NAMES", "TASKS", "TASK_NAMES", "ConfigError", "EstimatorEntry",
-    "RunConfig", "RunFailed", "RunInterrupted", "RunResult", "Setup", "TaskEntry",
+    "RunConfig", "RunFailed", "RunInterrupted", "RunResult", "Setup", "TaskEntry", "UserTask",
     "available_estimators", "build", "build_setup", "execute_run", "load_config_file",
     "read_config", "read_metrics", "resume_run", "tracking",
 ]

@@ -36,6 +36,7 @@ from pes.runs.gym_task import is_gym_task, outer_step_cap
 from pes.runs.registry import (
     ESTIMATOR_NAMES,
     ESTIMATOR_SETTINGS,
+    SPEC_SHAPES,
     TASK_NAMES,
     TASK_OPTIONS,
     EstimatorEntry,
@@ -45,6 +46,7 @@ from pes.runs.registry import (
     is_task_name,
     unknown_name,
 )
+from pes.runs.user_task import is_user_spec, normalize_spec, slug
 from pes.tasks.base import OPTIMIZER_NAMES, OptimizerSpec
 from pes.training import NONFINITE_POLICIES
 
@@ -326,10 +328,19 @@ class RunConfig:
             if self.num_steps is not None and self.num_steps != num_steps:
                 raise ConfigError(f"env_steps={self.env_steps} contradicts num_steps="
                                   f"{self.num_steps}: give one budget", field="env_steps")
-        eval_every = self.eval_every or max(1, num_steps // 100)
+        eval_every = (self.eval_every or getattr(task, "default_eval_every", None)
+                      or max(1, num_steps // 100))
         seed = self.seed
-        out = self.out or f"runs/{self.task}/{est.name}-seed{seed}"
-        theta0 = _resolve_theta0(self.theta0, defaults.theta0, task_entry)
+        folder = slug(self.task) if is_user_spec(self.task) else self.task
+        out = self.out or f"runs/{folder}/{est.name}-seed{seed}"
+        if getattr(task, "theta0_required", False):  # a user's factory that gave no theta0
+            if self.theta0 is None:
+                raise ConfigError(f"task={self.task!r} gives no theta0: pass --theta0 (e.g. "
+                                  "--theta0=0,0), or return (system, theta0) from the factory",
+                                  field="theta0")
+            theta0 = self.theta0
+        else:
+            theta0 = _resolve_theta0(self.theta0, defaults.theta0, task_entry)
         return dataclasses.replace(
             self, num_steps=num_steps, optimizer=optimizer, lr=lr, b1=b1,
             lr_schedule=lr_schedule,
@@ -389,8 +400,8 @@ class RunConfig:
 
 
 _REQUIRED_CHECKS = {
-    "task": lambda v: v if is_task_name(v) else _check_name("task", v, "task",
-                                                            TASK_NAMES + ("gym:ENV_ID",)),
+    "task": lambda v: (normalize_spec(v) if is_user_spec(v) else v) if is_task_name(v)
+    else _check_name("task", v, "task", TASK_NAMES + SPEC_SHAPES),
     "estimator": lambda v: _check_name("estimator", v, "estimator", ESTIMATOR_NAMES),
     "seed": lambda v: check_int("seed", v, 0, MAX_SEED),
     "nonfinite": lambda v: _check_name("nonfinite", v, "non-finite policy", NONFINITE_POLICIES),
@@ -598,7 +609,9 @@ def build_setup(config: RunConfig) -> Setup:
         estimator = _construct(entry, task, {**kwargs, "mesh": mesh})
     optimizer = make_optimizer(config.optimizer, config.lr, config.b1, config.lr_schedule or ())
     default = task.defaults().initial_theta()
-    theta0 = jnp.asarray(config.theta0, default.dtype).reshape(default.shape)
+    theta0 = jnp.asarray(config.theta0, default.dtype)
+    if not getattr(task, "theta0_required", False):  # else theta is --theta0's shape
+        theta0 = theta0.reshape(default.shape)
     if mesh is not None:
         # theta replicated on the mesh from the start, as every later theta is: the first
         # outer step then compiles the same programs as the rest.

@@ -282,19 +282,50 @@ def _gym_entry(name: str) -> TaskEntry:
     )
 
 
+def _user_entry(name: str) -> TaskEntry:
+    """The TaskEntry of a user's factory, 'FILE.py:fn' or 'package.module:fn' (imported and
+    called when the task is made: :mod:`pes.runs.user_task`)."""
+    from pes.runs import user_task
+
+    return TaskEntry(
+        name=name,
+        factory=functools.partial(user_task.make_user_task, name),
+        description=f"your System from {name}",
+        metric="meta_loss",
+        metric_label="mean per-step loss of unperturbed episodes",
+        log_y=False,
+        theta_names=("theta",),
+    )
+
+
+# Task specs besides the registered names: (is it one, its TaskEntry), tried in order.
+def _spec_resolvers() -> tuple[tuple[Callable[[str], bool], Callable[[str], TaskEntry]], ...]:
+    from pes.runs.user_task import is_user_spec
+
+    return ((lambda n: n.startswith("gym:") and len(n) > len("gym:"), _gym_entry),
+            (is_user_spec, _user_entry))
+
+
 def is_task_name(name: Any) -> bool:
-    """A registered task, or 'gym:ENV_ID' (any gymnasium id; checked when the task is made)."""
+    """A registered task, 'gym:ENV_ID' (any gymnasium id; checked when the task is made), or
+    a user's factory 'FILE.py:fn' / 'package.module:fn' (imported when the task is made)."""
     if not isinstance(name, str):
         return False
-    return name in TASKS or (name.startswith("gym:") and len(name) > len("gym:"))
+    return name in TASKS or any(match(name) for match, _ in _spec_resolvers())
 
 
 def get_task(name: str, field_name: str = "task") -> TaskEntry:
-    if name not in TASKS and is_task_name(name):
-        TASKS[name] = _gym_entry(name)
     if name not in TASKS:
-        raise unknown_name(field_name, name, "task", TASK_NAMES + ("gym:ENV_ID",))
+        for match, entry in _spec_resolvers():
+            if isinstance(name, str) and match(name):
+                TASKS[name] = entry(name)
+                break
+    if name not in TASKS:
+        raise unknown_name(field_name, name, "task", TASK_NAMES + SPEC_SHAPES)
     return TASKS[name]
+
+
+SPEC_SHAPES = ("gym:ENV_ID", "FILE.py:FUNCTION", "package.module:FUNCTION")
 
 
 # ------------------------------------------------------------------------------ estimators
