@@ -7,6 +7,7 @@
     pes run ... [--devices N] [--distributed [--coordinator-address H:P --num-processes N
                                               --process-id I]]
     pes compare EXPERIMENT [--seeds 0,1,2] [--num-steps N] [--out DIR]
+    pes run/compare/diagnose FILE.py:FUNCTION ...  (your own System, docs/user-systems.md)
     pes run/compare ... --log tensorboard[,wandb,mlflow]    (experiment trackers)
     pes surface toy-regression [--resolution R] [--runs DIR...] [--out FILE]
     pes diagnose TASK --estimators pes,tes,... [--truncation-lengths 1,10,100] [--replicates R]
@@ -212,7 +213,8 @@ class RunFlags:
 
     task: Annotated[str | None, typer.Argument(
         help=f"Task: {_names(TASK_NAMES)}, or gym:ENV_ID (any gymnasium environment, e.g. "
-        "gym:Hopper-v5). [default: from --config or --resume]",
+        "gym:Hopper-v5), or your System's factory, FILE.py:FUNCTION or package.module:FUNCTION "
+        "(docs/user-systems.md). [default: from --config or --resume]",
         show_default=False)] = None
     estimator: Annotated[str | None, typer.Option(
         "--estimator", "-e", help=f"Estimator: {_names(ESTIMATOR_NAMES)}.",
@@ -451,7 +453,9 @@ def parse_theta0(text: str | None) -> float | list[float] | None:
 
 @app.command("compare")
 def compare_command(
-    experiment: Annotated[str, typer.Argument(help=f"Experiment: {_names(EXPERIMENT_NAMES)}.",
+    experiment: Annotated[str, typer.Argument(help=f"Experiment: {_names(EXPERIMENT_NAMES)}; or "
+                                              "FILE.py:FUNCTION / package.module:FUNCTION, "
+                                              "your System (PES, TES, NRES, full ES).",
                                               show_default=False)],
     seeds: Annotated[str | None, typer.Option(
         help="Comma-separated seeds, or a range like 0-4. [default: 0,1,2; mnist-lr-schedule: "
@@ -562,7 +566,8 @@ def _csv(text: str | None) -> list[str] | None:
 
 @app.command("diagnose")
 def diagnose_command(
-    task: Annotated[str, typer.Argument(help=f"Task: {_names(TASK_NAMES)}.",
+    task: Annotated[str, typer.Argument(help=f"Task: {_names(TASK_NAMES)}, or FILE.py:FUNCTION "
+                                        "/ package.module:FUNCTION (your System).",
                                         show_default=False)],
     estimators: Annotated[str, typer.Option(
         "--estimators", "-e", help="Comma-separated estimators, e.g. pes,tes,nres.",
