@@ -333,14 +333,7 @@ class RunConfig:
         seed = self.seed
         folder = slug(self.task) if is_user_spec(self.task) else self.task
         out = self.out or f"runs/{folder}/{est.name}-seed{seed}"
-        if getattr(task, "theta0_required", False):  # a user's factory that gave no theta0
-            if self.theta0 is None:
-                raise ConfigError(f"task={self.task!r} gives no theta0: pass --theta0 (e.g. "
-                                  "--theta0=0,0), or return (system, theta0) from the factory",
-                                  field="theta0")
-            theta0 = self.theta0
-        else:
-            theta0 = _resolve_theta0(self.theta0, defaults.theta0, task_entry)
+        theta0 = _resolve_theta0(self.theta0, defaults.theta0, task_entry, task)
         return dataclasses.replace(
             self, num_steps=num_steps, optimizer=optimizer, lr=lr, b1=b1,
             lr_schedule=lr_schedule,
@@ -477,8 +470,16 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _resolve_theta0(value: Any, default: Any, entry: Any) -> float | tuple[float, ...]:
-    """``value`` (or the task's default) in the shape of the task's theta."""
+def _resolve_theta0(value: Any, default: Any, entry: Any, task: Any
+                    ) -> float | tuple[float, ...]:
+    """``value`` (or the task's default) in the shape of the task's theta; a user's factory
+    that gave no theta0 takes ``value`` as it is, and needs one."""
+    if getattr(task, "theta0_required", False):
+        if value is None:
+            raise ConfigError(f"task={entry.name!r} gives no theta0: pass --theta0 (e.g. "
+                              "--theta0=0,0), or return (system, theta0) from the factory",
+                              field="theta0")
+        return value
     if value is None:
         return default if isinstance(default, float | int) and not isinstance(default, bool) \
             else tuple(float(v) for v in default)
