@@ -356,6 +356,10 @@ class _ChunkOut(NamedTuple):
 
 
 
+# (estimator, optimizer, stop_on_nonfinite_loss) -> the jitted chunk loop of _chunk_runner.
+_CHUNK_RUNNERS: dict[tuple, Any] = {}
+_MAX_CHUNK_RUNNERS = 32
+
 def _chunk_runner(estimator, optimizer, stop_on_nonfinite_loss):
     """A jitted ``run(theta, opt_state, state, k_train, first, count)``: outer steps first,
     ..., first + count - 1 (count <= MAX_STEPS_PER_CALL) in one ``lax.while_loop``, each
@@ -365,19 +369,12 @@ def _chunk_runner(estimator, optimizer, stop_on_nonfinite_loss):
     non-finite gradient, or with ``stop_on_nonfinite_loss`` a NaN/inf loss); that step's
     carry is then returned as computed (the caller re-runs the steps before it). Returns
     (theta, opt_state, state, steps run, stopped, _ChunkOut)."""
-    # Kept on the estimator and reused by every train call with it: a fresh jit per call
-    # would compile the whole estimate again each time (what made chunking slow before).
-    cache = getattr(estimator, "_pes_chunk_runners", None)
-    if cache is None:
-        cache = {}
-        try:
-            estimator._pes_chunk_runners = cache
-        except AttributeError:  # slots or frozen: compiled per train call
-            pass
-    cache_key = (optimizer, bool(stop_on_nonfinite_loss))
+    # Reused by every train call with an equal estimator and the same optimizer (estimators
+    # are immutable values): a fresh jit per call would compile the whole estimate again.
+    cache_key = (estimator, optimizer, bool(stop_on_nonfinite_loss))
     try:
-        return cache[cache_key]
-    except (KeyError, TypeError):
+        return _CHUNK_RUNNERS[cache_key]
+    except (KeyError, TypeError):  # TypeError: an unhashable optimizer, compiled per call
         pass
     apply = _applier(optimizer)
     M = MAX_STEPS_PER_CALL
@@ -415,8 +412,10 @@ def _chunk_runner(estimator, optimizer, stop_on_nonfinite_loss):
 
     compiled = jax.jit(run)
     try:
-        cache[cache_key] = compiled
-    except TypeError:  # an unhashable optimizer: compiled per call
+        if len(_CHUNK_RUNNERS) >= _MAX_CHUNK_RUNNERS:  # a sweep over many settings
+            _CHUNK_RUNNERS.clear()
+        _CHUNK_RUNNERS[cache_key] = compiled
+    except TypeError:
         pass
     return compiled
 

@@ -10,10 +10,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "pes"
 LIMIT = 100
 
 # "module:function": why it may be longer for now. Keep this empty.
-ALLOWED = {
-    "pes.estimators._particles:window_scan": "the window core is being split on branch core "
-    "(issue 15, items 1-2)",
-}
+ALLOWED: dict[str, str] = {}
 
 
 def long_functions(root: Path = PACKAGE, limit: int = LIMIT) -> dict[str, int]:

@@ -1,6 +1,6 @@
 """Gradient estimators for unrolled computation graphs, one family per module."""
 
-from pes.estimators._particles import EstimateInfo, ParticleState
+from pes.estimators._particles import EpisodeParticleState, EstimateInfo, ParticleState
 from pes.estimators.backprop import TBPTT, FullBPTT
 from pes.estimators.full_es import FullES
 from pes.estimators.nres import NRES
@@ -11,5 +11,5 @@ from pes.estimators.uoro import UORO
 
 __all__ = [
     "PES", "TruncatedES", "FullES", "NRES", "TBPTT", "FullBPTT", "RTRL", "UORO", "EstimateInfo",
-    "ParticleState",
+    "ParticleState", "EpisodeParticleState",
 ]

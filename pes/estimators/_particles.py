@@ -70,15 +70,39 @@ class ParticleState(NamedTuple):
     t: [P] int32 step index inside each pair's episode.
     noise: estimator-specific per-pair noise carry (leaves [P, ...]).
     pending_steps: int32 inner steps spent in burn-in, reported by the next estimate.
-    ended: [P, M] bool, members whose episode ended early (``done``) and who wait for their
-      pair's episode slot to end at the horizon; None for systems without termination.
+
+    Systems whose step returns ``done`` get an EpisodeParticleState instead (one more field);
+    this one keeps its four fields, so that checkpoints written before termination existed
+    restore unchanged.
     """
 
     inner: PyTree
     t: jax.Array
     noise: PyTree
     pending_steps: jax.Array
-    ended: jax.Array | None = None
+
+
+class EpisodeParticleState(NamedTuple):
+    """ParticleState of a system with early termination; ``ended``: [P, M] bool, members whose
+    episode ended (``done``) and who wait for their pair's episode slot to end."""
+
+    inner: PyTree
+    t: jax.Array
+    noise: PyTree
+    pending_steps: jax.Array
+    ended: jax.Array
+
+
+def particle_state(inner, t, noise, pending, ended=None):
+    """ParticleState, or EpisodeParticleState when there are ``ended`` flags."""
+    if ended is None:
+        return ParticleState(inner, t, noise, pending)
+    return EpisodeParticleState(inner, t, noise, pending, ended)
+
+
+def state_ended(state) -> jax.Array | None:
+    """The ``ended`` flags of a particle state (None without termination)."""
+    return getattr(state, "ended", None)
 
 
 class WindowStats(NamedTuple):
@@ -718,7 +742,7 @@ class TruncatedEstimator(Estimator):
             if hooks is not None:
                 noise = self.end_window(noise)
             pending = taken_steps(stats, len(members))
-        return ParticleState(inner, t, noise, pending, ended)
+        return particle_state(inner, t, noise, pending, ended)
 
     def _estimate(self, state, theta, key):
         raise NotImplementedError
@@ -795,7 +819,7 @@ class ESEstimator(TruncatedEstimator, NoiseHooks):
         k_noise, k_window = jax.random.split(key)
         noise = self.start_window(state.noise, k_noise, theta)
         signs = self.signs + ((0.0,) if self.unperturbed_member else ())
-        inner, ended = state.inner, state.ended
+        inner, ended = state.inner, state_ended(state)
         if self.unperturbed_member:
             # Every member starts from the stored state (and its waiting flag).
             inner, ended = expand_members(tmap(lambda x: x[:, 0], (inner, ended)), len(signs))
@@ -809,4 +833,4 @@ class ESEstimator(TruncatedEstimator, NoiseHooks):
         grad = es_gradient(stats, self.sigma, self.antithetic, K, self.normalize_losses,
                            tuple(m != 0 for m in signs))
         info = window_info(stats, len(signs), K, state.pending_steps, len(self.signs))
-        return grad, ParticleState(inner, t, noise, jnp.zeros((), jnp.int32), ended), info
+        return grad, particle_state(inner, t, noise, jnp.zeros((), jnp.int32), ended), info

@@ -19,7 +19,7 @@ never counted as inner steps.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -203,10 +203,3 @@ def step_or_wait(step: Callable[[], tuple], live: jax.Array | None, state: PyTre
                 jnp.zeros(shapes[2].shape, bool))
 
     return jax.lax.cond(jnp.any(live), lambda: split_step(step()), wait)
-
-
-def terminates(system: Any, theta: PyTree, key: jax.Array) -> bool:
-    """Whether ``system.step`` returns ``(state, loss, done)`` (traced abstractly)."""
-    state = jax.eval_shape(system.init, key)
-    out = jax.eval_shape(system.step, state, theta, jnp.zeros((), jnp.int32), key)
-    return isinstance(out, tuple) and len(out) == 3

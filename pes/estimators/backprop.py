@@ -30,12 +30,13 @@ import jax.numpy as jnp
 
 from pes.estimators._particles import (
     IndependentParticles,
-    ParticleState,
     WindowStats,
     check_positive_int,
     init_inner,
+    particle_state,
     shard_pairs,
     stagger_offsets,
+    state_ended,
     taken_steps,
     window_info,
     window_scan,
@@ -59,15 +60,28 @@ class History(NamedTuple):
     t: [P] their step indices in the episode.
     keys: [P, D, 2, ...] the (step, reset) keys of the D buffered steps, oldest first.
     valid: [P, D] bool; False for slots before the particle's first step (replayed as no-ops).
-    ended: [P, 1] bool, the buffer's start was waiting after an early ``done`` (None: the
-      system has no termination).
+    (EpisodeHistory adds the buffer start's ``ended`` flags for systems with termination.)
     """
 
     inner: PyTree
     t: jax.Array
     keys: jax.Array
     valid: jax.Array
-    ended: jax.Array | None = None
+
+
+class EpisodeHistory(NamedTuple):
+    """History of a system with termination; ended: [P, 1] the buffer's start was waiting."""
+
+    inner: PyTree
+    t: jax.Array
+    keys: jax.Array
+    valid: jax.Array
+    ended: jax.Array
+
+
+def history(inner, t, keys, valid, ended=None):
+    return History(inner, t, keys, valid) if ended is None else EpisodeHistory(
+        inner, t, keys, valid, ended)
 
 
 def step_keys(pair_keys: jax.Array, steps: jax.Array) -> jax.Array:
@@ -176,14 +190,14 @@ class TBPTT(IndependentParticles):
         P = self.num_particles
         inner = init_inner(self.system, keys0.inner, P, 1)
         t = jnp.zeros((P,), jnp.int32)
-        ended = state_ended = None
+        ended = last_ended = None
         if check_step_output(self.system, theta, key):
             ended = jnp.zeros((P, 1), bool)
         offsets = stagger_offsets(keys0.offsets, P, self.horizon, self.stagger)
         if offsets is None:
             keys = jnp.broadcast_to(key, (P, D, 2) + key.shape)
-            history = History(inner, t, keys, jnp.zeros((P, D), bool), ended)
-            return ParticleState(inner, t, history, jnp.zeros((), jnp.int32), ended)
+            hist = history(inner, t, keys, jnp.zeros((P, D), bool), ended)
+            return particle_state(inner, t, hist, jnp.zeros((), jnp.int32), ended)
         # Burn in to D steps before each particle's offset (never negative), then record the
         # keys of the rest of its burn-in and replay them.
         (start, t_start, _, ended), stats = window_scan(
@@ -195,12 +209,12 @@ class TBPTT(IndependentParticles):
         keys = step_keys(jax.random.split(keys0.burn, P), jnp.maximum(idx, 0))
         # Without termination every burn-in step is taken; with it the replay counts its own.
         counted = jnp.zeros_like(valid) if ended is None else valid
-        (inner, t, state_ended), replayed = replay_scan(
+        (inner, t, last_ended), replayed = replay_scan(
             self.system, theta, start, t_start, keys, valid, counted, self.mesh, ended)
         pending = (jnp.sum(offsets) if ended is None
                    else taken_steps(stats, 1) + jnp.sum(replayed.taken))
-        history = History(start, t_start, keys, valid, ended)
-        return ParticleState(inner, t, history, pending, state_ended)
+        hist = history(start, t_start, keys, valid, ended)
+        return particle_state(inner, t, hist, pending, last_ended)
 
     def _estimate(self, state, theta, key):
         K = self.truncation_length
@@ -211,7 +225,7 @@ class TBPTT(IndependentParticles):
         def mean_loss(theta):
             (inner, t, _, ended), stats = window_scan(
                 self.system, theta, inner0, state.t, (), key, signs=(0.0,), num_steps=K,
-                hooks=None, mesh=self.mesh, ended=state.ended)
+                hooks=None, mesh=self.mesh, ended=state_ended(state))
             return jnp.sum(stats.loss_sum) / (self.num_particles * K), (inner, t, ended, stats)
 
         (loss, (inner, t, ended, stats)), grad = jax.value_and_grad(
@@ -219,7 +233,7 @@ class TBPTT(IndependentParticles):
         # A non-finite loss poisons the whole backward pass, so nothing is left out here: the
         # info names the particle and the outer loop refuses the gradient.
         info = window_info(stats, 1, K, state.pending_steps, 1)._replace(loss=loss)
-        return grad, ParticleState(inner, t, (), jnp.zeros((), jnp.int32), ended), info
+        return grad, particle_state(inner, t, (), jnp.zeros((), jnp.int32), ended), info
 
     def _estimate_deep(self, state, theta, key):
         """TBPTT(K, K + D): replay the D buffered steps and the window's K new ones from the
@@ -240,7 +254,7 @@ class TBPTT(IndependentParticles):
             # Split after K steps: that state is the start of the next window's buffer.
             (mid, t_mid, e_mid), first = replay_scan(
                 self.system, theta, start, hist.t, keys[:, :K], valid[:, :K], counted[:, :K],
-                self.mesh, hist.ended)
+                self.mesh, state_ended(hist))
             (inner, t, ended), rest = replay_scan(
                 self.system, theta, mid, t_mid, keys[:, K:], valid[:, K:], counted[:, K:],
                 self.mesh, e_mid)
@@ -250,8 +264,8 @@ class TBPTT(IndependentParticles):
         (loss, (inner, t, ended, mid, t_mid, e_mid, stats)), grad = jax.value_and_grad(
             mean_loss, has_aux=True)(theta)
         info = window_info(stats, 1, K, state.pending_steps, 1)._replace(loss=loss)
-        history = History(jax.lax.stop_gradient(mid), t_mid, keys[:, K:], valid[:, K:], e_mid)
-        return grad, ParticleState(inner, t, history, jnp.zeros((), jnp.int32), ended), info
+        new_hist = history(jax.lax.stop_gradient(mid), t_mid, keys[:, K:], valid[:, K:], e_mid)
+        return grad, particle_state(inner, t, new_hist, jnp.zeros((), jnp.int32), ended), info
 
 
 class FullBPTT(TBPTT):

@@ -24,13 +24,14 @@ from jax.flatten_util import ravel_pytree
 
 from pes.estimators._particles import (
     IndependentParticles,
-    ParticleState,
     WindowStats,
     expand_members,
     init_inner,
+    particle_state,
     select,
     shard_pairs,
     stagger_offsets,
+    state_ended,
     taken_steps,
     tmap,
     window_info,
@@ -105,20 +106,20 @@ class SensitivityEstimator(IndependentParticles):
             (inner, t, sens, ended), _, stats = self._window(
                 theta, inner, t, sens, keys.burn, self.horizon - 1, offsets, ended)
             pending = taken_steps(stats, 1)
-        return ParticleState(expand_members(inner, 1), t, sens, pending, ended)
+        return particle_state(expand_members(inner, 1), t, sens, pending, ended)
 
     def _estimate(self, state, theta, key):
         K = self.truncation_length
         inner = tmap(lambda x: x[:, 0], state.inner)
         (inner, t, sens, ended), grad_sum, stats = self._window(
-            theta, inner, state.t, state.noise, key, K, None, state.ended)
+            theta, inner, state.t, state.noise, key, K, None, state_ended(state))
         # Particles are independent, so one with a NaN/inf loss is left out of the mean (as
         # in the ES family); the info names it. No finite particle gives a NaN gradient.
         ok = stats.finite
         grad = tmap(lambda g: jnp.sum(select(ok, g, jnp.zeros_like(g)), 0) / (jnp.sum(ok) * K),
                     grad_sum)
         info = window_info(stats, 1, K, state.pending_steps, 1)
-        return grad, ParticleState(expand_members(inner, 1), t, sens,
+        return grad, particle_state(expand_members(inner, 1), t, sens,
                                    jnp.zeros((), jnp.int32), ended), info
 
     def _window(self, theta, inner, t, sens, key, num_steps, active, ended=None):
