@@ -58,6 +58,10 @@ def raises():
 
 def wrong():
     return 42
+
+
+def bad_defaults():
+    return Quadratic(), jnp.zeros(2), {"num_particles": "many"}
 '''
 FAST = ["--num-particles", "4", "--truncation-length", "4", "--no-progress"]
 
@@ -158,6 +162,8 @@ BAD_FILES = {
     "problem.py:raises": "problem.py: raises() raised ValueError: no data here (line",
     "problem.py:wrong": "problem.py: wrong() returned int, which is not a System",
     "no_such_module_xyz:f": "module 'no_such_module_xyz' cannot be imported",
+    "problem.py:bad_defaults": "problem.py: bad_defaults(): default num_particles='many' "
+    "must be an integer >= 1",
 }
 
 

@@ -191,10 +191,27 @@ def _unpack(result: Any, who: str) -> tuple[Any, Any, dict[str, Any]]:
     if unknown:
         raise ConfigError(f"{who}: unknown default setting {unknown[0]!r}; known: "
                           f"{', '.join(DEFAULT_KEYS)}", field="task")
+    for key, value in defaults.items():
+        _check_default(who, key, value)
     if theta0 is None:
         own = getattr(system, "theta0", None)
         theta0 = own() if callable(own) else own
     return system, theta0, defaults
+
+
+def _check_default(who: str, key: str, value: Any) -> None:
+    """A ConfigError for a default setting of the wrong type or range."""
+    if key == "optimizer":
+        ok = value in ("sgd", "adam")
+        want = "'sgd' or 'adam'"
+    elif key in ("sigma", "lr"):
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+        want = "a number > 0"
+    else:
+        ok = isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= 1
+        want = "an integer >= 1"
+    if not ok:
+        raise ConfigError(f"{who}: default {key}={value!r} must be {want}", field="task")
 
 
 class UserSystemTask:
