@@ -200,10 +200,8 @@ def train(
     refused by ``estimate`` with the leaf named.
 
     Examples:
-        PES with SGD on a System whose loss is (theta - 3)^2 at every step:
-
         >>> import jax, jax.numpy as jnp, optax, pes
-        >>> class Quadratic:
+        >>> class Quadratic:    # loss (theta - 3)^2 at every step
         ...     horizon = 5
         ...     def init(self, key):
         ...         return jnp.float32(0.0)

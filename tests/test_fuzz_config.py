@@ -28,10 +28,10 @@ SETTINGS = dict(deadline=None, derandomize=True,
 
 INT_FIELDS = {"seed": 0, "num_steps": 1, "num_particles": 1, "truncation_length": 1,
               "backprop_depth": 1, "eval_every": 1, "checkpoint_every": 1, "devices": 1,
-              "steps_per_call": 1, "keep_checkpoints": 1}
+              "steps_per_call": 1, "keep_checkpoints": 1, "env_steps": 1}
 POSITIVE_FLOATS = ("sigma", "lr")
 NAME_FIELDS = ("estimator", "optimizer", "nonfinite", "dataset", "size", "objective",
-               "backend", "task")
+               "backend", "task", "policy")
 SCALARS = st.one_of(st.text(min_size=1, max_size=8), st.booleans(),
                     st.lists(st.integers(), min_size=1, max_size=3))
 
@@ -49,7 +49,10 @@ def bad_value(name: str) -> st.SearchStrategy:
     if name == "b1":
         return st.one_of(st.floats(min_value=1.0), st.floats(max_value=-1e-9), st.just(math.nan))
     if name in NAME_FIELDS:
-        return st.one_of(st.text(max_size=12).filter(lambda s: s not in _valid_names(name)),
+        # No ':' in a bad name: "module:function" is a user System's spec, which imports and
+        # calls what it names.
+        return st.one_of(st.text(max_size=12).filter(lambda s: s not in _valid_names(name)
+                                                     and ":" not in s),
                          st.integers(), st.booleans())
     if name == "theta0":
         return st.one_of(st.just([]), st.text(min_size=1, max_size=5),
@@ -68,7 +71,7 @@ def _valid_names(name: str) -> tuple:
     return {"estimator": ESTIMATOR_NAMES, "task": TASK_NAMES, "optimizer": ("sgd", "adam"),
             "nonfinite": ("raise", "drop"), "dataset": config.DATASET_NAMES,
             "size": config.TASK_SIZES, "objective": config.OBJECTIVES,
-            "backend": ("mujoco", "mjx")}[name]
+            "backend": ("mujoco", "mjx"), "policy": ("linear", "mlp")}[name]
 
 
 FIELDS = sorted(set(RunConfig.fields()) - {"out", "normalize_losses", "stagger"})

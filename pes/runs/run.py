@@ -246,7 +246,8 @@ def check_run_dir(path: Path | str, overwrite: bool = False) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"out={str(path)!r} exists and is not a directory", field="out")
-    record = lock_holder(path) if path.is_dir() else None
+    # Process 0 alone reads the lock: the others would see its own lock, taken meanwhile.
+    record = lock_holder(path) if path.is_dir() and is_primary() else None
     if record is not None and record.get("pid") != os.getpid():
         raise RunLocked(lock_refusal(path, record), record, field="out")
     if path.is_dir() and any(p.name != LOCK_FILE for p in path.iterdir()):
@@ -472,7 +473,8 @@ def resume_run(
         raise ConfigError(f"{where}: the directory does not exist", field="resume")
     if not run_dir.is_dir():
         raise ConfigError(f"{where}: not a directory", field="resume")
-    if (record := lock_holder(run_dir)) is not None:  # in use: say so before anything else
+    # In use: said before anything else (by process 0, as above).
+    if is_primary() and (record := lock_holder(run_dir)) is not None:
         raise RunLocked(lock_refusal(run_dir, record), record, field="resume")
     if not (run_dir / CONFIG_FILE).is_file():
         raise ConfigError(f"{where}: not a pes run directory (it has no {CONFIG_FILE})",
