@@ -223,7 +223,7 @@ def train(
         eval_steps=eval_steps, nonfinite=nonfinite, resume=resume, on_state=on_state,
         steps_per_call=steps_per_call)
     history = History()
-    if loop.eval_every is not None and start.step == 0:
+    if loop.eval_every is not None and resume is None:  # a resumed run has its step 0
         record = Record(0, 0, None, loop.evaluation(0, start.theta))
         history.append(record)
         history.thetas[0] = start.theta
