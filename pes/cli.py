@@ -294,8 +294,9 @@ class RunFlags:
     size: Annotated[str | None, typer.Option("--size", **_SIZE)] = None
     objective: Annotated[str | None, typer.Option("--objective", **_OBJECTIVE)] = None
     backend: Annotated[str | None, typer.Option(
-        help="swimmer: its simulator, mujoco (C, through a host callback) or mjx (pure JAX "
-        "through mujoco.mjx, for GPUs/TPUs; pip install 'pes[mjx]'). [default: mujoco]",
+        help="swimmer and gym:ENV_ID (the MuJoCo suite): the simulator, mujoco (C, through a "
+        "host callback) or mjx (pure JAX through mujoco.mjx, for GPUs/TPUs; pip install "
+        "'pes[mjx]'). [default: mujoco]",
         show_default=False)] = None
     policy: Annotated[str | None, typer.Option(
         help="gym:ENV_ID: the policy, linear (a = clip(W obs + b)) or mlp (32, 32 tanh). "

@@ -59,6 +59,7 @@ from pes.envs.host import batch_callback, batch_cond, from_bits, host_call, to_b
 from pes.envs.policies import ActionSpec, Linear, PolicyError, fit_action
 
 RUNNING, ENDED, FRESH = 0, 1, 2
+BACKENDS = ("mujoco", "mjx")
 # Wrappers gymnasium.make adds that leave observations, rewards and actions alone.
 NEUTRAL_WRAPPERS = ("TimeLimit", "OrderEnforcing", "PassiveEnvChecker")
 
@@ -223,6 +224,12 @@ class Gymnasium:
         batched C fast path of :mod:`pes.envs.mujoco_suite` (the same steps, bit for bit; the
         reset noise drawn in JAX instead of by gymnasium's seeded generator) where it has the
         environment and its keyword arguments. True: an error where it has not.
+      backend: 'mujoco' (default: MuJoCo in C, the fast path or gymnasium's own environment)
+        or 'mjx': the suite's environments in pure JAX on ``mujoco.mjx``
+        (:class:`pes.envs.mjx_suite.MJX`; the extra ``pes[mjx]``), so that ``init``, ``step``
+        and a whole estimate jit with no host call, e.g. on a GPU. Only for the fast path's
+        environments and keywords; float32 physics, close to the C path's but not equal
+        (docs/mujoco_suite.md).
       make_kwargs: passed to ``gymnasium.make`` (e.g. ``max_episode_steps=500``).
 
     Attributes: horizon, observation_shape, obs_dim, action (ActionSpec), state_size.
@@ -230,7 +237,7 @@ class Gymnasium:
 
     def __init__(self, env_id: str, policy: Callable | None = None, *, threads: int = 1,
                  eval_episodes: int = 10, state_io: tuple | None = None,
-                 fast: bool | str = "auto", **make_kwargs: Any):
+                 fast: bool | str = "auto", backend: str = "mujoco", **make_kwargs: Any):
         self.env_id, self.make_kwargs = env_id, dict(make_kwargs)
         self.policy = Linear() if policy is None else policy
         if not callable(self.policy):
@@ -260,6 +267,10 @@ class Gymnasium:
         self._valid = np.zeros(1, bool)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
+        if backend not in BACKENDS:
+            raise EnvError(f"backend={backend!r} is not known; valid backends: "
+                           f"{', '.join(BACKENDS)}")
+        self.backend = backend
         self._fast = self._make_fast(fast, state_io)
         if hasattr(self.policy, "init"):
             self.check_policy(self.theta0())
@@ -273,6 +284,8 @@ class Gymnasium:
         kwargs = {k: v for k, v in self.make_kwargs.items() if k != "max_episode_steps"}
         has = (mujoco_suite.has_fast_path(self.env_id, **kwargs) and state_io is None
                and self.action.kind == "box" and self.horizon is not None)
+        if self.backend == "mjx":
+            return self._make_mjx(fast, has, kwargs)
         if fast is True and not has:
             raise EnvError(f"{self.env_id} (with {sorted(kwargs) or 'no keywords'}) has no fast "
                            f"path; it has {', '.join(mujoco_suite.SPECS)} with their v5 "
@@ -282,9 +295,29 @@ class Gymnasium:
         return mujoco_suite.MuJoCo(self.env_id, policy=self.act, threads=self.threads,
                                    max_episode_steps=self.horizon, **kwargs)
 
+    def _make_mjx(self, fast: bool | str, has: bool, kwargs: dict) -> Any:
+        """The MJX System (backend='mjx'), or one EnvError saying why there is none."""
+        from pes.envs import mujoco_suite
+
+        if not has or fast is False:
+            raise EnvError(f"backend='mjx' runs the fast path's environments in JAX: "
+                           f"{', '.join(mujoco_suite.SPECS)} with their v5 keywords; "
+                           f"{self.env_id} (with {sorted(kwargs) or 'no keywords'}"
+                           f"{', fast=False' if fast is False else ''}) is not one")
+        if self.threads != 1:
+            raise EnvError(f"threads={self.threads} applies to backend='mujoco' only; "
+                           "backend='mjx' runs its batch inside JAX")
+        try:
+            from pes.envs.mjx_suite import MJX
+
+            return MJX(self.env_id, policy=self.act, max_episode_steps=self.horizon, **kwargs)
+        except ImportError as e:
+            raise EnvError(_one_line(e)) from None
+
     @property
     def fast(self) -> bool:
-        """Whether this System steps through the MuJoCo suite's fast path."""
+        """Whether this System steps through the MuJoCo suite's fast path (in C, or in
+        JAX with backend='mjx')."""
         return self._fast is not None
 
     def __repr__(self) -> str:

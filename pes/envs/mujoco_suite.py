@@ -89,9 +89,10 @@ class EnvSpec:
         jax.numpy)."""
         raise NotImplementedError
 
-    def reward(self, before: Frame, after: Frame, action: np.ndarray):
-        """(reward float64 [B], terminated bool [B]) of a step from ``before`` to ``after``
-        under ``action`` float32 [B, nu]."""
+    def reward(self, xp: Any, before: Frame, after: Frame, action: Any):
+        """(reward [B], terminated bool [B]) of a step from ``before`` to ``after`` under
+        ``action`` float32 [B, nu] (xp: numpy, float64 frames, as on the C path; or jax.numpy,
+        float32 frames, as on the MJX path)."""
         raise NotImplementedError
 
     def carry(self, frame: Frame) -> np.ndarray:
@@ -107,9 +108,9 @@ class EnvSpec:
         """[B, ncarry] after a reset."""
         return np.zeros((qpos.shape[0], 0))
 
-    def ctrl_cost(self, action: np.ndarray) -> np.ndarray:
+    def ctrl_cost(self, xp: Any, action: Any) -> Any:
         """w_ctrl * sum(a^2) in the action's dtype, as gymnasium's control_cost."""
-        return self.p["ctrl_cost_weight"] * np.sum(np.square(action), axis=1)
+        return self.p["ctrl_cost_weight"] * xp.sum(xp.square(action), axis=1)
 
     def forward(self, before: Frame, after: Frame) -> np.ndarray:
         """w_fwd * (x_after - x_before) / dt with x = qpos[0]."""
@@ -117,10 +118,10 @@ class EnvSpec:
                                                   / self.dt)
 
 
-def _square(x: np.ndarray) -> np.ndarray:
+def _square(xp: Any, x: Any) -> Any:
     """x ** 2 as gymnasium computes it on a NumPy float64 scalar: C's pow(x, 2), which
     differs from x * x (NumPy's array ``x ** 2``) in the last bit for ~0.1% of inputs."""
-    return np.power(x, np.full_like(x, 2.0))
+    return xp.power(x, xp.full_like(x, 2.0))
 
 
 def _skip(p: dict, n: int) -> int:
@@ -135,9 +136,9 @@ class Swimmer(EnvSpec):
     def observe(self, xp, qpos, qvel, data):
         return xp.concatenate([qpos[:, _skip(self.p, 2):], qvel], axis=1)
 
-    def reward(self, before, after, action):
-        reward = self.forward(before, after) - self.ctrl_cost(action)
-        return reward, np.zeros(reward.shape, bool)
+    def reward(self, xp, before, after, action):
+        reward = self.forward(before, after) - self.ctrl_cost(xp, action)
+        return reward, xp.zeros(reward.shape, bool)
 
 
 class HalfCheetah(EnvSpec):
@@ -148,9 +149,9 @@ class HalfCheetah(EnvSpec):
     def observe(self, xp, qpos, qvel, data):
         return xp.concatenate([qpos[:, _skip(self.p, 1):], qvel], axis=1)
 
-    def reward(self, before, after, action):
-        reward = self.forward(before, after) - self.ctrl_cost(action)
-        return reward, np.zeros(reward.shape, bool)
+    def reward(self, xp, before, after, action):
+        reward = self.forward(before, after) - self.ctrl_cost(xp, action)
+        return reward, xp.zeros(reward.shape, bool)
 
 
 class Hopper(EnvSpec):
@@ -164,19 +165,19 @@ class Hopper(EnvSpec):
     def observe(self, xp, qpos, qvel, data):
         return xp.concatenate([qpos[:, _skip(self.p, 1):], xp.clip(qvel, -10, 10)], axis=1)
 
-    def healthy(self, f: Frame) -> np.ndarray:
-        state = np.concatenate([f.qpos, f.qvel], axis=1)[:, 2:]
+    def healthy(self, xp: Any, f: Frame) -> Any:
+        state = xp.concatenate([f.qpos, f.qvel], axis=1)[:, 2:]
         lo, hi = self.p["healthy_state_range"]
-        ok = np.all((lo < state) & (state < hi), axis=1)
+        ok = xp.all((lo < state) & (state < hi), axis=1)
         lo, hi = self.p["healthy_z_range"]
         ok &= (lo < f.qpos[:, 1]) & (f.qpos[:, 1] < hi)
         lo, hi = self.p["healthy_angle_range"]
         return ok & (lo < f.qpos[:, 2]) & (f.qpos[:, 2] < hi)
 
-    def reward(self, before, after, action):
-        healthy = self.healthy(after)
+    def reward(self, xp, before, after, action):
+        healthy = self.healthy(xp, after)
         reward = (self.forward(before, after) + healthy * self.p["healthy_reward"]
-                  - self.ctrl_cost(action))
+                  - self.ctrl_cost(xp, action))
         return reward, ~healthy & bool(self.p["terminate_when_unhealthy"])
 
 
@@ -187,7 +188,7 @@ class Walker2d(Hopper):
               "healthy_z_range": (0.8, 2.0), "healthy_angle_range": (-1.0, 1.0),
               "reset_noise_scale": 5e-3, "exclude_current_positions_from_observation": True}
 
-    def healthy(self, f: Frame) -> np.ndarray:
+    def healthy(self, xp: Any, f: Frame) -> Any:
         z, angle = f.qpos[:, 1], f.qpos[:, 2]
         (zlo, zhi), (alo, ahi) = self.p["healthy_z_range"], self.p["healthy_angle_range"]
         return (zlo < z) & (z < zhi) & (alo < angle) & (angle < ahi)
@@ -217,18 +218,18 @@ class Ant(EnvSpec):
             parts.append(force.reshape(force.shape[0], -1))
         return xp.concatenate(parts, axis=1)
 
-    def reward(self, before, after, action):
+    def reward(self, xp, before, after, action):
         x_velocity = (after.carry[:, 0] - before.carry[:, 0]) / self.dt
-        state = np.concatenate([after.qpos, after.qvel], axis=1)
+        state = xp.concatenate([after.qpos, after.qvel], axis=1)
         lo, hi = self.p["healthy_z_range"]
-        healthy = (np.isfinite(state).all(axis=1) & (lo <= after.qpos[:, 2])
+        healthy = (xp.isfinite(state).all(axis=1) & (lo <= after.qpos[:, 2])
                    & (after.qpos[:, 2] <= hi))
         lo, hi = self.p["contact_force_range"]
-        force = np.clip(after.data["cfrc_ext"], lo, hi).reshape(len(action), -1)
-        contact = self.p["contact_cost_weight"] * np.sum(np.square(force), axis=1)
+        force = xp.clip(after.data["cfrc_ext"], lo, hi).reshape(len(action), -1)
+        contact = self.p["contact_cost_weight"] * xp.sum(xp.square(force), axis=1)
         rewards = x_velocity * self.p["forward_reward_weight"] + healthy * self.p[
             "healthy_reward"]
-        reward = rewards - (self.ctrl_cost(action) + contact)
+        reward = rewards - (self.ctrl_cost(xp, action) + contact)
         return reward, ~healthy & bool(self.p["terminate_when_unhealthy"])
 
     def carry(self, frame):
@@ -248,10 +249,10 @@ class InvertedPendulum(EnvSpec):
     def observe(self, xp, qpos, qvel, data):
         return xp.concatenate([qpos, qvel], axis=1)
 
-    def reward(self, before, after, action):
-        obs = self.observe(np, after.qpos, after.qvel, after.data)
-        terminated = ~np.isfinite(obs).all(axis=1) | (np.abs(obs[:, 1]) > 0.2)
-        return (~terminated).astype(np.float64), terminated
+    def reward(self, xp, before, after, action):
+        obs = self.observe(xp, after.qpos, after.qvel, after.data)
+        terminated = ~xp.isfinite(obs).all(axis=1) | (xp.abs(obs[:, 1]) > 0.2)
+        return xp.where(terminated, 0.0, 1.0).astype(obs.dtype), terminated
 
 
 class InvertedDoublePendulum(EnvSpec):
@@ -268,12 +269,12 @@ class InvertedDoublePendulum(EnvSpec):
                                xp.clip(qvel, -10, 10),
                                xp.clip(data["qfrc_constraint"], -10, 10)[:, :1]], axis=1)
 
-    def reward(self, before, after, action):
+    def reward(self, xp, before, after, action):
         x, y = after.data["site_xpos"][:, 0, 0], after.data["site_xpos"][:, 0, 2]
         terminated = y <= 1
         v1, v2 = after.qvel[:, 1], after.qvel[:, 2]
-        dist_penalty = 0.01 * _square(x) + _square(y - 2)
-        vel_penalty = 1e-3 * _square(v1) + 5e-3 * _square(v2)
+        dist_penalty = 0.01 * _square(xp, x) + _square(xp, y - 2)
+        vel_penalty = 1e-3 * _square(xp, v1) + 5e-3 * _square(xp, v2)
         alive = self.p["healthy_reward"] * (~terminated)
         return alive - dist_penalty - vel_penalty, terminated
 
@@ -305,6 +306,25 @@ def asset_path(xml: str) -> str:
     if not os.path.exists(path):
         raise FileNotFoundError(f"gymnasium's model file {path} is missing")
     return path
+
+
+def reset_noise(key: jax.Array, spec: EnvSpec, nq: int, nv: int, scale: float):
+    """float32 (qpos noise [nq], qvel noise [nv]) of a v5 reset from ``key``: ``U(-s, s)``
+    and ``U(-s, s)`` or ``s N(0, 1)`` (the spec's ``qvel_noise``). The C and MJX paths both
+    draw their resets here, so the same key starts the same episode on either."""
+    kq, kv = jax.random.split(key)
+    noise_q = jax.random.uniform(kq, (nq,), jnp.float32, -scale, scale)
+    if spec.qvel_noise == "normal":
+        return noise_q, scale * jax.random.normal(kv, (nv,), jnp.float32)
+    return noise_q, jax.random.uniform(kv, (nv,), jnp.float32, -scale, scale)
+
+
+def check_noise_scale(spec: EnvSpec) -> float:
+    """The spec's ``reset_noise_scale`` as a float, or a ValueError."""
+    scale = float(spec.p["reset_noise_scale"])
+    if not (math.isfinite(scale) and scale >= 0):
+        raise ValueError(f"reset_noise_scale={scale!r} must be a finite number >= 0")
+    return scale
 
 
 # --------------------------------------------------------------------------- the simulator
@@ -478,7 +498,7 @@ class SuiteSim:
         after = Frame(new[:, self.qpos], new[:, self.qvel], derived, carry)
         after = after._replace(carry=self.spec.carry(after))
         obs = self.spec.observe(np, after.qpos, after.qvel, derived)
-        reward, terminated = self.spec.reward(before, after, action)
+        reward, terminated = self.spec.reward(np, before, after, action)
         return (new, after.carry), obs, reward, terminated
 
 
@@ -529,9 +549,7 @@ class MuJoCo:
         if not np.array_equal(q0, sim.qpos0):
             raise RuntimeError(f"{env_id}'s qpos0 is not float32-exact; init assumes it")
         self._qpos0 = q0
-        self._scale = float(spec.p["reset_noise_scale"])
-        if not (math.isfinite(self._scale) and self._scale >= 0):
-            raise ValueError(f"reset_noise_scale={self._scale!r} must be a finite number >= 0")
+        self._scale = check_noise_scale(spec)
 
     def __repr__(self) -> str:
         return f"MuJoCo({self.env_id!r}, policy={self.policy!r})"
@@ -539,13 +557,8 @@ class MuJoCo:
     def init(self, key: jax.Array) -> MuJoCoState:
         """A fresh episode: qpos = qpos0 + U(-s, s), qvel = U(-s, s) or s N(0, 1) (the
         environment's v5 reset), drawn in float32; the first observation from them in JAX."""
-        sim, spec, s = self.sim, self.sim.spec, self._scale
-        kq, kv = jax.random.split(key)
-        nq = jax.random.uniform(kq, (sim.nq,), jnp.float32, -s, s)
-        if spec.qvel_noise == "normal":
-            nv = s * jax.random.normal(kv, (sim.nv,), jnp.float32)
-        else:
-            nv = jax.random.uniform(kv, (sim.nv,), jnp.float32, -s, s)
+        sim, spec = self.sim, self.sim.spec
+        nq, nv = reset_noise(key, spec, sim.nq, sim.nv, self._scale)
         words = jnp.asarray(self._template)
         words = words.at[2 * sim.qpos.start:2 * sim.qpos.stop].set(float32_to_bits64(nq))
         words = words.at[2 * sim.qvel.start:2 * sim.qvel.stop].set(float32_to_bits64(nv))
@@ -594,8 +607,10 @@ class MuJoCo:
         if not running.any():
             return out.reshape(lead + (-1,))
         phys_carry = from_bits(packed[rows, :n - 1])
-        phys, carry = phys_carry[:, :sim.nphys], phys_carry[:, sim.nphys:]
         fresh = status[rows] == FRESH
+        if fresh.any() and not phys_carry.flags.writeable:  # XLA's buffer (outside vmap)
+            phys_carry = phys_carry.copy()
+        phys, carry = phys_carry[:, :sim.nphys], phys_carry[:, sim.nphys:]
         if fresh.any():
             reset = phys[fresh]
             sim.reset_from_noise(reset)

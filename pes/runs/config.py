@@ -145,8 +145,9 @@ class RunConfig:
       'paper' or 'tiny') and objective ('loss' or 'accuracy'): options of the image tasks
       (mnist-lr-schedule; many-hyperparameters takes all but objective); None: the task's
       default, and must stay None for a task that does not take them.
-    backend: the swimmer's simulator, 'mujoco' (C, through a host callback) or 'mjx' (pure
-      JAX through mujoco.mjx, for accelerators); None: 'mujoco'. Other tasks take none.
+    backend: the swimmer's or a gym:ENV_ID task's simulator, 'mujoco' (C, through a host
+      callback) or 'mjx' (pure JAX through mujoco.mjx, for accelerators; gym:ENV_ID: the MuJoCo
+      suite's environments only); None: 'mujoco'. Other tasks take none.
     policy: gym:ENV_ID's policy, 'linear' or 'mlp' (32, 32 tanh); None: 'linear'.
     env_steps: a budget in environment steps (gym:ENV_ID tasks), an alternative to
       num_steps: the run stops after the outer step at which ``inner_steps``, the steps
@@ -350,7 +351,7 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and name not in entry.options:
                 takers = [t for t in TASK_NAMES if name in get_task(t).options]
-                takers += ["gym:ENV_ID"] if name == "policy" else []
+                takers += ["gym:ENV_ID"] if name in ("policy", "backend") else []
                 raise ConfigError(
                     f"{name}={value!r} does not apply to task={self.task!r}; only "
                     f"{', '.join(takers)} take{'s' * (len(takers) == 1)} it", field=name)

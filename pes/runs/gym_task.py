@@ -1,5 +1,8 @@
 """``gym:ENV_ID`` on the command line: a gymnasium environment as a run's task.
 
+``--backend mjx`` runs the MuJoCo suite's environments in pure JAX on ``mujoco.mjx``
+(:class:`pes.envs.mjx_suite.MJX`; the default ``mujoco`` is MuJoCo in C).
+
 The task is :class:`pes.envs.Gymnasium` with a built-in policy (``--policy linear`` or
 ``mlp``), trained as one flat theta vector (``Gymnasium.flatten``'s order); its evaluation is
 the mean return of 10 fresh episodes (``return``, ``return_std``, ``env_steps``, and
@@ -31,7 +34,7 @@ def is_gym_task(name: Any) -> bool:
 class GymTask:
     """A gymnasium environment with a built-in policy over a flat theta [D]."""
 
-    def __init__(self, env_id: str, policy: str = "linear"):
+    def __init__(self, env_id: str, policy: str = "linear", backend: str = "mujoco"):
         from pes import envs
 
         if policy not in POLICIES:
@@ -39,14 +42,17 @@ class GymTask:
                               f"{', '.join(POLICIES)}", field="policy")
         try:
             self.system = envs.Gymnasium(
-                env_id, policy=envs.Linear() if policy == "linear" else envs.MLP())
+                env_id, policy=envs.Linear() if policy == "linear" else envs.MLP(),
+                backend=backend)
         except envs.EnvError as e:
-            raise ConfigError(str(e), field="task") from None
+            raise ConfigError(f"task='{PREFIX}{env_id}' --backend {backend}: {e}"
+                              if backend != "mujoco" else str(e),
+                              field="backend" if backend != "mujoco" else "task") from None
         if self.system.horizon is None:
             raise ConfigError(f"task='{PREFIX}{env_id}' has no time limit "
                               "(max_episode_steps); pes needs episodes of bounded length",
                               field="task")
-        self.env_id, self.policy = env_id, policy
+        self.env_id, self.policy, self.backend = env_id, policy, backend
         self.horizon = self.system.horizon
 
     def init(self, key: jax.Array) -> Any:
@@ -77,8 +83,8 @@ class GymTask:
 
 
 @functools.cache
-def make_gym_task(env_id: str, policy: str = "linear") -> GymTask:
-    return GymTask(env_id, policy)
+def make_gym_task(env_id: str, policy: str = "linear", backend: str = "mujoco") -> GymTask:
+    return GymTask(env_id, policy, backend)
 
 
 def export_policy(task: GymTask, theta: Any, run_dir: Any) -> Path:

@@ -129,7 +129,7 @@ def _many_hyperparameters(**options: Any) -> Any:
 
 
 # Task options (RunConfig fields): the image tasks' --dataset, --data-dir, --size,
-# --objective; the swimmer's --backend; gym:ENV_ID's --policy.
+# --objective; the swimmer's and gym:ENV_ID's --backend; gym:ENV_ID's --policy.
 TASK_OPTIONS = ("dataset", "data_dir", "size", "objective", "backend", "policy")
 _IMAGE_OPTIONS = {"dataset": "fashion-mnist", "data_dir": None, "size": "cpu"}
 
@@ -276,7 +276,8 @@ def _gym_entry(name: str) -> TaskEntry:
         metric_label="episode return (mean of 10 episodes)",
         log_y=False,
         theta_names=("policy parameters",),
-        options={"policy": "linear"},
+        options={"policy": "linear", "backend": "mujoco"},
+        option_values={"backend": SWIMMER_BACKENDS},
         export=gym_task.export_policy,
         export_files=(gym_task.POLICY_FILE,),
     )
