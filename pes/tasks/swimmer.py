@@ -54,8 +54,6 @@ TF32/bfloat16 passes. On a CPU it is slower than the C backend; it is for accele
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 import threading
 from dataclasses import dataclass, field
@@ -66,6 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pes.envs.host import float32_to_bits64, from_bits, to_bits
+from pes.envs.mjx_suite import MJXSim
 from pes.tasks.base import OptimizerSpec, TaskDefaults
 
 SWIMMER_XML = """
@@ -122,19 +121,6 @@ def _import_mujoco():
             "the swimmer task needs the MuJoCo Python bindings: pip install 'mujoco>=3.3' "
             f"({e})") from None
     return mujoco, rollout
-
-
-def _import_mjx():
-    try:
-        # mujoco.mjx prints a line for its optional Warp implementation when warp-lang is
-        # missing; pes uses the pure-JAX implementation only, so the line is noise here.
-        with contextlib.redirect_stdout(io.StringIO()):
-            from mujoco import mjx
-    except ImportError as e:
-        raise ImportError(
-            "the swimmer's MJX backend needs MuJoCo's JAX port: pip install 'pes[mjx]' (or "
-            f"'mujoco-mjx>=3.17') ({e})") from None
-    return mjx
 
 
 BACKENDS = ("mujoco", "mjx")
@@ -222,24 +208,15 @@ class SwimmerMJXState(NamedTuple):
     qacc_warmstart: jax.Array
 
 
-class SwimmerMJXSim:
-    """The simulator in JAX: ``mujoco.mjx`` (its pure-JAX implementation) on the same MjModel.
+class SwimmerMJXSim(MJXSim):
+    """The simulator in JAX: the MuJoCo suite's :class:`pes.envs.mjx_suite.MJXSim` (``mujoco.mjx``,
+    its pure-JAX implementation) on the swimmer's MjModel, with the swimmer's state.
 
     Its functions take one environment (vmap them for a batch) and are jittable.
     """
 
     def __init__(self, model: Any, frame_skip: int):
-        mjx = _import_mjx()
-        self._step = mjx.step
-        self.model = mjx.put_model(model, impl="jax")
-        # Everything but the state and ctrl comes from here at each environment step.
-        self.data = mjx.make_data(self.model, impl="jax")
-        self.dtype = self.data.qpos.dtype
-        self.frame_skip = frame_skip
-        self.nq, self.nv = model.nq, model.nv
-        self.qpos0 = np.asarray(model.qpos0)
-        self.ctrl_low = np.asarray(model.actuator_ctrlrange[:, 0])
-        self.ctrl_high = np.asarray(model.actuator_ctrlrange[:, 1])
+        super().__init__(model, frame_skip, who="the swimmer's MJX backend")
 
     def reset_state(self, noise: jax.Array) -> SwimmerMJXState:
         """noise [nq + nv] -> qpos = qpos0 + noise[:nq], qvel = noise[nq:], no warm start."""
@@ -251,30 +228,12 @@ class SwimmerMJXSim:
         """[obs_dim]: (qpos[2:], qvel), as gymnasium's Swimmer-v5."""
         return jnp.concatenate([state.qpos[2:], state.qvel])
 
-    def clip(self, ctrl: jax.Array) -> jax.Array:
-        """ctrl [nu] clipped to the actuators' range, as MuJoCo's ctrllimited does."""
-        return jnp.clip(ctrl, jnp.asarray(self.ctrl_low, ctrl.dtype),
-                        jnp.asarray(self.ctrl_high, ctrl.dtype))
-
     def simulate(self, state: SwimmerMJXState, ctrl: jax.Array) -> SwimmerMJXState:
-        """frame_skip ``mjx.step`` calls holding ctrl [nu] (clipped); returns the new state.
-
-        The warm start is carried from step to step, as a MuJoCo MjData carries it (and
-        gymnasium's environment with it): in float32 the constraint solver stops once its
-        improvements fall below rounding, and restarting it from zero every environment step
-        biased the joint-limit forces (a policy that holds both joints at a limit lost 2.9 of
-        its 41 return over an episode; carried, 0.16: benchmarks/README.md).
-        """
-        # Pinned to true float32: on GPUs/TPUs JAX's default float32 dot products round their
-        # inputs to TF32/bfloat16, 1e-3 relative, far more than float32 rounding.
-        with jax.default_matmul_precision("float32"):
-            data = self.data.replace(
-                qpos=jnp.asarray(state.qpos, self.dtype), qvel=jnp.asarray(state.qvel, self.dtype),
-                qacc_warmstart=jnp.asarray(state.qacc_warmstart, self.dtype),
-                ctrl=jnp.asarray(self.clip(ctrl), self.dtype))
-            data = jax.lax.fori_loop(0, self.frame_skip,
-                                     lambda _, d: self._step(self.model, d), data)
-        return SwimmerMJXState(data.qpos, data.qvel, data.qacc_warmstart)
+        """frame_skip ``mjx.step`` calls holding ctrl [nu] (clipped), the warm start carried
+        (see :meth:`MJXSim.simulate`); returns the new state."""
+        qpos, qvel, warm, _ = super().simulate(state.qpos, state.qvel, state.qacc_warmstart,
+                                               ctrl)
+        return SwimmerMJXState(qpos, qvel, warm)
 
 
 class SwimmerState(NamedTuple):
