@@ -170,7 +170,7 @@ def test_backend_is_a_run_setting():
         in bad.output
     other = runner.invoke(app, ["run", "lorenz", "-e", "pes", "--backend", "mjx",
                                 "--no-progress"])
-    assert other.exit_code == 2 and "only swimmer takes it" in other.output
+    assert other.exit_code == 2 and "only swimmer, gym:ENV_ID take it" in other.output
 
 
 def test_missing_mjx_is_one_clear_error(monkeypatch):
