@@ -170,8 +170,9 @@ class MJX:
         float32), no warm start; the first observation from it."""
         sim, spec = self.sim, self.spec
         noise_q, noise_v = reset_noise(key, spec, sim.nq, sim.nv, self._scale)
-        qpos = jnp.asarray(sim.qpos0, jnp.float32) + noise_q
-        qpos, qvel = qpos.astype(self.dtype)[None], noise_v.astype(self.dtype)[None]
+        # In float32 this is the C path's float64 qpos0 + noise rounded (qpos0 is float32-exact).
+        qpos = (jnp.asarray(sim.qpos0, self.dtype) + noise_q.astype(self.dtype))[None]
+        qvel = noise_v.astype(self.dtype)[None]
         obs = spec.observe(jnp, qpos, qvel, spec.reset_data(jnp, qpos, qvel))[0]
         carry = jnp.asarray(spec.reset_carry(qpos, qvel), self.dtype)[0]
         return MJXState(qpos[0], qvel[0], jnp.zeros((sim.nv,), self.dtype), carry,
