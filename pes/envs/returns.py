@@ -19,8 +19,12 @@ def episode_returns(system: Any, theta: Any, key: jax.Array, episodes: int,
     """Pure JAX (jittable): (returns float32 [E], lengths int32 [E]) of ``episodes`` fresh
     episodes, as :func:`evaluate_return` describes them."""
 
+    # A System whose training loss is shifted (Gymnasium's survival_bonus_shift) steps here
+    # with its true reward.
+    step = getattr(system, "true_step", system.step)
+
     def one_step(state, t, key):
-        out = system.step(state, theta, t, key)
+        out = step(state, theta, t, key)
         done = out[2] if len(out) == 3 else jnp.zeros((), bool)
         return out[0], out[1], done
 
@@ -55,6 +59,9 @@ def evaluate_return(system: Any, theta: Any, key: jax.Array, episodes: int = 10,
     ``step_key(split(split(key, E)[i])[1], t)[0]``, as in ``pes.unroll``. A step after ``done``
     is not counted (environment Systems do not simulate it). The loop stops when every
     episode has ended.
+
+    A System with a ``true_step`` (a :class:`~pes.envs.Gymnasium` whose training reward is
+    shifted) is stepped by it, so the returns are the environment's true ones.
 
     Returns {'return': mean return, 'return_std': its spread across episodes (population std),
     'return_min', 'return_max', 'episode_length': mean steps, 'env_steps': total steps taken,
