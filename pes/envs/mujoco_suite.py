@@ -607,10 +607,10 @@ class MuJoCo:
         if not running.any():
             return out.reshape(lead + (-1,))
         phys_carry = from_bits(packed[rows, :n - 1])
-        fresh = status[rows] == FRESH
-        if fresh.any() and not phys_carry.flags.writeable:  # XLA's buffer (outside vmap)
+        if not phys_carry.flags.writeable:  # one contiguous row: a view of the read-only input
             phys_carry = phys_carry.copy()
         phys, carry = phys_carry[:, :sim.nphys], phys_carry[:, sim.nphys:]
+        fresh = status[rows] == FRESH
         if fresh.any():
             reset = phys[fresh]
             sim.reset_from_noise(reset)

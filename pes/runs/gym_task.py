@@ -34,7 +34,8 @@ def is_gym_task(name: Any) -> bool:
 class GymTask:
     """A gymnasium environment with a built-in policy over a flat theta [D]."""
 
-    def __init__(self, env_id: str, policy: str = "linear", backend: str = "mujoco"):
+    def __init__(self, env_id: str, policy: str = "linear", survival_bonus_shift: bool = False,
+                 backend: str = "mujoco"):
         from pes import envs
 
         if policy not in POLICIES:
@@ -43,11 +44,13 @@ class GymTask:
         try:
             self.system = envs.Gymnasium(
                 env_id, policy=envs.Linear() if policy == "linear" else envs.MLP(),
-                backend=backend)
+                survival_bonus_shift=survival_bonus_shift, backend=backend)
         except envs.EnvError as e:
-            raise ConfigError(f"task='{PREFIX}{env_id}' --backend {backend}: {e}"
-                              if backend != "mujoco" else str(e),
-                              field="backend" if backend != "mujoco" else "task") from None
+            if backend != "mujoco" and "mjx" in str(e):  # the backend, or mujoco-mjx missing
+                raise ConfigError(f"task='{PREFIX}{env_id}' --backend {backend}: {e}",
+                                  field="backend") from None
+            field = "survival_bonus_shift" if "survival bonus" in str(e) else "task"
+            raise ConfigError(str(e), field=field) from None
         if self.system.horizon is None:
             raise ConfigError(f"task='{PREFIX}{env_id}' has no time limit "
                               "(max_episode_steps); pes needs episodes of bounded length",
@@ -83,8 +86,9 @@ class GymTask:
 
 
 @functools.cache
-def make_gym_task(env_id: str, policy: str = "linear", backend: str = "mujoco") -> GymTask:
-    return GymTask(env_id, policy, backend)
+def make_gym_task(env_id: str, policy: str = "linear", survival_bonus_shift: bool = False,
+                  backend: str = "mujoco") -> GymTask:
+    return GymTask(env_id, policy, survival_bonus_shift, backend)
 
 
 def export_policy(task: GymTask, theta: Any, run_dir: Any) -> Path:
