@@ -105,7 +105,8 @@ def test_backend_errors_are_one_line():
     from pes.runs.config import RunConfig
 
     config = RunConfig(task="gym:Hopper-v5", estimator="pes", backend="mjx")
-    assert config.task_options() == {"policy": "linear", "backend": "mjx"}
+    assert config.task_options() == {"policy": "linear", "backend": "mjx",
+                                     "survival_bonus_shift": False}
     assert RunConfig(task="gym:Hopper-v5", estimator="pes").task_options()["backend"] == "mujoco"
 
 
