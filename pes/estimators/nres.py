@@ -48,10 +48,12 @@ class NRES(ESEstimator):
     """
 
     def __init__(self, system, *, num_particles, sigma, truncation_length, antithetic=True,
-                 stagger=True, noise_period=None, normalize_losses=False, mesh=None):
+                 stagger=True, noise_period=None, normalize_losses=False, mesh=None,
+                 reset="slot"):
         super().__init__(system, num_particles=num_particles, sigma=sigma,
                          truncation_length=truncation_length, antithetic=antithetic,
-                         stagger=stagger, normalize_losses=normalize_losses, mesh=mesh)
+                         stagger=stagger, normalize_losses=normalize_losses, mesh=mesh,
+                         reset=reset)
         self.noise_period = (None if noise_period is None
                              else check_positive_int("noise_period", noise_period))
 

@@ -36,6 +36,7 @@ from pes.runs.gym_task import is_gym_task, outer_step_cap
 from pes.runs.registry import (
     ESTIMATOR_NAMES,
     ESTIMATOR_SETTINGS,
+    RESETS,
     SPEC_SHAPES,
     TASK_NAMES,
     TASK_OPTIONS,
@@ -103,6 +104,7 @@ _INAPPLICABLE = {
                         "not apply to it",
     "stagger": "{est} starts every estimate from a fresh episode at t = 0; stagger does not "
                "apply to it",
+    "reset": "{est} takes no reset",
 }
 
 
@@ -124,6 +126,11 @@ class RunConfig:
     stagger: estimators with K-step windows: burn each particle in to a uniform random step of
       its first episode, so that the particles' windows cover the episode evenly (False: all
       start at t = 0, windows aligned with episodes); None: the task's default, else True.
+    reset: when a pair of particles whose episodes ended early (a task whose steps return
+      ``done``) restarts: 'slot' when its clock reaches the horizon (exactly unbiased for
+      PES, NRES, full ES), 'pair' as soon as all its members have ended (faster; another
+      expectation, docs/termination.md); None: 'slot'. Full ES and full BPTT are the same for
+      both.
     optimizer ('sgd' or 'adam'), lr, b1 (Adam only): the outer optimizer; None: the default.
     lr_schedule: [[boundary, scale], ...], a piecewise-constant learning rate (x scale from
       outer step boundary on); [] is constant; None: the task's schedule when optimizer and lr
@@ -178,6 +185,7 @@ class RunConfig:
     backprop_depth: int | None = None
     normalize_losses: bool | None = None
     stagger: bool | None = None
+    reset: str | None = None
     optimizer: str | None = None
     lr: float | None = None
     b1: float | None = None
@@ -380,6 +388,10 @@ class RunConfig:
                 if not kwarg:
                     parts.append("not staggered")
                 continue
+            if name == "reset":
+                if kwarg != "slot":
+                    parts.append(f"reset={kwarg}")
+                continue
             parts.append(f"{short[name]}={kwarg:g}")
         opt = f"{self.optimizer} lr={self.lr:g}"
         if self.b1 is not None:
@@ -408,6 +420,7 @@ _OPTIONAL_CHECKS = {
     "backprop_depth": lambda v: check_int("backprop_depth", v, 1),
     "normalize_losses": lambda v: _check_bool("normalize_losses", v),
     "stagger": lambda v: _check_bool("stagger", v),
+    "reset": lambda v: _check_name("reset", v, "reset mode", RESETS),
     "optimizer": lambda v: _check_name("optimizer", v, "optimizer", OPTIMIZER_NAMES),
     "lr": lambda v: _check_float("lr", v, low=0.0),
     "b1": lambda v: _check_float("b1", v, low=0.0, high=1.0, low_open=False, high_open=True),
