@@ -98,3 +98,17 @@ def test_steps_per_call_default_is_chunked_only_without_per_step_hooks(monkeypat
     pes.train(est, jnp.zeros(2), SGD, on_state=lambda s: None, **kwargs)
     pes.train(est, jnp.zeros(2), SGD, steps_per_call=1000, **kwargs)
     assert calls == ["auto", 1, 1, pes.training.MAX_STEPS_PER_CALL]
+
+
+def test_state_every_ends_calls_at_its_multiples():
+    """on_state comes at call ends only; state_every makes its multiples call ends (pes run's
+    --checkpoint-every), whatever the chunk size, and the run stays the same."""
+    steps = []
+    kwargs = dict(num_steps=11, key=jax.random.PRNGKey(0))
+    result = pes.train(EST, jnp.zeros(2), SGD, steps_per_call=64, state_every=4,
+                       on_state=lambda s: steps.append(s.step), **kwargs)
+    assert steps == [4, 8, 11]
+    plain = pes.train(EST, jnp.zeros(2), SGD, steps_per_call=1, **kwargs)
+    assert list(result.history) == list(plain.history)
+    with pytest.raises(ValueError, match="state_every=0"):
+        pes.train(EST, jnp.zeros(2), SGD, state_every=0, **kwargs)

@@ -158,10 +158,11 @@ class RunConfig:
       distributed run (:mod:`pes.runs.distributed`). It changes where the particles
       are computed, not the result (to float tolerance), so a resumed run may change it.
     steps_per_call: outer steps per compiled call of the training loop (``pes.train``'s
-      steps_per_call, at most 64), their records read back once per call; None: 1 (a
-      signal or checkpoint_every then acts after the exact step). Metrics still come per
-      step, checkpoints come at the ends of calls (for checkpoint_every: the first at or
-      after each multiple); the result is bit for bit the same for every value, so a
+      steps_per_call, at most 64), their records read back once per call; None: 'auto',
+      calls of about 0.1 s (one step per call with an env_steps budget or in a distributed
+      run). Metrics still come per step; calls also end at evaluations and at the multiples
+      of checkpoint_every (so checkpoints come at those steps); a signal stops the run at the
+      end of the call under way. The result is bit for bit the same for every value, so a
       resumed run may change it.
     keep_checkpoints: how many of the newest intact checkpoints a run keeps (older ones are
       deleted once a newer one is proven by its checksums); None: 2. A resumed run may change
