@@ -112,3 +112,25 @@ def test_state_every_ends_calls_at_its_multiples():
     assert list(result.history) == list(plain.history)
     with pytest.raises(ValueError, match="state_every=0"):
         pes.train(EST, jnp.zeros(2), SGD, state_every=0, **kwargs)
+
+
+def test_the_step_check_is_traced_once_per_system_and_theta_shape():
+    """Every estimator init (so every pes.train call) checks the system's step by tracing it;
+    the check is remembered for the same system and theta shapes (that trace cost more than
+    a whole call of cheap outer steps), and a new shape is checked afresh."""
+    from pes.system import check_step_output
+
+    traces = []
+
+    class Counted(Drift):
+        def step(self, s, theta, t, key):
+            traces.append(t)
+            return super().step(s, theta, t, key)
+
+    system, key = Counted(), jax.random.PRNGKey(0)
+    assert check_step_output(system, jnp.zeros(2), key) is False
+    assert check_step_output(system, jnp.ones(2), jax.random.PRNGKey(1)) is False
+    assert len(traces) == 1
+    with pytest.raises((TypeError, ValueError)):  # another theta shape: checked afresh
+        check_step_output(system, jnp.zeros(3), key)
+    assert len(traces) == 2
