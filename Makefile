@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo quickstart test test-lowest docs lint clean
+.PHONY: demo quickstart test test-slow test-all test-lowest docs lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,17 @@ demo: $(STAMP)
 quickstart: $(STAMP)
 	$(PY) examples/quickstart.py
 
+# The fast suite: every test not marked slow (the slow ones are end-to-end runs, multi-process
+# runs, benchmarks' quick modes, the crash and fuzz tests; `make test-slow` runs them, CI runs both).
+PYTEST := $(PY) -m pytest -q -n auto --maxprocesses=4
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto --maxprocesses=4
+	$(PYTEST) -m "not slow"
+
+test-slow: $(STAMP)
+	$(PYTEST) -m slow
+
+test-all: $(STAMP)
+	$(PYTEST)
 
 # The lowest versions pyproject's bounds allow for every direct dependency (uv's lowest-direct
 # resolution; what they pull in is resolved as usual) in a venv of their own, then the fast tests.

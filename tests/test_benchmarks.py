@@ -19,6 +19,8 @@ def load(name):
     return module
 
 
+# Each quick mode compiles its own programs (20-130 s under load): CI runs them, make test not.
+@pytest.mark.slow
 @pytest.mark.parametrize("name, rows", [
     ("overhead", ["| influence balancing |", "| toy regression |", "| MLP |", "| unrolled |"]),
     ("peers", ["| pes.train |", "| pes.train M=50 |", "| pes.train default |", "| pes loop |",

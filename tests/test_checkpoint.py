@@ -21,7 +21,10 @@ def _assert_same(a, b):
         np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.parametrize("estimator", ESTIMATOR_NAMES)
+# PES and RTRL in make test; the other six (20-60 s each under load) in the slow set.
+@pytest.mark.parametrize("estimator", [
+    n if n in ("pes", "rtrl") else pytest.param(n, marks=pytest.mark.slow)
+    for n in ESTIMATOR_NAMES])
 def test_checkpointed_state_continues_exactly(tmp_path, estimator):
     """Train 2 steps, checkpoint, restore into a fresh abstract state and train on: the same
     theta and records as 4 uninterrupted steps, for every estimator (adam state included)."""

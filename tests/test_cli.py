@@ -214,6 +214,7 @@ def test_run_config_validation_and_round_trip():
     assert setup.theta0.shape == (2,)
 
 
+@pytest.mark.slow
 def test_compare_writes_plots_and_table(tmp_path):
     out = tmp_path / "cmp"
     result = cli("compare", "influence-balancing", "--seeds", "0", "--num-steps", 5, "--out",
@@ -237,6 +238,7 @@ def test_compare_writes_plots_and_table(tmp_path):
     assert again.exit_code == 2 and "--overwrite" in output(again)
 
 
+@pytest.mark.slow
 def test_compare_several_seeds_subset(tmp_path):
     out = tmp_path / "cmp"
     result = cli("compare", "toy-regression", "--seeds", "0,1", "--num-steps", 3,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 from typer.testing import CliRunner
 
 from pes.cli import app
@@ -22,6 +23,7 @@ def cli(*args):
     return RUNNER.invoke(app, [str(a) for a in args])
 
 
+@pytest.mark.slow
 def test_diagnose_writes_table_json_and_plot(tmp_path):
     out = tmp_path / "diag"
     result = cli("diagnose", "toy-regression", "--estimators", "pes,tes,full-es",
@@ -77,6 +79,7 @@ def test_diagnose_refuses_k_that_does_not_divide_the_episode(tmp_path):
     assert "does not divide the episode length T=100" in result.output
 
 
+@pytest.mark.slow
 def test_compare_variance_tiny_writes_its_files(tmp_path, monkeypatch):
     # --size tiny runs 3 variants x 4 estimators (about a minute, all compilation); one
     # variant and two estimators keep this test to seconds and exercise the same path.
@@ -105,6 +108,7 @@ def test_compare_variance_tiny_writes_its_files(tmp_path, monkeypatch):
     assert seeds.exit_code == 2 and "--seeds does not apply" in seeds.output
 
 
+@pytest.mark.slow
 def test_run_text_lstm(tmp_path):
     assert {"text-lstm", "text-lstm-random", "text-lstm-repeat"} <= set(TASK_NAMES)
     out = tmp_path / "run"

@@ -30,6 +30,7 @@ def data_dir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_run_image_task_writes_a_run_directory(tmp_path, data_dir):
     out = tmp_path / "run"
     result = cli("run", "mnist-lr-schedule", "-e", "pes", "--size", "tiny", "--data-dir",
@@ -60,6 +61,7 @@ def test_missing_dataset_is_one_line_exit_2(tmp_path, isolated):  # noqa: F811
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_compare_mnist_lr_schedule(tmp_path, data_dir):
     out = tmp_path / "cmp"
     result = cli("compare", "mnist-lr-schedule", "--size", "tiny", "--data-dir", data_dir,
@@ -84,6 +86,7 @@ def test_compare_mnist_lr_schedule(tmp_path, data_dir):
     assert again.exit_code == 2 and "--overwrite" in again.output
 
 
+@pytest.mark.slow
 def test_compare_many_hyperparameters(tmp_path, data_dir):
     out = tmp_path / "cmp"
     result = cli("compare", "many-hyperparameters", "--size", "tiny", "--data-dir", data_dir,

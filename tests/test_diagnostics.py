@@ -76,6 +76,7 @@ def full_es4(system):
     return pes.FullES(system, num_particles=4, sigma=0.1)
 
 
+@pytest.mark.slow
 def test_full_es_unbiased_and_variance_scales_as_one_over_n(system, theta, exact, full_es4):
     small = diagnose(full_es4, theta, KEY, reference=exact, num_replicates=R)
     large = diagnose(pes.FullES(system, num_particles=64, sigma=0.1), theta, KEY,
@@ -125,6 +126,7 @@ def test_bad_reference_is_refused(system, theta):
     assert ref.flat()[1].sum() == 0 and ref.to_dict()["relative_se"] == 0
 
 
+@pytest.mark.slow
 def test_tiny_variance_study_end_to_end(tmp_path):
     config = VarianceStudyConfig.tiny(
         sequence_length=4, truncation_lengths=(1, 4), variants=("repeat",),

@@ -107,6 +107,7 @@ def test_import_leaves_jax_uninitialised():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=TIMEOUT_S, env=_env(1))
 
 
+@pytest.mark.slow
 def test_devices_4_equal_devices_1(tmp_path):
     one, four = tmp_path / "one", tmp_path / "four"
     procs = [_start([*RUN, "--num-steps", "4", "--out", str(one), "--devices", "1"], 4),
@@ -124,6 +125,7 @@ def test_devices_4_equal_devices_1(tmp_path):
     assert "use num_particles=8, or devices=3" in bad.stderr
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_and_resume_across_process_counts(tmp_path):
     single, dist = tmp_path / "single", tmp_path / "dist"
     common = [*RUN, "--checkpoint-every", "2"]

@@ -180,6 +180,7 @@ def test_resets_are_seeded_and_made_only_when_needed():
         sys_._reset_host = real
 
 
+@pytest.mark.slow
 def test_builtin_policies_fit_the_action_spaces():
     key = jax.random.PRNGKey(0)
     hopper, cart = system("Hopper-v5"), system("CartPole-v1")
@@ -206,6 +207,7 @@ def test_builtin_policies_fit_the_action_spaces():
                                   np.asarray(out))
 
 
+@pytest.mark.slow
 def test_custom_policies_plain_equinox_and_nnx():
     cart = system("CartPole-v1")
 

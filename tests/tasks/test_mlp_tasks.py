@@ -170,6 +170,7 @@ def test_pes_estimate_on_the_task(lr_task):
     assert np.isfinite(float(info.loss)) and int(info.inner_steps) > 0
 
 
+@pytest.mark.slow
 def test_on_real_fashion_mnist():
     if not DEBIAN.is_dir():
         reason = f"{DEBIAN} is absent (`apt-get install dataset-fashion-mnist`)"
