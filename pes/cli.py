@@ -242,6 +242,14 @@ class RunFlags:
         "--normalize-losses/--no-normalize-losses", help="ES estimators: scale each estimate "
         "by 2 sigma / (std of the particles' window losses), as augmented random search does "
         "with rewards. [default: the task's]", show_default=False)] = None
+    centered_ranks: Annotated[bool | None, typer.Option(
+        "--centered-ranks/--no-centered-ranks", help="ES estimators: replace each particle's "
+        "window loss by its centred rank among all 2N (augmented random search's fitness "
+        "shaping; docs/ars.md). [default: off]", show_default=False)] = None
+    top_b: Annotated[int | None, typer.Option(
+        "--top-b", metavar="B", help="ES estimators: average over the B antithetic pairs with "
+        "the best window returns only (ARS V2-t; 1 <= B <= N / 2). [default: all pairs]",
+        show_default=False)] = None
     stagger: Annotated[bool | None, typer.Option(
         "--stagger/--no-stagger", help="Windowed estimators: burn each particle in to a random "
         "step of its first episode (--no-stagger: all start at t = 0). [default: the task's, "
@@ -301,6 +309,10 @@ class RunFlags:
     policy: Annotated[str | None, typer.Option(
         help="gym:ENV_ID: the policy, linear (a = clip(W obs + b)) or mlp (32, 32 tanh). "
         "[default: linear]", show_default=False)] = None
+    survival_bonus_shift: Annotated[bool | None, typer.Option(
+        "--survival-bonus-shift/--no-survival-bonus-shift", help="gym:ENV_ID (Hopper, "
+        "Walker2d, Ant): train on the reward less the survival bonus per step; evaluations "
+        "report the true return. [default: off]", show_default=False)] = None
     env_steps: Annotated[int | None, typer.Option(
         "--env-steps", help="gym:ENV_ID: a budget in environment steps instead of "
         "--num-steps.", show_default=False)] = None
@@ -331,10 +343,10 @@ class RunFlags:
 # RunFlags that are RunConfig settings, in the order a resumed run compares them.
 _RUN_SETTINGS = (
     "task", "estimator", "seed", "num_steps", "num_particles", "sigma", "truncation_length",
-    "backprop_depth", "normalize_losses", "stagger", "optimizer", "lr", "b1", "eval_every",
-    "nonfinite", "out", "theta0", "checkpoint_every", "data_dir", "dataset", "size",
-    "objective", "backend", "policy", "env_steps", "devices", "steps_per_call",
-    "keep_checkpoints")
+    "backprop_depth", "normalize_losses", "stagger", "centered_ranks", "top_b", "optimizer",
+    "lr", "b1", "eval_every", "nonfinite", "out", "theta0", "checkpoint_every", "data_dir",
+    "dataset", "size", "objective", "backend", "policy", "survival_bonus_shift", "env_steps",
+    "devices", "steps_per_call", "keep_checkpoints")
 
 
 @dataclass_command(app, "run", RunFlags)

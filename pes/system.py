@@ -301,24 +301,36 @@ def evaluate(
                 "eval_steps is required to evaluate a system with horizon=None (it never ends)"
             )
         eval_steps = horizon
-    if isinstance(eval_steps, bool) or not isinstance(eval_steps, int) or eval_steps < 1:
-        raise ValueError(f"eval_steps={eval_steps!r} must be a positive int")
-    if isinstance(num_episodes, bool) or not isinstance(num_episodes, int) or num_episodes < 1:
-        raise ValueError(f"num_episodes={num_episodes!r} must be a positive int")
+    check_positive_ints(eval_steps=eval_steps, num_episodes=num_episodes)
     theta = check_theta(theta)
-    cache_key = (id(system), num_episodes, eval_steps)
-    hit = _EVAL_CACHE.get(cache_key)
-    if hit is None or hit[0] is not system:
 
-        @jax.jit
+    def build():
         def run(theta, key):
             keys = jax.random.split(key, num_episodes)
             losses = jax.vmap(lambda k: unroll(system, theta, k, eval_steps)[1])(keys)
             return losses.mean()
+        return jax.jit(run)
 
-        # Holding the system keeps its id from being reused while the entry lives.
-        if len(_EVAL_CACHE) > 64:
-            _EVAL_CACHE.clear()
-        _EVAL_CACHE[cache_key] = (system, run)
-        hit = _EVAL_CACHE[cache_key]
-    return hit[1](theta, key)
+    return cached_program(_EVAL_CACHE, system, (num_episodes, eval_steps), build)(theta, key)
+
+
+def check_positive_ints(**values: Any) -> None:
+    """Raise ValueError naming the first of ``values`` that is not a positive int."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive int")
+
+
+def cached_program(cache: dict, system: Any, settings: tuple, build: Callable) -> Callable:
+    """``build()``'s compiled program for (system, settings), built once and kept in ``cache``.
+
+    Keyed on ``id(system)``; the entry holds the system, so that id is not reused while the
+    entry lives, and a different object with a recycled id is a miss.
+    """
+    key = (id(system), *settings)
+    hit = cache.get(key)
+    if hit is None or hit[0] is not system:
+        if len(cache) > 64:
+            cache.clear()
+        hit = cache[key] = (system, build())
+    return hit[1]

@@ -28,7 +28,7 @@ SETTINGS = dict(deadline=None, derandomize=True,
 
 INT_FIELDS = {"seed": 0, "num_steps": 1, "num_particles": 1, "truncation_length": 1,
               "backprop_depth": 1, "eval_every": 1, "checkpoint_every": 1, "devices": 1,
-              "steps_per_call": 1, "keep_checkpoints": 1, "env_steps": 1}
+              "steps_per_call": 1, "keep_checkpoints": 1, "env_steps": 1, "top_b": 1}
 POSITIVE_FLOATS = ("sigma", "lr")
 NAME_FIELDS = ("estimator", "optimizer", "nonfinite", "dataset", "size", "objective",
                "backend", "task", "policy")
@@ -74,7 +74,8 @@ def _valid_names(name: str) -> tuple:
             "backend": ("mujoco", "mjx"), "policy": ("linear", "mlp")}[name]
 
 
-FIELDS = sorted(set(RunConfig.fields()) - {"out", "normalize_losses", "stagger"})
+FIELDS = sorted(set(RunConfig.fields()) - {"out", "normalize_losses", "stagger",
+                                            "centered_ranks", "survival_bonus_shift"})
 
 
 @st.composite

@@ -196,6 +196,15 @@ def pick_state_io(env: Any, env_id: str, custom: tuple | None) -> Any:
                    "state_io=(get, set)")
 
 
+def survival_bonus(env: Any, env_id: str) -> float:
+    """The survival bonus per step of a gymnasium v5 environment (``healthy_reward``)."""
+    bonus = getattr(env.unwrapped, "_healthy_reward", None)
+    if isinstance(bonus, bool) or not isinstance(bonus, int | float) or not math.isfinite(bonus):
+        raise EnvError(f"{env_id} has no survival bonus (healthy_reward) to shift; "
+                       "survival_bonus_shift applies to Hopper, Walker2d and Ant (v5)")
+    return float(bonus)
+
+
 def _check_wrappers(env: Any, env_id: str) -> None:
     while hasattr(env, "env"):
         name = type(env).__name__
@@ -223,14 +232,22 @@ class Gymnasium:
         batched C fast path of :mod:`pes.envs.mujoco_suite` (the same steps, bit for bit; the
         reset noise drawn in JAX instead of by gymnasium's seeded generator) where it has the
         environment and its keyword arguments. True: an error where it has not.
+      survival_bonus_shift: train on reward - b, b the environment's survival bonus per step
+        (its ``healthy_reward``: 1 on Hopper, Walker2d and Ant v5), as augmented random search
+        does: ``step``'s loss is -(reward - b) on every step an episode is alive (0 while a
+        member waits after its end). Only the training signal moves: :meth:`evaluate` and
+        :func:`pes.envs.evaluate_return` report the true return, and :meth:`transition` the
+        true reward. An EnvError for an environment without a survival bonus.
       make_kwargs: passed to ``gymnasium.make`` (e.g. ``max_episode_steps=500``).
 
-    Attributes: horizon, observation_shape, obs_dim, action (ActionSpec), state_size.
+    Attributes: horizon, observation_shape, obs_dim, action (ActionSpec), state_size,
+    reward_shift (b, 0.0 without survival_bonus_shift).
     """
 
     def __init__(self, env_id: str, policy: Callable | None = None, *, threads: int = 1,
                  eval_episodes: int = 10, state_io: tuple | None = None,
-                 fast: bool | str = "auto", **make_kwargs: Any):
+                 fast: bool | str = "auto", survival_bonus_shift: bool = False,
+                 **make_kwargs: Any):
         self.env_id, self.make_kwargs = env_id, dict(make_kwargs)
         self.policy = Linear() if policy is None else policy
         if not callable(self.policy):
@@ -261,6 +278,10 @@ class Gymnasium:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
         self._fast = self._make_fast(fast, state_io)
+        if not isinstance(survival_bonus_shift, bool):
+            raise EnvError(f"survival_bonus_shift={survival_bonus_shift!r} must be True or False")
+        self.survival_bonus_shift = survival_bonus_shift
+        self.reward_shift = survival_bonus(env, env_id) if survival_bonus_shift else 0.0
         if hasattr(self.policy, "init"):
             self.check_policy(self.theta0())
 
@@ -336,7 +357,18 @@ class Gymnasium:
                         jnp.asarray(FRESH, jnp.int32), jax.random.bits(key, (), jnp.uint32))
 
     def step(self, state: GymState, theta: Any, t: jax.Array, key: jax.Array):
-        """One environment step under the policy -> (state, loss = -reward, done)."""
+        """One environment step under the policy -> (state, loss, done): loss = -reward, or
+        -(reward - reward_shift) with survival_bonus_shift (0 for an ended state)."""
+        new, loss, done = self.true_step(state, theta, t, key)
+        if not self.reward_shift:
+            return new, loss, done
+        ended = (state.physics[-1] == ENDED if self._fast is not None
+                 else state.status == ENDED)
+        return new, jnp.where(ended, loss, loss + jnp.float32(self.reward_shift)), done
+
+    def true_step(self, state: GymState, theta: Any, t: jax.Array, key: jax.Array):
+        """:meth:`step` with the true reward (loss = -reward) whatever the reward shift: what
+        evaluations step (:func:`pes.envs.returns.episode_returns`)."""
         if self._fast is not None:
             return self._fast.step(state, theta, t, key)
         del t, key  # the environment is deterministic given its state; resets carry a seed

@@ -594,6 +594,8 @@ class MuJoCo:
         if not running.any():
             return out.reshape(lead + (-1,))
         phys_carry = from_bits(packed[rows, :n - 1])
+        if not phys_carry.flags.writeable:  # one contiguous row: a view of the read-only input
+            phys_carry = phys_carry.copy()
         phys, carry = phys_carry[:, :sim.nphys], phys_carry[:, sim.nphys:]
         fresh = status[rows] == FRESH
         if fresh.any():

@@ -8,7 +8,10 @@ The file is a NumPy ``.npz`` archive (no pickles) holding
 * ``obs_shape``; ``action_kind`` ('box' or 'discrete'), ``action_shape``, ``action_low``,
   ``action_high`` (float32, Box), ``action_n``, ``action_start`` (Discrete);
 * ``theta/<path>``: theta's leaves (float32), path the keys from the root joined by '/'
-  (Linear: ``theta/W`` [A, O], ``theta/b`` [A]; MLP: ``theta/layers/<i>/W``, ``.../b``).
+  (Linear: ``theta/W`` [A, O], ``theta/b`` [A]; MLP: ``theta/layers/<i>/W``, ``.../b``);
+* optionally ``obs_mean``, ``obs_var`` (float32 [*obs_shape]): an observation normalisation
+  (augmented random search's), applied before the policy: it acts on
+  (obs - obs_mean) / sqrt(obs_var + OBS_NORM_EPS).
 
 ``load_policy(path)`` rebuilds the policy and returns ``obs -> action`` that a plain gymnasium
 loop can call: observation [*obs_shape] (or a batch [N, *obs_shape]) in, action out (a Box's
@@ -30,6 +33,7 @@ from pes.envs.errors import EnvError
 from pes.envs.policies import BUILTIN, MLP, ActionSpec, Linear, fit_action
 
 FORMAT = "pes-policy/1"
+OBS_NORM_EPS = 1e-8
 
 
 def _path(path: tuple) -> str:
@@ -52,9 +56,27 @@ def _kind(policy: Any) -> str:
     return "custom"
 
 
-def save_policy(path: str | Path, system: Any, theta: Any) -> Path:
+def _obs_norm_arrays(obs_norm: Any, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """{'obs_mean', 'obs_var'} of a (mean, var) pair of the observation's shape; {} for None."""
+    if obs_norm is None:
+        return {}
+    try:
+        mean, var = (np.asarray(x, np.float32) for x in obs_norm)
+    except (TypeError, ValueError):
+        raise EnvError("obs_norm must be a pair (mean, var) of arrays") from None
+    if mean.shape != shape or var.shape != shape:
+        raise EnvError(f"obs_norm's mean {mean.shape} and var {var.shape} must both have the "
+                       f"observation's shape {shape}")
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var)) and np.all(var >= 0)):
+        raise EnvError("obs_norm's mean and var must be finite, var >= 0")
+    return {"obs_mean": mean, "obs_var": var}
+
+
+def save_policy(path: str | Path, system: Any, theta: Any, obs_norm: Any = None) -> Path:
     """Write ``policy.npz`` for a :class:`~pes.envs.Gymnasium` system's policy at theta.
 
+    obs_norm: optional (mean, var), each [*observation_shape]: the policy was trained on
+    (obs - mean) / sqrt(var + 1e-8), and :func:`load_policy`'s callable applies it.
     Returns the path written. A custom policy function is saved as kind 'custom' (its
     leaves only); :func:`load_policy` then needs the function and a theta template back.
     """
@@ -76,6 +98,7 @@ def save_policy(path: str | Path, system: Any, theta: Any) -> Path:
         "action_low": np.asarray(a.low if a.low is not None else (), np.float32),
         "action_high": np.asarray(a.high if a.high is not None else (), np.float32),
         "action_n": np.asarray(a.n, np.int64), "action_start": np.asarray(a.start, np.int64),
+        **_obs_norm_arrays(obs_norm, tuple(system.observation_shape)),
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,16 +111,21 @@ class LoadedPolicy:
     """``obs -> action`` (NumPy) for a policy read by :func:`load_policy`.
 
     Attributes: env_id, make_kwargs, kind, policy (the JAX policy), theta, action (ActionSpec),
-    observation_shape.
+    observation_shape, obs_norm ((mean, var) applied to observations first, or None).
     """
 
     def __init__(self, env_id: str, make_kwargs: dict, kind: str, policy: Callable, theta: Any,
-                 action: ActionSpec, observation_shape: tuple[int, ...]):
+                 action: ActionSpec, observation_shape: tuple[int, ...],
+                 obs_norm: tuple[np.ndarray, np.ndarray] | None = None):
         self.env_id, self.make_kwargs, self.kind = env_id, make_kwargs, kind
         self.policy, self.theta, self.action = policy, theta, action
-        self.observation_shape = observation_shape
+        self.observation_shape, self.obs_norm = observation_shape, obs_norm
+        shift, scale = (None, None) if obs_norm is None else (
+            jnp.asarray(obs_norm[0]), 1.0 / jnp.sqrt(jnp.asarray(obs_norm[1]) + OBS_NORM_EPS))
 
         def act(theta, obs):
+            if shift is not None:
+                obs = (obs - shift) * scale
             return fit_action(policy(theta, obs), action, who=f"the policy {policy}")
 
         self._one = jax.jit(act)
@@ -168,5 +196,9 @@ def load_policy(path: str | Path, policy: Callable | None = None,
                            f"needs shape {tuple(jnp.shape(leaf))}")
         values.append(jnp.asarray(stored[name]))
     theta = jax.tree_util.tree_unflatten(treedef, values)
+    norm = None
+    if "obs_mean" in d or "obs_var" in d:
+        norm = _obs_norm_arrays((d.get("obs_mean"), d.get("obs_var")), obs_shape)
+        norm = (norm["obs_mean"], norm["obs_var"])
     return LoadedPolicy(str(d["env_id"]), json.loads(str(d["make_kwargs"])), kind, policy,
-                        theta, a, obs_shape)
+                        theta, a, obs_shape, norm)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pes.system import check_system, check_theta, step_key
+from pes.system import cached_program, check_positive_ints, check_system, check_theta, step_key
 
 _CACHE: dict[tuple, tuple[Any, Callable]] = {}
 
@@ -19,8 +19,12 @@ def episode_returns(system: Any, theta: Any, key: jax.Array, episodes: int,
     """Pure JAX (jittable): (returns float32 [E], lengths int32 [E]) of ``episodes`` fresh
     episodes, as :func:`evaluate_return` describes them."""
 
+    # A System whose training loss is shifted (Gymnasium's survival_bonus_shift) steps here
+    # with its true reward.
+    step = getattr(system, "true_step", system.step)
+
     def one_step(state, t, key):
-        out = system.step(state, theta, t, key)
+        out = step(state, theta, t, key)
         done = out[2] if len(out) == 3 else jnp.zeros((), bool)
         return out[0], out[1], done
 
@@ -56,6 +60,9 @@ def evaluate_return(system: Any, theta: Any, key: jax.Array, episodes: int = 10,
     is not counted (environment Systems do not simulate it). The loop stops when every
     episode has ended.
 
+    A System with a ``true_step`` (a :class:`~pes.envs.Gymnasium` whose training reward is
+    shifted) is stepped by it, so the returns are the environment's true ones.
+
     Returns {'return': mean return, 'return_std': its spread across episodes (population std),
     'return_min', 'return_max', 'episode_length': mean steps, 'env_steps': total steps taken,
     'returns': float32 [E]} (floats and an int, plus the NumPy array).
@@ -65,18 +72,11 @@ def evaluate_return(system: Any, theta: Any, key: jax.Array, episodes: int = 10,
         if horizon is None:
             raise ValueError("max_steps is required for a system with horizon=None")
         max_steps = horizon
-    for name, value in (("episodes", episodes), ("max_steps", max_steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be a positive int")
+    check_positive_ints(episodes=episodes, max_steps=max_steps)
     theta = check_theta(theta)
-    cache_key = (id(system), episodes, max_steps)
-    hit = _CACHE.get(cache_key)
-    if hit is None or hit[0] is not system:
-        if len(_CACHE) > 64:
-            _CACHE.clear()
-        fn = jax.jit(lambda th, k: episode_returns(system, th, k, episodes, max_steps))
-        hit = _CACHE[cache_key] = (system, fn)
-    ret, length = (np.asarray(x) for x in hit[1](theta, key))
+    fn = cached_program(_CACHE, system, (episodes, max_steps), lambda: jax.jit(
+        lambda th, k: episode_returns(system, th, k, episodes, max_steps)))
+    ret, length = (np.asarray(x) for x in fn(theta, key))
     return {"return": float(ret.mean()), "return_std": float(ret.std()),
             "return_min": float(ret.min()), "return_max": float(ret.max()),
             "episode_length": float(length.mean()), "env_steps": int(length.sum()),

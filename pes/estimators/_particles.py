@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pes.estimators import _ars
 from pes.estimators._window import advance as advance_pairs
 from pes.estimators._window import (
     expand_members,
@@ -505,8 +506,8 @@ def stagger_offsets(key: jax.Array, num_pairs: int, horizon: int | None, stagger
 
 
 def es_gradient(stats: WindowStats, sigma: float, antithetic: bool, num_steps: int,
-                normalize_losses: bool = False, perturbed: tuple[bool, ...] | None = None
-                ) -> PyTree:
+                normalize_losses: bool = False, perturbed: tuple[bool, ...] | None = None,
+                keep: jax.Array | None = None) -> PyTree:
     """Reduce per-pair window sums to the gradient of the mean per-step loss.
 
     antithetic: g = mean_p A_p / (2 sigma^2 K), A_p = sum_j (l+_pj - l-_pj) w_pj.
@@ -517,9 +518,10 @@ def es_gradient(stats: WindowStats, sigma: float, antithetic: bool, num_steps: i
     window losses (per step, finite pairs; ``perturbed`` marks which members count), so
     antithetic pairs give Mania et al.'s ARS step sum_p (f+_p - f-_p) z_p / (N s).
     Pairs with a non-finite loss are left out (the means run over the finite pairs); with no
-    finite pair the gradient is NaN.
+    finite pair the gradient is NaN. keep: [P] bool, only these pairs count (top-b selection:
+    the means, and the spread of normalize_losses, run over the kept finite pairs).
     """
-    ok = stats.finite
+    ok = stats.finite if keep is None else stats.finite & keep
     count = jnp.sum(ok)
 
     def mean_ok(x):
@@ -779,18 +781,38 @@ class ESEstimator(TruncatedEstimator, NoiseHooks):
     unperturbed_member = False
 
     def __init__(self, system, *, num_particles, sigma, truncation_length, antithetic=True,
-                 stagger=True, normalize_losses=False, mesh=None):
+                 stagger=True, normalize_losses=False, centered_ranks=False, top_b=None,
+                 mesh=None):
         self.antithetic = check_bool("antithetic", antithetic)
         self.normalize_losses = check_bool("normalize_losses", normalize_losses)
         self.sigma = check_sigma(sigma)
         self._setup(system, check_particles(num_particles, self.antithetic), truncation_length,
                     stagger, mesh)
+        self._setup_ars(centered_ranks, top_b)
+
+    def _setup_ars(self, centered_ranks, top_b):
+        """ARS's options (pes.estimators._ars): centred-rank fitness shaping, top-b pairs."""
+        self.centered_ranks = check_bool("centered_ranks", centered_ranks)
+        self.top_b = None if top_b is None else check_positive_int("top_b", top_b)
+        if (self.centered_ranks or self.top_b is not None) and not self.antithetic:
+            raise ValueError("centered_ranks and top_b act on antithetic pairs; they need "
+                             "antithetic=True")
+        if self.top_b is not None and self.top_b > self.num_pairs:
+            raise ValueError(f"top_b={self.top_b} must be at most the number of antithetic "
+                             f"pairs ({self.num_pairs} = num_particles / 2)")
+        if self.centered_ranks and self.normalize_losses:
+            raise ValueError("centered_ranks and normalize_losses exclude each other: ranks "
+                             "already fix the losses' scale")
+
+    def _ars_repr(self) -> str:
+        return ((", normalize_losses=True" if self.normalize_losses else "")
+                + (", centered_ranks=True" if self.centered_ranks else "")
+                + (f", top_b={self.top_b}" if self.top_b is not None else ""))
 
     def __repr__(self):
         return (f"{type(self).__name__}(num_particles={self.num_particles}, sigma={self.sigma}, "
                 f"truncation_length={self.truncation_length}, antithetic={self.antithetic}, "
-                f"stagger={self.stagger}"
-                + (", normalize_losses=True" if self.normalize_losses else "") + ")")
+                f"stagger={self.stagger}" + self._ars_repr() + ")")
 
     @property
     def num_pairs(self) -> int:
@@ -826,11 +848,16 @@ class ESEstimator(TruncatedEstimator, NoiseHooks):
         K = self.truncation_length
         (inner, t, noise, ended), stats = window_scan(
             self.system, theta, inner, state.t, noise, k_window, signs=signs, num_steps=K,
-            hooks=self, mesh=self.mesh, need_W=not self.antithetic, ended=ended)
+            hooks=self, mesh=self.mesh, need_W=not self.antithetic or self.centered_ranks,
+            ended=ended)
         noise = self.end_window(noise)
         if self.unperturbed_member:
             inner, ended = tmap(lambda x: x[:, -1:], (inner, ended))
-        grad = es_gradient(stats, self.sigma, self.antithetic, K, self.normalize_losses,
-                           tuple(m != 0 for m in signs))
+        perturbed = tuple(m != 0 for m in signs)
+        keep = None if self.top_b is None else _ars.top_b_pairs(stats, perturbed, self.top_b)
+        shaped = (_ars.rank_credit(stats, perturbed, signs, K) if self.centered_ranks
+                  else stats)
+        grad = es_gradient(shaped, self.sigma, self.antithetic, K, self.normalize_losses,
+                           perturbed, keep)
         info = window_info(stats, len(signs), K, state.pending_steps, len(self.signs))
         return grad, particle_state(inner, t, noise, jnp.zeros((), jnp.int32), ended), info

@@ -19,11 +19,12 @@ class FullES(PES):
     """ES over whole episodes; the system must have a finite horizon.
 
     Args:
-      system, num_particles, sigma, antithetic, normalize_losses: as for PES.
+      system, num_particles, sigma, antithetic, normalize_losses, centered_ranks, top_b: as
+        for PES.
     """
 
     def __init__(self, system, *, num_particles, sigma, antithetic=True, normalize_losses=False,
-                 mesh=None):
+                 centered_ranks=False, top_b=None, mesh=None):
         horizon = getattr(system, "horizon", None)
         if hasattr(system, "horizon") and horizon is None:
             raise ValueError(
@@ -33,9 +34,9 @@ class FullES(PES):
         super().__init__(system, num_particles=num_particles, sigma=sigma,
                          truncation_length=horizon if isinstance(horizon, int) else 1,
                          antithetic=antithetic, stagger=False,
-                         normalize_losses=normalize_losses, mesh=mesh)
+                         normalize_losses=normalize_losses, centered_ranks=centered_ranks,
+                         top_b=top_b, mesh=mesh)
 
     def __repr__(self):
         return (f"FullES(num_particles={self.num_particles}, sigma={self.sigma}, "
-                f"antithetic={self.antithetic}"
-                + (", normalize_losses=True" if self.normalize_losses else "") + ")")
+                f"antithetic={self.antithetic}" + self._ars_repr() + ")")

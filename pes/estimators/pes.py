@@ -95,6 +95,13 @@ class PES(ESEstimator):
         reward normalisation of augmented random search, used by the PES paper's control
         runs). It is a data-dependent step size: the estimate's direction is the same, but its
         expectation is no longer exactly the gradient.
+      centered_ranks: replace each particle's window loss by its centred rank among the 2N
+        window losses (augmented random search's fitness shaping; pes.estimators._ars). The
+        estimate is invariant to strictly monotone transforms of the window losses and biased
+        for the smoothed loss's gradient. Antithetic only; excludes normalize_losses.
+      top_b: keep only the b pairs with the best window return max(-L+, -L-) in the mean over
+        pairs (ARS V2-t; with normalize_losses the spread is over the kept 2b losses). Biased
+        for b < N pairs; b = N is the plain estimator exactly. Antithetic only.
 
     Examples:
         One estimate on a System whose loss is (theta - 3)^2 at every step; the gradient at

@@ -103,6 +103,10 @@ _INAPPLICABLE = {
                         "not apply to it",
     "stagger": "{est} starts every estimate from a fresh episode at t = 0; stagger does not "
                "apply to it",
+    "centered_ranks": "{est} computes gradients by differentiation; centered_ranks (the ES "
+                      "family's rank shaping of the particles' losses) does not apply to it",
+    "top_b": "{est} computes gradients by differentiation; top_b (the ES family's selection "
+             "of the best antithetic pairs) does not apply to it",
 }
 
 
@@ -121,6 +125,11 @@ class RunConfig:
     normalize_losses: ES estimators only: scale each estimate by 2 sigma / (standard deviation
       of the particles' window losses), the reward normalisation of augmented random search;
       None: the task's default, else False.
+    centered_ranks: ES estimators only: replace each particle's window loss by its centred rank
+      among the 2N window losses (augmented random search's fitness shaping; docs/ars.md);
+      None: off.
+    top_b: ES estimators only: average the estimate over the b antithetic pairs with the best
+      window returns (ARS V2-t), 1 <= b <= num_particles / 2; None: every pair.
     stagger: estimators with K-step windows: burn each particle in to a uniform random step of
       its first episode, so that the particles' windows cover the episode evenly (False: all
       start at t = 0, windows aligned with episodes); None: the task's default, else True.
@@ -148,6 +157,8 @@ class RunConfig:
     backend: the swimmer's simulator, 'mujoco' (C, through a host callback) or 'mjx' (pure
       JAX through mujoco.mjx, for accelerators); None: 'mujoco'. Other tasks take none.
     policy: gym:ENV_ID's policy, 'linear' or 'mlp' (32, 32 tanh); None: 'linear'.
+    survival_bonus_shift: gym:ENV_ID (Hopper, Walker2d, Ant): train on the reward less the
+      environment's survival bonus per step (evaluations keep the true return); None: False.
     env_steps: a budget in environment steps (gym:ENV_ID tasks), an alternative to
       num_steps: the run stops after the outer step at which ``inner_steps``, the steps
       actually taken, reaches it. num_steps becomes a cap that surely spends the budget:
@@ -179,6 +190,8 @@ class RunConfig:
     backprop_depth: int | None = None
     normalize_losses: bool | None = None
     stagger: bool | None = None
+    centered_ranks: bool | None = None
+    top_b: int | None = None
     optimizer: str | None = None
     lr: float | None = None
     b1: float | None = None
@@ -194,6 +207,7 @@ class RunConfig:
     objective: str | None = None
     backend: str | None = None
     policy: str | None = None
+    survival_bonus_shift: bool | None = None
     env_steps: int | None = None
     devices: int | None = None
     steps_per_call: int | None = None
@@ -351,7 +365,7 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and name not in entry.options:
                 takers = [t for t in TASK_NAMES if name in get_task(t).options]
-                takers += ["gym:ENV_ID"] if name == "policy" else []
+                takers += ["gym:ENV_ID"] if name in ("policy", "survival_bonus_shift") else []
                 raise ConfigError(
                     f"{name}={value!r} does not apply to task={self.task!r}; only "
                     f"{', '.join(takers)} take{'s' * (len(takers) == 1)} it", field=name)
@@ -381,6 +395,13 @@ class RunConfig:
                 if not kwarg:
                     parts.append("not staggered")
                 continue
+            if name == "centered_ranks":
+                if kwarg:
+                    parts.append("centred ranks")
+                continue
+            if name == "top_b":
+                parts.append(f"top-{kwarg} pairs")
+                continue
             parts.append(f"{short[name]}={kwarg:g}")
         opt = f"{self.optimizer} lr={self.lr:g}"
         if self.b1 is not None:
@@ -409,6 +430,9 @@ _OPTIONAL_CHECKS = {
     "backprop_depth": lambda v: check_int("backprop_depth", v, 1),
     "normalize_losses": lambda v: _check_bool("normalize_losses", v),
     "stagger": lambda v: _check_bool("stagger", v),
+    "centered_ranks": lambda v: _check_bool("centered_ranks", v),
+    "top_b": lambda v: check_int("top_b", v, 1),
+    "survival_bonus_shift": lambda v: _check_bool("survival_bonus_shift", v),
     "optimizer": lambda v: _check_name("optimizer", v, "optimizer", OPTIMIZER_NAMES),
     "lr": lambda v: _check_float("lr", v, low=0.0),
     "b1": lambda v: _check_float("b1", v, low=0.0, high=1.0, low_open=False, high_open=True),

@@ -31,7 +31,7 @@ def is_gym_task(name: Any) -> bool:
 class GymTask:
     """A gymnasium environment with a built-in policy over a flat theta [D]."""
 
-    def __init__(self, env_id: str, policy: str = "linear"):
+    def __init__(self, env_id: str, policy: str = "linear", survival_bonus_shift: bool = False):
         from pes import envs
 
         if policy not in POLICIES:
@@ -39,9 +39,11 @@ class GymTask:
                               f"{', '.join(POLICIES)}", field="policy")
         try:
             self.system = envs.Gymnasium(
-                env_id, policy=envs.Linear() if policy == "linear" else envs.MLP())
+                env_id, policy=envs.Linear() if policy == "linear" else envs.MLP(),
+                survival_bonus_shift=survival_bonus_shift)
         except envs.EnvError as e:
-            raise ConfigError(str(e), field="task") from None
+            field = "survival_bonus_shift" if "survival bonus" in str(e) else "task"
+            raise ConfigError(str(e), field=field) from None
         if self.system.horizon is None:
             raise ConfigError(f"task='{PREFIX}{env_id}' has no time limit "
                               "(max_episode_steps); pes needs episodes of bounded length",
@@ -77,8 +79,9 @@ class GymTask:
 
 
 @functools.cache
-def make_gym_task(env_id: str, policy: str = "linear") -> GymTask:
-    return GymTask(env_id, policy)
+def make_gym_task(env_id: str, policy: str = "linear",
+                  survival_bonus_shift: bool = False) -> GymTask:
+    return GymTask(env_id, policy, survival_bonus_shift)
 
 
 def export_policy(task: GymTask, theta: Any, run_dir: Any) -> Path:

@@ -23,7 +23,7 @@ from pes.tasks.learned_optimizer import EXPORT_FILE as LEARNED_OPTIMIZER_FILE
 from pes.tasks.swimmer import BACKENDS as SWIMMER_BACKENDS  # no mujoco import until used
 
 ESTIMATOR_SETTINGS = ("num_particles", "sigma", "truncation_length", "backprop_depth",
-                      "normalize_losses", "stagger")
+                      "normalize_losses", "stagger", "centered_ranks", "top_b")
 
 
 def unknown_name(field_name: str, value: Any, what: str, valid: tuple[str, ...] | list[str]):
@@ -130,7 +130,8 @@ def _many_hyperparameters(**options: Any) -> Any:
 
 # Task options (RunConfig fields): the image tasks' --dataset, --data-dir, --size,
 # --objective; the swimmer's --backend; gym:ENV_ID's --policy.
-TASK_OPTIONS = ("dataset", "data_dir", "size", "objective", "backend", "policy")
+TASK_OPTIONS = ("dataset", "data_dir", "size", "objective", "backend", "policy",
+                "survival_bonus_shift")
 _IMAGE_OPTIONS = {"dataset": "fashion-mnist", "data_dir": None, "size": "cpu"}
 
 TASKS["mnist-lr-schedule"] = TaskEntry(
@@ -276,7 +277,7 @@ def _gym_entry(name: str) -> TaskEntry:
         metric_label="episode return (mean of 10 episodes)",
         log_y=False,
         theta_names=("policy parameters",),
-        options={"policy": "linear"},
+        options={"policy": "linear", "survival_bonus_shift": False},
         export=gym_task.export_policy,
         export_files=(gym_task.POLICY_FILE,),
     )
@@ -366,7 +367,8 @@ class EstimatorEntry:
         return cls
 
 
-_ES = ("num_particles", "sigma", "truncation_length", "normalize_losses", "stagger")
+_ES = ("num_particles", "sigma", "truncation_length", "normalize_losses", "stagger",
+       "centered_ranks", "top_b")
 _BACKPROP = ("num_particles", "truncation_length", "stagger")
 
 ESTIMATORS: dict[str, EstimatorEntry] = {
@@ -378,7 +380,8 @@ ESTIMATORS: dict[str, EstimatorEntry] = {
                        "unperturbed state (short-horizon bias)", _ES, window_within_episode=True),
         EstimatorEntry("full-es", "FullES", "ES over whole episodes from a fresh state "
                        "(unbiased, one update per episode)",
-                       ("num_particles", "sigma", "normalize_losses"),
+                       ("num_particles", "sigma", "normalize_losses", "centered_ranks",
+                        "top_b"),
                        needs_horizon=True),
         EstimatorEntry("nres", "NRES", "noise-reuse ES: one perturbation per particle per "
                        "episode, reused in every window (unbiased)", _ES, needs_horizon=True),
