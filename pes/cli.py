@@ -280,9 +280,10 @@ class RunFlags:
         help="Checkpoint the run state every this many outer steps (also after the last, and "
         "on SIGINT/SIGTERM). [default: every 5 minutes]", show_default=False)] = None
     steps_per_call: Annotated[int | None, typer.Option(
-        help="Run this many outer steps per compiled call, reading their metrics back once "
-        "(faster when a step is cheap; checkpoints then come at the ends of calls). "
-        "[default: 1]", show_default=False)] = None
+        help="Run up to this many outer steps per compiled call, reading their metrics back "
+        "once (calls still end at evaluations and --checkpoint-every multiples; a signal "
+        "stops at the end of a call). [default: auto, calls of about 0.1 s]",
+        show_default=False)] = None
     keep_checkpoints: Annotated[int | None, typer.Option(
         help="Keep this many of the newest intact checkpoints (each proven by its checksums); "
         "older ones are deleted. [default: 2]", show_default=False)] = None

@@ -15,6 +15,7 @@ optimizer and the initial theta.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -28,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import yaml
 
 from pes.runs.errors import ConfigError
 from pes.runs.gym_task import POLICIES as GYM_POLICIES
@@ -176,10 +176,11 @@ class RunConfig:
       distributed run (:mod:`pes.runs.distributed`). It changes where the particles
       are computed, not the result (to float tolerance), so a resumed run may change it.
     steps_per_call: outer steps per compiled call of the training loop (``pes.train``'s
-      steps_per_call, at most 64), their records read back once per call; None: 1 (a
-      signal or checkpoint_every then acts after the exact step). Metrics still come per
-      step, checkpoints come at the ends of calls (for checkpoint_every: the first at or
-      after each multiple); the result is bit for bit the same for every value, so a
+      steps_per_call, at most 64), their records read back once per call; None: 'auto',
+      calls of about 0.1 s (one step per call with an env_steps budget or in a distributed
+      run). Metrics still come per step; calls also end at evaluations and at the multiples
+      of checkpoint_every (so checkpoints come at those steps); a signal stops the run at the
+      end of the call under way. The result is bit for bit the same for every value, so a
       resumed run may change it.
     keep_checkpoints: how many of the newest intact checkpoints a run keeps (older ones are
       deleted once a newer one is proven by its checksums); None: 2. A resumed run may change
@@ -675,19 +676,25 @@ def build(task: str, estimator: str, **overrides: Any) -> Setup:
 # --------------------------------------------------------------------------- config files
 
 
-class _YamlLoader(yaml.SafeLoader):
+@functools.cache
+def _yaml_loader() -> Any:
     """PyYAML's safe loader, reading ``1e-3`` as a float as YAML 1.2 and JSON do (PyYAML's
-    YAML 1.1 resolver wants a dot, ``1.0e-3``, and would return the string '1e-3')."""
+    YAML 1.1 resolver wants a dot, ``1.0e-3``, and would return the string '1e-3'). Made at
+    first use: a run without a config file does not import yaml."""
+    import yaml
 
+    class Loader(yaml.SafeLoader):
+        pass
 
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                    |\.[0-9_]+(?:[eE][-+][0-9]+)?
-                    |[-+]?\.(?:inf|Inf|INF)
-                    |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                        |[-+]?\.(?:inf|Inf|INF)
+                        |\.(?:nan|NaN|NAN))$""", re.X),
+        list("-+0123456789."))
+    return Loader
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -721,8 +728,10 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
             raise ConfigError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column "
                               f"{e.colno}", field="config") from None
     else:
+        import yaml
+
         try:
-            data = yaml.load(text, Loader=_YamlLoader)
+            data = yaml.load(text, Loader=_yaml_loader())
         except yaml.YAMLError as e:
             where = ""
             mark = getattr(e, "problem_mark", None)
