@@ -4,10 +4,11 @@ gymnasium's own vector environment stepping the same policy on the same number o
 * PES: ``pes.PES(pes.envs.Gymnasium(env_id), num_particles=2 * pairs, sigma=0.1, K=100)``,
   one jitted ``estimate`` (a window of K steps for every particle: one host call per step for
   all of them, plus one on steps where some particle starts an episode); env steps/s =
-  ``info.inner_steps`` / time. With estimators that take ``(state, loss, done)`` steps these
-  are real steps (a particle whose episode ended restarts at its next step); with estimators
-  that do not yet, the System is wrapped so that a particle restarts by itself when its
-  episode ends (the same work; printed as 'autoreset wrapper').
+  ``info.inner_steps`` / time, the steps really simulated. A member whose episode ended
+  waits for its pair's clock to reach the horizon (``--reset slot``, the default) or, with
+  ``--reset pair``, the pair restarts as soon as both members are done (docs/termination.md).
+  (Without done-aware estimators the System is wrapped so that a particle restarts by itself
+  when its episode ends; printed as 'autoreset wrapper'.)
 * gymnasium: ``gymnasium.vector.SyncVectorEnv`` of the same number of envs (``--async`` adds
   ``AsyncVectorEnv``, one process per env), the linear policy a = clip(W_i obs + b_i) for the
   same antithetic pairs theta +/- sigma z computed by NumPy for the whole batch each step;
@@ -55,12 +56,16 @@ class AutoReset:
         return jax.tree_util.tree_map(lambda a, b: jnp.where(done, a, b), fresh, new), loss
 
 
+RESET = "slot"
+
+
 def pes_estimator(system, pairs: int):
     """PES on the system itself if the estimators take (state, loss, done) steps, else on the
     AutoReset wrapper. Returns (estimator, label)."""
     key = jax.random.PRNGKey(0)
     try:
-        est = pes.PES(system, num_particles=2 * pairs, sigma=SIGMA, truncation_length=K)
+        est = pes.PES(system, num_particles=2 * pairs, sigma=SIGMA, truncation_length=K,
+                      reset=RESET)
         est.init(key, system.theta0())
         return est, "done-aware estimator"
     except (TypeError, ValueError):
@@ -140,7 +145,7 @@ def measure(env_id: str, pairs: int, repeats: int, threads: int, modes: list[str
     med = {name: statistics.median(v) for name, v in rates.items()}
     cpu_med = {name: statistics.median(v) for name, v in cpu_rates.items()}
     print(f"{env_id}, {pairs} antithetic pairs ({2 * pairs} envs), K = {K}, "
-          f"PES via {runners['pes'].label}, threads = {threads}")
+          f"PES via {runners['pes'].label}, reset={RESET}, threads = {threads}")
     for name, rate in med.items():
         spread = f"[{min(rates[name]):.0f}, {max(rates[name]):.0f}]"
         print(f"  {name:6s} {rate:9.0f} env steps/s  {spread}   "
@@ -154,7 +159,7 @@ def measure(env_id: str, pairs: int, repeats: int, threads: int, modes: list[str
 
 
 def main(argv: list[str] | None = None) -> None:
-    global K
+    global K, RESET
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--envs", nargs="+", default=["Hopper-v5", "HalfCheetah-v5"])
     p.add_argument("--pairs", type=int, default=10)
@@ -164,9 +169,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="also measure gymnasium's AsyncVectorEnv (one process per env)")
     p.add_argument("--pure-callback", action="store_true",
                    help="also measure PES with jax.pure_callback as the host call")
+    p.add_argument("--reset", choices=["slot", "pair"], default="slot",
+                   help="PES's reset mode (docs/termination.md)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: InvertedPendulum-v5, 2 pairs, K = 10, one repeat")
     args = p.parse_args(argv)
+    RESET = args.reset
     if args.quick:
         args.envs, args.pairs, args.repeats, K = ["InvertedPendulum-v5"], 2, 1, 10
     modes = ["sync"] + (["async"] if args.use_async else [])

@@ -20,6 +20,9 @@ particle-steps per outer step:
   regression example does: a Python loop that resets the inner states on the host when the
   strategy's step counter wraps, asks, unrolls K steps with a jitted, vmapped lax.scan and
   tells (the fitness being the window's summed loss);
+- ``raw unroll``: no PES at all, the bound: a jitted, vmapped K-step lax.scan of the task's
+  step for the same N perturbed particles, called once per outer step (benchmarks/overhead.py's
+  raw unroll; theta does not move);
 - ``numpy``: a straightforward PES in NumPy, vectorised over particles (the inner step and its
   gradient written out by hand, Adam by hand).
 
@@ -36,7 +39,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -179,6 +184,37 @@ class PesScan(PesLoop):
         return self.theta, time.perf_counter() - t0
 
 
+class RawUnroll:
+    """The least any implementation must compute: benchmarks/overhead.py's raw unroll (a
+    jit(vmap over pairs of vmap over members of a K-step lax.scan) of the task's step at
+    theta +/- eps) called once per outer step, its states fed back; no estimator, no
+    gradient, no update, no resets (a bound, not a trainer: theta does not move)."""
+
+    name = "raw unroll"
+
+    def __init__(self, task, seed):
+        spec = importlib.util.spec_from_file_location(  # benchmarks/overhead.py's
+            "bench_overhead", Path(__file__).with_name("overhead.py"))
+        overhead = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(overhead)
+        self.raw = overhead.raw_unroll(task, N, K)
+        self.key = jax.random.PRNGKey(seed)
+        self.theta = jnp.asarray(THETA0)
+        self.states = jax.vmap(lambda k: jax.vmap(task.init)(jax.random.split(k)))(
+            jax.random.split(self.key, N // 2))
+        self.eps = SIGMA * jax.random.normal(self.key, (N // 2, 2))
+        self.step = 0
+
+    def run(self, steps):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.step += 1
+            self.states, _ = self.raw(self.states, self.theta, self.eps,
+                                      jax.random.fold_in(self.key, self.step))
+        jax.block_until_ready(self.states)
+        return self.theta, time.perf_counter() - t0
+
+
 # ------------------------------------------------------------------------------ evosax
 
 
@@ -307,10 +343,11 @@ def main(argv=None):
     steps, repeats = (5, 1) if args.quick else (args.steps, args.repeats)
 
     task = ToyRegression()
-    makers = [PesTrain, PesTrainChunked, PesTrainDefault, PesLoop, PesScan, NumpyPES]
+    makers = [PesTrain, PesTrainChunked, PesTrainDefault, PesLoop, PesScan, RawUnroll,
+              NumpyPES]
     try:
         evosax_version = importlib.metadata.version("evosax")
-        makers.insert(5, Evosax)
+        makers.insert(6, Evosax)
     except importlib.metadata.PackageNotFoundError:
         evosax_version = None
         print("evosax is not installed: skipping it (pip install -e '.[bench]' adds it)\n")
@@ -329,7 +366,7 @@ def main(argv=None):
     work = N * K * steps
     print(f"jax {jax.__version__}, evosax {evosax_version or '-'}; toy regression, N={N}, K={K}, "
           f"{steps} outer steps per timing, medians of {repeats} repeats\n")
-    peers = [name for name in ("evosax", "numpy") if name in times]
+    peers = [name for name in ("evosax", "numpy", "raw unroll") if name in times]
     print("| implementation | particle-steps/s | outer steps/s | "
           + " | ".join(f"speed / {p}" for p in peers) + " |")
     print("|---|---|---|" + "---|" * len(peers))

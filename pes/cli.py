@@ -172,6 +172,10 @@ _LOG = dict(metavar="TRACKERS", show_default=False,
             help="Also log to experiment trackers, comma-separated: tensorboard, wandb, mlflow "
             "(files inside each run directory; wandb offline unless WANDB_API_KEY is set). "
             "Each needs its extra, e.g. pip install 'pes[tensorboard]'.")
+_RESET_HELP = ("Tasks whose episodes end early (gym:ENV_ID): slot restarts a pair of "
+               "particles when its clock reaches the horizon (PES, NRES, full ES exactly "
+               "unbiased); pair restarts it as soon as both members' episodes have ended "
+               "(faster; another expectation: docs/termination.md). [default: slot]")
 _SIZE = dict(show_default=False,
              help="Image tasks: cpu (minutes on 2 cores), paper (the paper's), tiny "
              "(seconds; tests), or full (learned-optimizer at 28x28). [default: cpu]")
@@ -254,6 +258,8 @@ class RunFlags:
         "--stagger/--no-stagger", help="Windowed estimators: burn each particle in to a random "
         "step of its first episode (--no-stagger: all start at t = 0). [default: the task's, "
         "else staggered]", show_default=False)] = None
+    reset: Annotated[str | None, typer.Option(
+        help=_RESET_HELP, show_default=False)] = None
     optimizer: Annotated[str | None, typer.Option(
         help="Outer optimizer: sgd or adam. [default: the task's]", show_default=False)] = None
     lr: Annotated[float | None, typer.Option(
@@ -274,9 +280,10 @@ class RunFlags:
         help="Checkpoint the run state every this many outer steps (also after the last, and "
         "on SIGINT/SIGTERM). [default: every 5 minutes]", show_default=False)] = None
     steps_per_call: Annotated[int | None, typer.Option(
-        help="Run this many outer steps per compiled call, reading their metrics back once "
-        "(faster when a step is cheap; checkpoints then come at the ends of calls). "
-        "[default: 1]", show_default=False)] = None
+        help="Run up to this many outer steps per compiled call, reading their metrics back "
+        "once (calls still end at evaluations and --checkpoint-every multiples; a signal "
+        "stops at the end of a call). [default: auto, calls of about 0.1 s]",
+        show_default=False)] = None
     keep_checkpoints: Annotated[int | None, typer.Option(
         help="Keep this many of the newest intact checkpoints (each proven by its checksums); "
         "older ones are deleted. [default: 2]", show_default=False)] = None
@@ -343,10 +350,10 @@ class RunFlags:
 # RunFlags that are RunConfig settings, in the order a resumed run compares them.
 _RUN_SETTINGS = (
     "task", "estimator", "seed", "num_steps", "num_particles", "sigma", "truncation_length",
-    "backprop_depth", "normalize_losses", "stagger", "centered_ranks", "top_b", "optimizer",
-    "lr", "b1", "eval_every", "nonfinite", "out", "theta0", "checkpoint_every", "data_dir",
-    "dataset", "size", "objective", "backend", "policy", "survival_bonus_shift", "env_steps",
-    "devices", "steps_per_call", "keep_checkpoints")
+    "backprop_depth", "normalize_losses", "stagger", "reset", "centered_ranks", "top_b",
+    "optimizer", "lr", "b1", "eval_every", "nonfinite", "out", "theta0", "checkpoint_every",
+    "data_dir", "dataset", "size", "objective", "backend", "policy", "survival_bonus_shift",
+    "env_steps", "devices", "steps_per_call", "keep_checkpoints")
 
 
 @dataclass_command(app, "run", RunFlags)
@@ -492,6 +499,7 @@ def compare_command(
     heatmap_points: Annotated[int | None, typer.Option(
         help="mnist-lr-schedule: heatmap grid points per axis. [default: the size's]",
         show_default=False)] = None,
+    reset: Annotated[str | None, typer.Option(help=_RESET_HELP, show_default=False)] = None,
 ) -> None:
     """Run the paper's comparison EXPERIMENT: every estimator it ran, over several seeds.
 
@@ -502,7 +510,7 @@ def compare_command(
     options = CompareOptions(
         seeds=seeds, out=out, num_steps=num_steps, estimators=_csv(estimators),
         overwrite=overwrite, progress=progress, data_dir=data_dir, dataset=dataset, size=size,
-        objective=objective, heatmap_points=heatmap_points)
+        objective=objective, heatmap_points=heatmap_points, reset=reset)
     with _tracking(log), _user_errors():
         try:
             result = run_experiment(experiment, options, echo=typer.echo)

@@ -100,14 +100,40 @@ def check_theta(theta: PyTree, name: str = "theta") -> PyTree:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+# (system, theta's structure, shapes and dtypes, key's shape and dtype) -> whether step returns
+# done: the checks passed for these. Tracing a step again costs more than a whole chunk of
+# cheap outer steps, and every estimator init (so every pes.train call) checks.
+_STEP_CHECKS: dict[tuple, bool] = {}
+_MAX_STEP_CHECKS = 64
+
+
 def check_step_output(system: Any, theta: PyTree, key: jax.Array) -> bool:
     """Trace ``system.init`` and one ``system.step`` abstractly and check what step returns:
     ``(state, loss)`` or ``(state, loss, done)`` with a float scalar loss, a bool (or int)
     scalar done, and a state of init's structure whose leaves keep their shapes and dtypes.
 
     Returns whether the step returns ``done`` (the system can end an episode early). Raises
-    TypeError/ValueError naming the offending part.
+    TypeError/ValueError naming the offending part. A check passed once is remembered for
+    the same (hashable) system and the same shapes and dtypes.
     """
+    leaves, treedef = jax.tree_util.tree_flatten(theta)
+    spec = (system, treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves),
+            jnp.shape(key), jnp.result_type(key))
+    try:
+        return _STEP_CHECKS[spec]
+    except (KeyError, TypeError, ValueError):  # an unhashable system: checked every time
+        pass
+    has_done = _check_step_output(system, theta, key)
+    try:
+        if len(_STEP_CHECKS) >= _MAX_STEP_CHECKS:
+            _STEP_CHECKS.clear()
+        _STEP_CHECKS[spec] = has_done
+    except (TypeError, ValueError):
+        pass
+    return has_done
+
+
+def _check_step_output(system: Any, theta: PyTree, key: jax.Array) -> bool:
     name = type(system).__name__
     state = jax.eval_shape(system.init, key)
     out = jax.eval_shape(system.step, state, theta, jnp.zeros((), jnp.int32), key)

@@ -147,6 +147,7 @@ def train(
     on_state: Callable[[TrainState], Any] | None = None,
     steps_per_call: int | str | None = None,
     loggers: Sequence[Any] = (),
+    state_every: int | None = None,
 ) -> TrainResult:
     """Minimise the mean per-step loss: theta <- optimizer(estimator's gradient), num_steps times.
 
@@ -193,11 +194,12 @@ def train(
         your own) whose ``log_metrics(step, metrics, inner_steps)`` gets every record
         (``loss``, ``meta_objective`` when evaluated, ``nonfinite``), step 0 included; only
         on process 0 of a multi-process run. train does not close them.
+      state_every: calls also end at every multiple of this many steps, so that ``on_state``
+        sees those states (``pes run --checkpoint-every``).
 
     Returns TrainResult(theta, history) (and ``best_theta``). Raises NonFiniteGradientError
     (naming the outer step, the particle and its inner step) instead of applying a NaN or inf
-    gradient. A theta whose leaves do not match the estimator's (shape, dtype, structure) is
-    refused by ``estimate`` with the leaf named.
+    gradient. ``estimate`` refuses a theta whose leaves do not match the estimator's.
 
     Examples:
         >>> import jax, jax.numpy as jnp, optax, pes
@@ -217,19 +219,26 @@ def train(
     """
     if loggers and jax.process_index() == 0:
         callback = _logging_callback(callback, tuple(loggers))
-    loop, start = _setup(
-        estimator, theta, optimizer, num_steps=num_steps, key=key, eval_every=eval_every,
-        callback=callback, evaluate_fn=evaluate_fn, eval_episodes=eval_episodes,
-        eval_steps=eval_steps, nonfinite=nonfinite, resume=resume, on_state=on_state,
-        steps_per_call=steps_per_call)
+    loop, start = _setup(estimator, theta, optimizer, num_steps=num_steps, key=key,
+                         eval_every=eval_every, callback=callback, evaluate_fn=evaluate_fn,
+                         eval_episodes=eval_episodes, eval_steps=eval_steps,
+                         nonfinite=nonfinite, resume=resume, on_state=on_state,
+                         steps_per_call=steps_per_call, state_every=state_every)
+    history, stop = _step_zero(loop, start, resume is not None)
+    return TrainResult(start.theta, history) if stop else _train_in_chunks(loop, start, history)
+
+
+def _step_zero(loop: _Loop, start: TrainState, resumed: bool) -> tuple[History, bool]:
+    """A fresh history with the evaluation before training (with eval_every; a resumed run
+    has its step 0 already), and whether the callback asked to stop there."""
     history = History()
-    if loop.eval_every is not None and resume is None:  # a resumed run has its step 0
+    if loop.eval_every is not None and not resumed:
         record = Record(0, 0, None, loop.evaluation(0, start.theta))
         history.append(record)
         history.thetas[0] = start.theta
         if loop.callback is not None and loop.callback(record, start.theta) is True:
-            return TrainResult(start.theta, history)
-    return _train_in_chunks(loop, start, history)
+            return history, True
+    return history, False
 
 
 # Rows of a compiled call's per-step output buffers: the most steps one call runs.
@@ -255,6 +264,7 @@ class _Loop(NamedTuple):
     callback: Callable[[Record, PyTree], Any] | None
     nonfinite: str
     on_state: Callable[[TrainState], Any] | None
+    state_every: int | None = None
 
     def evaluates(self, step: int) -> bool:
         """Whether outer step ``step`` (>= 1) is evaluated: every eval_every steps and last."""
@@ -272,12 +282,14 @@ def _check_steps_per_call(value: Any, callback: Any, on_state: Any) -> int | str
 
 def _setup(estimator, theta, optimizer, *, num_steps, key, eval_every, callback, evaluate_fn,
            eval_episodes, eval_steps, nonfinite, resume, on_state,
-           steps_per_call) -> tuple[_Loop, TrainState]:
+           steps_per_call, state_every=None) -> tuple[_Loop, TrainState]:
     """train's arguments checked, and the state it starts from (fresh, or ``resume``)."""
     num_steps = check_positive_int("num_steps", num_steps)
     steps_per_call = _check_steps_per_call(steps_per_call, callback, on_state)
     if eval_every is not None:
         eval_every = check_positive_int("eval_every", eval_every)
+    if state_every is not None:
+        state_every = check_positive_int("state_every", state_every)
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(
             f"optimizer={optimizer!r} must be an optax.GradientTransformation, "
@@ -306,7 +318,7 @@ def _setup(estimator, theta, optimizer, *, num_steps, key, eval_every, callback,
 
     run = _chunk_runner(estimator, optimizer, nonfinite == "raise")
     loop = _Loop(estimator, run, k_train, num_steps, steps_per_call,
-                 eval_every, evaluation, callback, nonfinite, on_state)
+                 eval_every, evaluation, callback, nonfinite, on_state, state_every)
     return loop, TrainState(theta, opt_state, state, start, inner_steps)
 
 
@@ -441,8 +453,9 @@ class _Sizer:
 
 def _chunk_end(loop: _Loop, step: int, size: int) -> int:
     end = min(step + size, loop.num_steps)
-    if loop.eval_every is not None:
-        end = min(end, (step // loop.eval_every + 1) * loop.eval_every)
+    for every in (loop.eval_every, loop.state_every):  # calls end at these multiples
+        if every is not None:
+            end = min(end, (step // every + 1) * every)
     return end
 
 

@@ -24,7 +24,7 @@ def load(name):
 @pytest.mark.parametrize("name, rows", [
     ("overhead", ["| influence balancing |", "| toy regression |", "| MLP |", "| unrolled |"]),
     ("peers", ["| pes.train |", "| pes.train M=50 |", "| pes.train default |", "| pes loop |",
-               "| pes scan |", "| numpy |"]),
+               "| pes scan |", "| raw unroll |", "| numpy |"]),
     ("chunking", ["| toy regression (40 steps) | none | default |",
                   "| toy regression (40 steps) | every 20 | 50 |"]),
     ("memory", ["| 10 |"]),

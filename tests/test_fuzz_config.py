@@ -31,7 +31,7 @@ INT_FIELDS = {"seed": 0, "num_steps": 1, "num_particles": 1, "truncation_length"
               "steps_per_call": 1, "keep_checkpoints": 1, "env_steps": 1, "top_b": 1}
 POSITIVE_FLOATS = ("sigma", "lr")
 NAME_FIELDS = ("estimator", "optimizer", "nonfinite", "dataset", "size", "objective",
-               "backend", "task", "policy")
+               "backend", "task", "policy", "reset")
 SCALARS = st.one_of(st.text(min_size=1, max_size=8), st.booleans(),
                     st.lists(st.integers(), min_size=1, max_size=3))
 
@@ -71,7 +71,8 @@ def _valid_names(name: str) -> tuple:
     return {"estimator": ESTIMATOR_NAMES, "task": TASK_NAMES, "optimizer": ("sgd", "adam"),
             "nonfinite": ("raise", "drop"), "dataset": config.DATASET_NAMES,
             "size": config.TASK_SIZES, "objective": config.OBJECTIVES,
-            "backend": ("mujoco", "mjx"), "policy": ("linear", "mlp")}[name]
+            "backend": ("mujoco", "mjx"), "policy": ("linear", "mlp"),
+            "reset": ("slot", "pair")}[name]
 
 
 FIELDS = sorted(set(RunConfig.fields()) - {"out", "normalize_losses", "stagger",

@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -156,8 +155,10 @@ def test_sigterm_checkpoints_and_exits_143(reference, tmp_path):
 @pytest.mark.parametrize("times", [1, 2])
 def test_sigint_once_stops_after_the_step_twice_at_once(reference, tmp_path, monkeypatch,
                                                          times):
-    """In process: SIGINT arrives during outer step 7. Once: step 7 is finished and
-    checkpointed. Twice: the run stops at once, its last checkpoint being step 5's."""
+    """In process: SIGINT arrives while outer step 7 is recorded. Once: the call under way
+    (auto-sized; calls end at the evaluations and checkpoints of every 5th step, so it holds
+    6-10 at most) is finished and its last step checkpointed. Twice: the run stops at once,
+    its last checkpoint being step 5's."""
     record_step = run_module._Recorder.callback
 
     def callback(self, record, theta):
@@ -172,7 +173,11 @@ def test_sigint_once_stops_after_the_step_twice_at_once(reference, tmp_path, mon
     assert result.exit_code == 130, result.output
     s = summary(out)
     assert s["status"] == "interrupted"
-    assert (s["outer_steps"], s["checkpoint_step"]) == ((7, 7) if times == 1 else (6, 5))
+    if times == 1:
+        assert 7 <= s["outer_steps"] == s["checkpoint_step"] <= 10
+        assert complete_checkpoints(out)[-1] == s["checkpoint_step"]
+    else:
+        assert (s["outer_steps"], s["checkpoint_step"]) == (6, 5)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
     monkeypatch.undo()
     result = cli("run", "--resume", out, "--no-progress")
@@ -196,8 +201,8 @@ def test_default_checkpoints_by_time(tmp_path, monkeypatch):
     args = ["run", "influence-balancing", "-e", "tbptt", "--num-steps", 6, "--no-progress"]
     assert cli(*args, "--out", tmp_path / "a").exit_code == 0
     assert complete_checkpoints(tmp_path / "a") == [6]  # quicker than 5 minutes: the last only
-    monkeypatch.setattr(run_module, "CHECKPOINT_INTERVAL_S", 0.0)
-    assert cli(*args, "--out", tmp_path / "b").exit_code == 0
+    monkeypatch.setattr(run_module, "CHECKPOINT_INTERVAL_S", 0.0)  # at every call end:
+    assert cli(*args, "--steps-per-call", 1, "--out", tmp_path / "b").exit_code == 0
     assert complete_checkpoints(tmp_path / "b") == [5, 6]  # every step; 2 kept (the default)
 
 
@@ -274,22 +279,19 @@ def test_drop_counts_the_particles_left_out_and_resume_may_switch_to_it(tmp_path
 # ------------------------------------------------------------------------- steps_per_call
 
 
-def test_steps_per_call_gives_the_same_run_with_checkpoints_at_chunk_ends(reference, tmp_path):
+def test_steps_per_call_gives_the_same_run_with_checkpoints_at_their_steps(reference, tmp_path):
     out = tmp_path / "chunked"
-    # Chunks of 3 that also end at every evaluation (each 5th step): 1-3, 4-5, 6-8, ...
-    result = cli(*RUN, "--steps-per-call", 3, "--checkpoint-every", 6, "--out", out)
+    # Chunks of 4 that also end at every evaluation (each 5th step) and checkpoint (each 6th):
+    # 1-4, 5, 6, 7-10, 11-12, ...
+    result = cli(*RUN, "--steps-per-call", 4, "--checkpoint-every", 6, "--out", out)
     assert result.exit_code == 0, result.output
-    assert json.loads((out / "config.json").read_text())["steps_per_call"] == 3
+    assert json.loads((out / "config.json").read_text())["steps_per_call"] == 4
     ours, theirs = read_metrics(out), read_metrics(reference)
     assert [(r["step"], r["inner_steps"]) for r in ours] == [
         (r["step"], r["inner_steps"]) for r in theirs]
-    for key in ("loss", "meta_objective", "theta"):  # equal up to float rounding
-        a = [r[key] for r in ours if key in r]
-        b = [r[key] for r in theirs if key in r]
-        np.testing.assert_allclose(np.array(a, float), np.array(b, float), rtol=1e-5)
-    # The first chunk end at or after each multiple of 6: ..., 30, 36 -> 38, and the last;
-    # the newest two are kept.
-    assert complete_checkpoints(out) == [38, 40]
+    assert ours == theirs  # one compiled program runs every chunk size: bit for bit
+    # At each multiple of 6 (..., 30, 36) and the last; the newest two are kept.
+    assert complete_checkpoints(out) == [36, 40]
 
 
 def test_steps_per_call_raise_stops_at_the_bad_step_inside_a_chunk(tmp_path):

@@ -260,3 +260,107 @@ def test_step_output_is_checked(system, error, words):
     with pytest.raises(error) as info:
         est.init(jax.random.PRNGKey(0), jnp.ones(2))
     assert words in str(info.value)
+
+
+# ----------------------------------------------------------------------------- reset="pair"
+
+
+def expected_cycle(theta, sigma, n=1_000_000, seed=0):
+    """E[C] for Hazard under antithetic NRES with reset="pair": C = max(tau+, tau-), the steps
+    until both members (theta +/- eps, the same uniforms u1, u3 and state s) have ended.
+
+    Given s and eps, with m, M the smaller and larger of a step's two hazards: P(C = 2) = m1,
+    and P(C <= 4) = 1 - (1 - m1)(1 - m3) when one member has both smaller hazards (eps_a and
+    eps_b of one sign), else m1 + (M1 - m1) M3 + (1 - M1) m3. E[C] = 5 - P(C <= 4) - 2 P(C = 2)
+    is then averaged over s and eps by Monte Carlo (standard error ~1e-4, negligible here).
+    """
+    rng = np.random.default_rng(seed)
+    a, b = float(theta[0]), float(theta[1])
+    s = STATE_SCALE * rng.standard_normal(n)
+    ea, eb = sigma * rng.standard_normal(n), sigma * rng.standard_normal(n)
+    h1, h3 = 0.3 + 0.4 * a + 0.05 * s, 0.2 + 0.6 * b + 0.05 * s
+    m1, M1 = h1 - 0.4 * np.abs(ea), h1 + 0.4 * np.abs(ea)
+    m3, M3 = h3 - 0.6 * np.abs(eb), h3 + 0.6 * np.abs(eb)
+    le4 = np.where(ea * eb >= 0, 1 - (1 - m1) * (1 - m3), m1 + (M1 - m1) * M3 + (1 - M1) * m3)
+    return float(np.mean(5 - le4 - 2 * m1))
+
+
+def stationary_rows(est, num_replicates, burn, windows):
+    """[R, D]: each row the mean of ``windows`` estimates after ``burn`` discarded ones."""
+    rows = []
+    for r in range(num_replicates):
+        k_init, k_run = jax.random.split(jax.random.PRNGKey(r))
+        state = est.init(k_init, THETA)
+        total = 0.0
+        for w in range(burn + windows):
+            g, state, _ = est.estimate(state, THETA, jax.random.fold_in(k_run, w))
+            total = total + (np.asarray(g) if w >= burn else 0.0)
+        rows.append(total / windows)
+    return np.stack(rows)
+
+
+class MemberReset:
+    """The system as a broken pair mode would run it: each member restarts as soon as its own
+    episode ends (on its own step index), so the members drift into different episodes."""
+
+    horizon = Hazard.horizon
+
+    def __init__(self, system):
+        self.system = system
+
+    def init(self, key):
+        return self.system.init(key), jnp.zeros((), jnp.int32)
+
+    def step(self, state, theta, t, key):
+        s, own = state
+        k_step, k_init = jax.random.split(key)
+        s, loss, done = self.system.step(s, theta, own, k_step)
+        restart = done | (own + 1 >= self.horizon)
+        s = jnp.where(restart, self.system.init(k_init), s)
+        return (s, jnp.where(restart, 0, own + 1)), loss
+
+
+@pytest.mark.slow
+def test_pair_reset_nres_expectation():
+    # docs/termination.md: with reset="pair", NRES's stationary expectation is
+    # grad J_sigma / E[C] = (T / E[C]) grad L_sigma, C = max(tau+, tau-) (E[C] = 3.43 here).
+    # 10 windows (about 6 episodes) are discarded so that the pairs reach stationarity.
+    claim = exact() * Hazard.horizon / expected_cycle(THETA, 0.1)
+    kw = dict(num_particles=256, sigma=0.1, truncation_length=2)
+    rows = stationary_rows(pes.NRES(Hazard(), reset="pair", **kw), 80, 10, 6)
+    check_unbiased(rows, claim, shift=0.2)
+    check_biased(rows, exact())  # not the slot mode's expectation (factor 5 / 3.43)
+    # Restarting each member on its own is caught.
+    check_biased(stationary_rows(pes.NRES(MemberReset(Hazard()), **kw), 80, 10, 6), claim)
+
+
+@pytest.mark.parametrize("make_est, members", [
+    (lambda s, **kw: pes.PES(s, num_particles=4, sigma=0.1, truncation_length=3, **kw), 2),
+    (lambda s, **kw: pes.TruncatedES(s, num_particles=4, sigma=0.1, truncation_length=3,
+                                     **kw), 3),
+    (lambda s, **kw: pes.TBPTT(s, num_particles=2, truncation_length=3, backprop_depth=5,
+                               **kw), 1),
+    (lambda s, **kw: pes.RTRL(s, num_particles=2, truncation_length=3, **kw), 1),
+], ids=["pes", "tes", "tbptt_deep", "rtrl"])
+def test_pair_reset_takes_every_step(make_est, members):
+    # T = 6, every episode ends with t = 1: with reset="pair" a pair restarts at once, so
+    # every step of every window is taken (compare test_waiting_members_take_no_counted_steps).
+    est = make_est(EndsAt(6, 1), stagger=False, reset="pair")
+    theta = jnp.array([0.3])
+    state = est.init(jax.random.PRNGKey(0), theta)
+    for i in range(2):
+        _, state, info = est.estimate(state, theta, jax.random.PRNGKey(i))
+        assert int(info.inner_steps) == est.num_pairs * members * 3
+        np.testing.assert_allclose(float(info.loss), 1.0, rtol=1e-6)
+        # episodes of 2 steps back to back: after windows 1 and 2, t = 1 and 0
+        assert np.all(np.asarray(state.t) == (1 - i)) and not np.any(np.asarray(state.ended))
+    assert "reset='pair'" in repr(est)
+
+
+def test_reset_setting():
+    kw = dict(num_particles=4, sigma=0.1)
+    # full ES is one slot per estimate: "pair" changes nothing
+    system = Hazard()
+    assert pes.FullES(system, reset="pair", **kw) == pes.FullES(system, **kw)
+    with pytest.raises(ValueError, match="reset='episode' must be one of 'slot', 'pair'"):
+        pes.PES(Hazard(), truncation_length=2, reset="episode", **kw)

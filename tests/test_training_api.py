@@ -98,3 +98,39 @@ def test_steps_per_call_default_is_chunked_only_without_per_step_hooks(monkeypat
     pes.train(est, jnp.zeros(2), SGD, on_state=lambda s: None, **kwargs)
     pes.train(est, jnp.zeros(2), SGD, steps_per_call=1000, **kwargs)
     assert calls == ["auto", 1, 1, pes.training.MAX_STEPS_PER_CALL]
+
+
+def test_state_every_ends_calls_at_its_multiples():
+    """on_state comes at call ends only; state_every makes its multiples call ends (pes run's
+    --checkpoint-every), whatever the chunk size, and the run stays the same."""
+    steps = []
+    kwargs = dict(num_steps=11, key=jax.random.PRNGKey(0))
+    result = pes.train(EST, jnp.zeros(2), SGD, steps_per_call=64, state_every=4,
+                       on_state=lambda s: steps.append(s.step), **kwargs)
+    assert steps == [4, 8, 11]
+    plain = pes.train(EST, jnp.zeros(2), SGD, steps_per_call=1, **kwargs)
+    assert list(result.history) == list(plain.history)
+    with pytest.raises(ValueError, match="state_every=0"):
+        pes.train(EST, jnp.zeros(2), SGD, state_every=0, **kwargs)
+
+
+def test_the_step_check_is_traced_once_per_system_and_theta_shape():
+    """Every estimator init (so every pes.train call) checks the system's step by tracing it;
+    the check is remembered for the same system and theta shapes (that trace cost more than
+    a whole call of cheap outer steps), and a new shape is checked afresh."""
+    from pes.system import check_step_output
+
+    traces = []
+
+    class Counted(Drift):
+        def step(self, s, theta, t, key):
+            traces.append(t)
+            return super().step(s, theta, t, key)
+
+    system, key = Counted(), jax.random.PRNGKey(0)
+    assert check_step_output(system, jnp.zeros(2), key) is False
+    assert check_step_output(system, jnp.ones(2), jax.random.PRNGKey(1)) is False
+    assert len(traces) == 1
+    with pytest.raises((TypeError, ValueError)):  # another theta shape: checked afresh
+        check_step_output(system, jnp.zeros(3), key)
+    assert len(traces) == 2

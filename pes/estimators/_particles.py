@@ -27,6 +27,7 @@ import numpy as np
 from pes.estimators import _ars
 from pes.estimators._window import advance as advance_pairs
 from pes.estimators._window import (
+    check_reset,
     expand_members,
     fresh_ended,
     init_keys,
@@ -337,6 +338,7 @@ def window_scan(
     mesh: jax.sharding.Mesh | None = None,
     need_W: bool = True,
     ended: jax.Array | None = None,
+    reset: str = "slot",
 ) -> tuple[tuple[PyTree, jax.Array, PyTree, jax.Array | None], WindowStats]:
     """Advance every pair by ``num_steps`` inner steps (one ``lax.scan``).
 
@@ -350,6 +352,7 @@ def window_scan(
       need_W: whether WindowStats.W is wanted (only the non-antithetic gradient uses it);
         without it W may be zeros.
       ended: [P, M] members waiting after an early ``done`` (None: no termination).
+      reset: "slot" or "pair", when a pair whose members ended restarts (_window.RESETS).
 
     Returns the new (inner, t, noise, ended) and the window's per-pair WindowStats.
 
@@ -365,7 +368,8 @@ def window_scan(
     zeros_theta = tmap(lambda x: jnp.zeros((num_pairs,) + jnp.shape(x), jnp.result_type(x)), theta)
     xs = _window_inputs(system, inner, pair_keys, num_steps, mesh)
     body = _window_body(system, theta, pair_keys, signs, hooks, active, mesh, need_W,
-                        per_step_credit, state_size(inner) <= RESET_SELECT_MAX)
+                        per_step_credit, state_size(inner) <= RESET_SELECT_MAX,
+                        reset == "pair")
     acc = (zeros_theta, zeros_theta) if per_step_credit else ((), ())
     (inner, t, ended, noise, A, W), ys = jax.lax.scan(
         body, (inner, t, ended, noise) + acc, xs)
@@ -393,7 +397,7 @@ def _window_inputs(system, inner, pair_keys, num_steps, mesh):
 
 
 def _window_body(system, theta, pair_keys, signs, hooks, active, mesh, need_W, per_step_credit,
-                 reset_by_select):
+                 reset_by_select, pair_reset=False):
     """The scan body of window_scan: one step of every member, then _window.advance."""
     num_pairs, num_members = pair_keys.shape[0], len(signs)
     sign_arr = jnp.asarray(signs, jnp.float32)
@@ -415,7 +419,8 @@ def _window_body(system, theta, pair_keys, signs, hooks, active, mesh, need_W, p
         losses = mask_waiting(losses, live)
         reset = make_reset(system.init, k_reset, num_members, by_select=reset_by_select,
                            fresh=fresh_j)
-        adv = advance_pairs(system.horizon, inner, new_inner, t, act, reset, ended, term)
+        adv = advance_pairs(system.horizon, inner, new_inner, t, act, reset, ended, term,
+                            pair_reset)
         if per_step_credit:
             w = hooks.weight(noise, adv.done)
             diff = jnp.sum(losses * sign_arr, axis=1)
@@ -498,6 +503,13 @@ def _window_stats(ys, t0, active, num_steps, signs, horizon):
     diff_to_end = jnp.where(ended, jnp.sum(sums_to_end * sign_arr, axis=1), diff)
     return stats, WindowSums(diff, n, diff_to_end, jnp.minimum(n, first_end + 1), ended,
                              ends_last)
+
+
+def reset_text(reset: str) -> str:
+    """The ``reset`` part of an estimator's repr: empty for the default."""
+    return "" if reset == "slot" else f", reset={reset!r}"
+
+
 def stagger_offsets(key: jax.Array, num_pairs: int, horizon: int | None, stagger: bool):
     """Per-pair burn-in lengths: uniform on {0, ..., T-1} when staggering a finite horizon."""
     if not stagger or horizon is None or horizon == 1:
@@ -662,8 +674,10 @@ class TruncatedEstimator(Estimator):
     ``estimate`` can check theta against the ``init``'s.
     """
 
-    def _setup(self, system, num_particles, truncation_length, stagger, mesh=None):
+    def _setup(self, system, num_particles, truncation_length, stagger, mesh=None,
+               reset="slot"):
         self.horizon = check_system(system)
+        self.reset = check_reset(reset)
         self.system = system
         self.num_particles = num_particles
         self.mesh = check_mesh(mesh, self.num_pairs)
@@ -740,7 +754,7 @@ class TruncatedEstimator(Estimator):
             (inner, t, noise, ended), stats = window_scan(
                 self.system, theta, inner, t, noise, keys.burn, signs=members,
                 num_steps=self.horizon - 1, hooks=hooks, active=offsets, mesh=self.mesh,
-                need_W=False, ended=ended)
+                need_W=False, ended=ended, reset=self.reset)
             if hooks is not None:
                 noise = self.end_window(noise)
             pending = taken_steps(stats, len(members))
@@ -754,13 +768,15 @@ class IndependentParticles(TruncatedEstimator):
     """Estimators whose particles are independent and unperturbed (backprop, RTRL, UORO):
     one member per particle, each with its own keys."""
 
-    def __init__(self, system, *, num_particles=1, truncation_length, stagger=True, mesh=None):
+    def __init__(self, system, *, num_particles=1, truncation_length, stagger=True, mesh=None,
+                 reset="slot"):
         self._setup(system, check_positive_int("num_particles", num_particles),
-                    truncation_length, stagger, mesh)
+                    truncation_length, stagger, mesh, reset)
 
     def __repr__(self):
         return (f"{type(self).__name__}(num_particles={self.num_particles}, "
-                f"truncation_length={self.truncation_length}, stagger={self.stagger})")
+                f"truncation_length={self.truncation_length}, stagger={self.stagger}"
+                f"{reset_text(self.reset)})")
 
     @property
     def num_pairs(self) -> int:
@@ -782,12 +798,12 @@ class ESEstimator(TruncatedEstimator, NoiseHooks):
 
     def __init__(self, system, *, num_particles, sigma, truncation_length, antithetic=True,
                  stagger=True, normalize_losses=False, centered_ranks=False, top_b=None,
-                 mesh=None):
+                 mesh=None, reset="slot"):
         self.antithetic = check_bool("antithetic", antithetic)
         self.normalize_losses = check_bool("normalize_losses", normalize_losses)
         self.sigma = check_sigma(sigma)
         self._setup(system, check_particles(num_particles, self.antithetic), truncation_length,
-                    stagger, mesh)
+                    stagger, mesh, reset)
         self._setup_ars(centered_ranks, top_b)
 
     def _setup_ars(self, centered_ranks, top_b):
@@ -812,7 +828,7 @@ class ESEstimator(TruncatedEstimator, NoiseHooks):
     def __repr__(self):
         return (f"{type(self).__name__}(num_particles={self.num_particles}, sigma={self.sigma}, "
                 f"truncation_length={self.truncation_length}, antithetic={self.antithetic}, "
-                f"stagger={self.stagger}" + self._ars_repr() + ")")
+                f"stagger={self.stagger}" + self._ars_repr() + reset_text(self.reset) + ")")
 
     @property
     def num_pairs(self) -> int:
@@ -849,7 +865,7 @@ class ESEstimator(TruncatedEstimator, NoiseHooks):
         (inner, t, noise, ended), stats = window_scan(
             self.system, theta, inner, state.t, noise, k_window, signs=signs, num_steps=K,
             hooks=self, mesh=self.mesh, need_W=not self.antithetic or self.centered_ranks,
-            ended=ended)
+            ended=ended, reset=self.reset)
         noise = self.end_window(noise)
         if self.unperturbed_member:
             inner, ended = tmap(lambda x: x[:, -1:], (inner, ended))

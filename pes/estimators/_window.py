@@ -13,7 +13,9 @@ returns ``(state, loss, done)`` ends a member's episode early: that member then 
 state frozen and its losses 0, until its pair's episode slot ends at T, so every episode
 occupies exactly T steps of its pair's clock (see docs/termination.md for why this keeps the
 ES family unbiased). Waiting steps call no simulator when the whole batch waits, and are
-never counted as inner steps.
+never counted as inner steps. With ``reset="pair"`` (:data:`RESETS`) a pair's slot also ends as
+soon as all its members have ended: the pair restarts at once (a faster mode with another
+expectation; docs/termination.md).
 """
 
 from __future__ import annotations
@@ -27,6 +29,17 @@ import jax.numpy as jnp
 from pes.system import PyTree
 
 tmap = jax.tree_util.tree_map
+
+# When a pair whose members end early restarts: "slot", when its clock reaches the horizon
+# (the default; PES, NRES and full ES unbiased for L); "pair", as soon as all its members have
+# ended (or at the horizon).
+RESETS = ("slot", "pair")
+
+
+def check_reset(reset: str) -> str:
+    if reset not in RESETS:
+        raise ValueError(f"reset={reset!r} must be one of {', '.join(map(repr, RESETS))}")
+    return reset
 
 
 # ----------------------------------------------------------------------------- keys
@@ -121,17 +134,18 @@ def live_members(act: jax.Array | None, ended: jax.Array | None) -> jax.Array | 
 
 def advance(horizon: int | None, old: PyTree, new: PyTree, t: jax.Array,
             act: jax.Array | None, reset: Callable[[jax.Array, PyTree], PyTree],
-            ended: jax.Array | None = None, terminated: jax.Array | None = None) -> Advanced:
+            ended: jax.Array | None = None, terminated: jax.Array | None = None,
+            pair_reset: bool = False) -> Advanced:
     """Apply the step-and-reset rule after ``new = step(old)`` for every member.
 
     horizon: T or None.  old, new: member states before and after the step (leaves [P, M, ...]).
     t: [P].  act: [P] bool, pairs taking this step (None: all).  reset(mask, x) -> x with the
     rows mask[p] replaced by fresh states (it draws or selects them).  ended: [P, M] members
     already waiting (None: the system has no termination).  terminated: [P, M] the ``done`` each
-    member's step returned.
+    member's step returned.  pair_reset: reset="pair".
 
-    A pair's slot ends when t + 1 reaches T; without a horizon, a terminating pair's slot ends
-    when all its members have ended.
+    A pair's slot ends when t + 1 reaches T; without a horizon (or with pair_reset), a
+    terminating pair's slot also ends when all its members have ended.
     """
     t_next = t + 1
     if ended is None:
@@ -145,6 +159,8 @@ def advance(horizon: int | None, old: PyTree, new: PyTree, t: jax.Array,
         ended = ended | (terminated & live)
         if horizon is None:
             done = jnp.all(ended, axis=1)
+        elif pair_reset:
+            done = (t_next >= horizon) | jnp.all(ended, axis=1)
         else:
             done = t_next >= horizon
         if act is not None:

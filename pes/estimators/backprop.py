@@ -34,6 +34,7 @@ from pes.estimators._particles import (
     check_positive_int,
     init_inner,
     particle_state,
+    reset_text,
     shard_pairs,
     stagger_offsets,
     state_ended,
@@ -43,6 +44,7 @@ from pes.estimators._particles import (
 )
 from pes.estimators._window import (
     advance,
+    check_reset,
     init_keys,
     live_members,
     mask_losses,
@@ -91,15 +93,16 @@ def step_keys(pair_keys: jax.Array, steps: jax.Array) -> jax.Array:
 
 
 def replay_scan(system: Any, theta: PyTree, inner: PyTree, t: jax.Array, keys: jax.Array,
-                valid: jax.Array, counted: jax.Array, mesh=None, ended=None):
+                valid: jax.Array, counted: jax.Array, mesh=None, ended=None,
+                pair_reset: bool = False):
     """Step every particle through n given steps, differentiably in theta.
 
     inner: [P, 1, ...]; t: [P]; keys: [P, n, 2, ...] (step, reset); valid: [P, n] (an invalid
     step leaves state and t unchanged); counted: [P, n], the steps whose losses enter the
-    stats; ended: [P, 1] waiting flags (None: no termination). A step that ends an episode
-    restarts from system.init(reset key), which does not depend on theta, so no gradient
-    crosses a reset. Returns ((inner, t, ended), WindowStats of the counted steps; A and W are
-    empty).
+    stats; ended: [P, 1] waiting flags (None: no termination); pair_reset: reset="pair". A
+    step that ends an episode restarts from system.init(reset key), which does not depend on
+    theta, so no gradient crosses a reset. Returns ((inner, t, ended), WindowStats of the
+    counted steps; A and W are empty).
     """
     num = t.shape[0]
     member_step = jax.vmap(system.step, in_axes=(0, None, None, None))
@@ -116,7 +119,8 @@ def replay_scan(system: Any, theta: PyTree, inner: PyTree, t: jax.Array, keys: j
             lambda: step_all(inner, theta, t, k[:, 0]), live, inner)  # losses [P, 1]
         loss = jnp.sum(mask_losses(losses, live), axis=1)
         adv = advance(system.horizon, inner, new_inner, t, act,
-                      reset_rows(system.init, k[:, 1], 1, by_select=False), ended, term)
+                      reset_rows(system.init, k[:, 1], 1, by_select=False), ended, term,
+                      pair_reset)
         finite_now = ~count | jnp.isfinite(loss)
         stats = WindowStats(
             A=(), W=(),
@@ -155,12 +159,15 @@ class TBPTT(IndependentParticles):
         the K new steps count as inner steps.
       stagger: burn particles in to uniform random steps of their episodes (at theta).
       mesh: optional jax.sharding.Mesh; particles are sharded over all its devices.
+      reset: "slot" (default) or "pair": a particle whose episode ended early restarts when
+        its clock reaches the horizon, or at once (docs/termination.md).
     """
 
     def __init__(self, system, *, num_particles=1, truncation_length, backprop_depth=None,
-                 stagger=True, mesh=None):
+                 stagger=True, mesh=None, reset="slot"):
         super().__init__(system, num_particles=num_particles,
-                         truncation_length=truncation_length, stagger=stagger, mesh=mesh)
+                         truncation_length=truncation_length, stagger=stagger, mesh=mesh,
+                         reset=reset)
         K = self.truncation_length
         depth = K if backprop_depth is None else check_positive_int(
             "backprop_depth", backprop_depth)
@@ -174,7 +181,8 @@ class TBPTT(IndependentParticles):
         depth = ("" if self.backprop_depth == self.truncation_length
                  else f", backprop_depth={self.backprop_depth}")
         return (f"{type(self).__name__}(num_particles={self.num_particles}, "
-                f"truncation_length={self.truncation_length}{depth}, stagger={self.stagger})")
+                f"truncation_length={self.truncation_length}{depth}, stagger={self.stagger}"
+                f"{reset_text(self.reset)})")
 
     @property
     def _buffered(self) -> int:
@@ -203,14 +211,15 @@ class TBPTT(IndependentParticles):
         (start, t_start, _, ended), stats = window_scan(
             self.system, theta, inner, t, (), keys0.burn, signs=(0.0,),
             num_steps=self.horizon - 1, hooks=None, active=jnp.maximum(offsets - D, 0),
-            mesh=self.mesh, ended=ended)
+            mesh=self.mesh, ended=ended, reset=self.reset)
         idx = offsets[:, None] - D + jnp.arange(D, dtype=jnp.int32)[None]
         valid = idx >= 0
         keys = step_keys(jax.random.split(keys0.burn, P), jnp.maximum(idx, 0))
         # Without termination every burn-in step is taken; with it the replay counts its own.
         counted = jnp.zeros_like(valid) if ended is None else valid
         (inner, t, last_ended), replayed = replay_scan(
-            self.system, theta, start, t_start, keys, valid, counted, self.mesh, ended)
+            self.system, theta, start, t_start, keys, valid, counted, self.mesh, ended,
+            self.reset == "pair")
         pending = (jnp.sum(offsets) if ended is None
                    else taken_steps(stats, 1) + jnp.sum(replayed.taken))
         hist = history(start, t_start, keys, valid, ended)
@@ -225,7 +234,7 @@ class TBPTT(IndependentParticles):
         def mean_loss(theta):
             (inner, t, _, ended), stats = window_scan(
                 self.system, theta, inner0, state.t, (), key, signs=(0.0,), num_steps=K,
-                hooks=None, mesh=self.mesh, ended=state_ended(state))
+                hooks=None, mesh=self.mesh, ended=state_ended(state), reset=self.reset)
             return jnp.sum(stats.loss_sum) / (self.num_particles * K), (inner, t, ended, stats)
 
         (loss, (inner, t, ended, stats)), grad = jax.value_and_grad(
@@ -254,10 +263,10 @@ class TBPTT(IndependentParticles):
             # Split after K steps: that state is the start of the next window's buffer.
             (mid, t_mid, e_mid), first = replay_scan(
                 self.system, theta, start, hist.t, keys[:, :K], valid[:, :K], counted[:, :K],
-                self.mesh, state_ended(hist))
+                self.mesh, state_ended(hist), self.reset == "pair")
             (inner, t, ended), rest = replay_scan(
                 self.system, theta, mid, t_mid, keys[:, K:], valid[:, K:], counted[:, K:],
-                self.mesh, e_mid)
+                self.mesh, e_mid, self.reset == "pair")
             stats = _join(first, rest)
             return jnp.sum(stats.loss_sum) / (P * K), (inner, t, ended, mid, t_mid, e_mid, stats)
 
@@ -276,7 +285,8 @@ class FullBPTT(TBPTT):
       num_particles: independent episodes averaged per estimate.
     """
 
-    def __init__(self, system, *, num_particles=1, mesh=None):
+    def __init__(self, system, *, num_particles=1, mesh=None, reset="slot"):
+        check_reset(reset)  # accepted; whole episodes from t = 0 are the same for both
         horizon = getattr(system, "horizon", None)
         if hasattr(system, "horizon") and horizon is None:
             raise ValueError(

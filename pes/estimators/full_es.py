@@ -12,6 +12,7 @@ L(theta) = E[sum_{t<tau} l_t] / T.
 
 from __future__ import annotations
 
+from pes.estimators._window import check_reset
 from pes.estimators.pes import PES
 
 
@@ -21,10 +22,16 @@ class FullES(PES):
     Args:
       system, num_particles, sigma, antithetic, normalize_losses, centered_ranks, top_b: as
         for PES.
+      reset: accepted for uniformity; full ES is the same for "slot" and "pair" (each
+        estimate is one episode per member from t = 0).
     """
 
     def __init__(self, system, *, num_particles, sigma, antithetic=True, normalize_losses=False,
-                 centered_ranks=False, top_b=None, mesh=None):
+                 centered_ranks=False, top_b=None, mesh=None, reset="slot"):
+        # Every window is one slot from t = 0: reset="pair" is accepted (so that one setting
+        # serves every estimator) and changes nothing. A pair whose members have all ended
+        # waits for the window's end, which calls no simulator once every pair waits.
+        check_reset(reset)
         horizon = getattr(system, "horizon", None)
         if hasattr(system, "horizon") and horizon is None:
             raise ValueError(

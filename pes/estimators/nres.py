@@ -49,11 +49,11 @@ class NRES(ESEstimator):
 
     def __init__(self, system, *, num_particles, sigma, truncation_length, antithetic=True,
                  stagger=True, noise_period=None, normalize_losses=False, centered_ranks=False,
-                 top_b=None, mesh=None):
+                 top_b=None, mesh=None, reset="slot"):
         super().__init__(system, num_particles=num_particles, sigma=sigma,
                          truncation_length=truncation_length, antithetic=antithetic,
                          stagger=stagger, normalize_losses=normalize_losses,
-                         centered_ranks=centered_ranks, top_b=top_b, mesh=mesh)
+                         centered_ranks=centered_ranks, top_b=top_b, mesh=mesh, reset=reset)
         self.noise_period = (None if noise_period is None
                              else check_positive_int("noise_period", noise_period))
 

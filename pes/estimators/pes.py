@@ -95,6 +95,11 @@ class PES(ESEstimator):
         reward normalisation of augmented random search, used by the PES paper's control
         runs). It is a data-dependent step size: the estimate's direction is the same, but its
         expectation is no longer exactly the gradient.
+      reset: when a pair whose members ended early (a step returned ``done``) restarts:
+        "slot" (default) when its clock reaches the horizon, which keeps PES, NRES and full
+        ES exactly unbiased for L = E[sum_{t<tau} l_t] / T; "pair" as soon as all its members
+        have ended, which wastes no steps on waiting but estimates another quantity
+        (docs/termination.md). Without termination both are the same.
       centered_ranks: replace each particle's window loss by its centred rank among the 2N
         window losses (augmented random search's fitness shaping; pes.estimators._ars). The
         estimate is invariant to strictly monotone transforms of the window losses and biased

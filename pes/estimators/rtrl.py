@@ -73,9 +73,11 @@ class SensitivityEstimator(IndependentParticles):
     termination (False for a system without it; see ``split_done``).
     """
 
-    def __init__(self, system, *, num_particles=1, truncation_length=1, stagger=True, mesh=None):
+    def __init__(self, system, *, num_particles=1, truncation_length=1, stagger=True, mesh=None,
+                 reset="slot"):
         super().__init__(system, num_particles=num_particles,
-                         truncation_length=truncation_length, stagger=stagger, mesh=mesh)
+                         truncation_length=truncation_length, stagger=stagger, mesh=mesh,
+                         reset=reset)
 
     def fresh_sensitivity(self, sens):
         """Sensitivity of a fresh episode's state: zero."""
@@ -122,6 +124,21 @@ class SensitivityEstimator(IndependentParticles):
         return grad, particle_state(expand_members(inner, 1), t, sens,
                                    jnp.zeros((), jnp.int32), ended), info
 
+    @staticmethod
+    def _step_or_wait(step, live, inner, sens):
+        """``step()`` (the batched sensitivity_step), unless no particle is live (all wait
+        after ``done``, or are inactive): then nothing is stepped (no system call) and the
+        states, sensitivities stay, with loss and gradient 0 and done False."""
+        if live is None:
+            return step()
+        shapes = jax.eval_shape(step)
+
+        def wait():
+            zeros = lambda s: jnp.zeros(s.shape, s.dtype)
+            return (inner, zeros(shapes[1]), tmap(zeros, shapes[2]), sens, zeros(shapes[4]))
+
+        return jax.lax.cond(jnp.any(live), step, wait)
+
     def _window(self, theta, inner, t, sens, key, num_steps, active, ended=None):
         """``num_steps`` steps of every particle (one lax.scan); keys and resets by
         _window.step_keys and _window.advance. Returns (inner, t, sens, ended), the
@@ -142,10 +159,10 @@ class SensitivityEstimator(IndependentParticles):
             inner, t, ended, sens, grad_sum, stats = carry
             keys = step_keys(pair_keys, j)
             k_step, k_reset, k_noise = keys[:, 0], keys[:, 1], keys[:, 2]
-            new_inner, loss, grad, new_sens, term = step_all(inner, sens, theta, t, k_step,
-                                                              k_noise)
             act = None if active is None else j < active
             live = live_members(act, ended)
+            new_inner, loss, grad, new_sens, term = self._step_or_wait(
+                lambda: step_all(inner, sens, theta, t, k_step, k_noise), live, inner, sens)
             on = jnp.ones((num,), bool) if act is None else act  # the particle's clock moves
             took = on if live is None else live[:, 0]  # ... and it really stepped
             if live is not None:
@@ -158,7 +175,8 @@ class SensitivityEstimator(IndependentParticles):
                         select(mask, self.fresh_sensitivity(x_sens), x_sens))
 
             adv = advance(self.horizon, lift((inner, sens)), lift((new_inner, new_sens)), t, act,
-                          reset, ended, None if ended is None else term[:, None])
+                          reset, ended, None if ended is None else term[:, None],
+                          self.reset == "pair")
             grad_sum = tmap(lambda a, g: a + select(took, g, jnp.zeros_like(g)), grad_sum, grad)
             finite_now = ~took | jnp.isfinite(loss)
             stats = WindowStats(

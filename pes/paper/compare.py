@@ -127,6 +127,7 @@ class CompareOptions:
     size: str | None = None
     objective: str | None = None
     heatmap_points: int | None = None
+    reset: str | None = None
 
     def refuse(self, names: Sequence[str], experiment: str, takes: str) -> None:
         """A ConfigError naming the first of ``names`` that was given: ``experiment`` takes
@@ -143,6 +144,10 @@ def run_experiment(name: str, options: CompareOptions,
     (:attr:`Experiment.runner`), called as ``runner(name, options, echo)``. An unknown name
     goes to the runner of training runs, which refuses it after checking the options."""
     runner = EXPERIMENTS[name].runner if name in EXPERIMENTS else TRAINING_RUNS
+    if options.reset is not None and runner != TRAINING_RUNS:
+        raise ConfigError(f"--reset does not apply to pes compare {name}; it applies to "
+                          "comparisons of training runs (e.g. pes compare gym:ENV_ID)",
+                          field="reset")
     return load(runner)(name, options, echo or (lambda line: None))
 
 
@@ -159,7 +164,7 @@ def compare_training_runs(name: str, options: CompareOptions,
     seeds = parse_seeds(options.seeds if options.seeds is not None else "0,1,2")
     return run_comparison(name, seeds=seeds, out=options.out, num_steps=options.num_steps,
                           estimators=options.estimators, overwrite=options.overwrite,
-                          progress=options.progress, echo=echo)
+                          progress=options.progress, echo=echo, reset=options.reset)
 
 
 def select_arms(experiment: Experiment, estimators: Sequence[str] | None) -> tuple[Arm, ...]:
@@ -218,8 +223,10 @@ def options_command(name: str, seeds: Sequence[int], options: dict[str, Any],
 
 
 def command_line(experiment: Experiment, seeds: Sequence[int], num_steps: int | None,
-                 estimators: Sequence[str] | None, out: Path) -> str:
+                 estimators: Sequence[str] | None, out: Path, reset: str | None = None) -> str:
     cmd = f"pes compare {experiment.name} --seeds {','.join(map(str, seeds))}"
+    if reset is not None:
+        cmd += f" --reset {reset}"
     if num_steps is not None:
         cmd += f" --num-steps {num_steps}"
     if estimators:
@@ -237,13 +244,15 @@ def run_comparison(
     overwrite: bool = False,
     progress: bool = True,
     echo: Callable[[str], Any] | None = None,
+    reset: str | None = None,
 ) -> ComparisonResult:
     """Run experiment ``name``'s arms over ``seeds`` and write plots and results.
 
     num_steps: outer steps for every arm (quick runs); None keeps the paper's per-estimator
     numbers. estimators: a subset of arms (labels or estimator names). Arms whose estimator
     class this installation lacks are skipped with a note. A failed run (non-finite gradient)
-    is reported in the table; the other runs go on.
+    is reported in the table; the other runs go on. reset: every arm's ``reset`` setting
+    (RunConfig.reset; None: the arms' own).
     """
     echo = echo or (lambda line: None)
     experiment = get_experiment(name)
@@ -264,14 +273,16 @@ def run_comparison(
         # Resolve every configuration before writing anything: a bad setting stops here.
         configs = [RunConfig(task=experiment.task, estimator=arm.estimator, seed=s,
                              num_steps=num_steps, out=str(out_dir / arm.label / f"seed-{s}"),
-                             **dict(arm.overrides)).resolve() for s in seeds]
+                             **{**dict(arm.overrides),
+                                **({} if reset is None else {"reset": reset})}).resolve()
+                   for s in seeds]
         plan.append((ArmResult(arm, configs[0]), configs))
     prepare_comparison_dir(out_dir, overwrite)
     write_json(out_dir / MARKER, {
         "experiment": experiment.name, "seeds": list(seeds), "num_steps": num_steps,
         "estimators": list(estimators) if estimators else None,
         "arms": [a.label for a in arms],
-        "command": command_line(experiment, seeds, num_steps, estimators, out_dir),
+        "command": command_line(experiment, seeds, num_steps, estimators, out_dir, reset),
     })
 
     start = time.perf_counter()

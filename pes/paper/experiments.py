@@ -262,9 +262,28 @@ def user_experiment(spec: str) -> Experiment:
         default_arms=tuple(n for n in offered if n in ES_ESTIMATORS), folder=slug(spec))
 
 
+def gym_experiment(name: str) -> Experiment:
+    """``pes compare gym:ENV_ID``: training runs on a gymnasium environment (linear policy)
+    with the task's ES estimators; PES and full ES unless --estimators names others. The
+    metric is the mean episode return."""
+    from pes.runs.config import make_task
+
+    offered = tuple(make_task(name).defaults().estimators)
+    folder = name.replace(":", "-")
+    return Experiment(
+        name=name, task=name, title=f"gymnasium {name[len('gym:'):]}",
+        description=f"training runs of a linear policy on {name}, each estimator with the "
+        "task's default settings", arms=tuple(Arm(n, n) for n in offered), log_y=False,
+        plot_theta=False, expected="", log_x=False,
+        default_arms=tuple(n for n in ("pes", "full-es") if n in offered), folder=folder)
+
+
 def get_experiment(name: str, field_name: str = "experiment") -> Experiment:
+    from pes.runs.gym_task import is_gym_task
     from pes.runs.user_task import is_user_spec
 
+    if name not in EXPERIMENTS and is_gym_task(name):
+        return gym_experiment(name)
     if name not in EXPERIMENTS and is_user_spec(name):
         return user_experiment(name)
     if name not in EXPERIMENTS:

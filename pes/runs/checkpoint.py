@@ -102,7 +102,6 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 2,
                  asynchronous: bool = True):
-        ocp = _ocp()
         self.directory = Path(directory).absolute()
         if max_to_keep is not None and (isinstance(max_to_keep, bool) or max_to_keep < 1):
             raise ValueError(f"max_to_keep={max_to_keep!r} must be None or an integer >= 1")
@@ -115,11 +114,21 @@ class Checkpointer:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices(f"pes-checkpointer-open:{self.directory}")
-        # Pruning is ours (:meth:`_prune`): only checkpoints proven by a manifest count.
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=None, create=False, enable_async_checkpointing=asynchronous)
-        self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              item_names=ITEMS)
+        self._asynchronous = asynchronous
+        self._orbax_manager = None
+
+    @property
+    def _manager(self) -> Any:
+        """orbax's CheckpointManager, made at its first use: importing orbax takes a second or
+        more, which a run's start need not wait for (its first checkpoint comes later)."""
+        if self._orbax_manager is None:
+            ocp = _ocp()
+            # Pruning is ours (:meth:`_prune`): only checkpoints proven by a manifest count.
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=None, create=False, enable_async_checkpointing=self._asynchronous)
+            self._orbax_manager = ocp.CheckpointManager(self.directory, options=options,
+                                                        item_names=ITEMS)
+        return self._orbax_manager
 
     # ------------------------------------------------------------------------------ queries
 
@@ -198,8 +207,9 @@ class Checkpointer:
         object wrote (process 0) and prune. A write that failed in the background (a full
         disk) raises CheckpointWriteError here."""
         try:
-            with _quiet_orbax():
-                self._manager.wait_until_finished()
+            if self._orbax_manager is not None:  # else nothing was written or read
+                with _quiet_orbax():
+                    self._orbax_manager.wait_until_finished()
         except Exception as e:  # orbax re-raises its writer thread's error
             step = self._unproven[-1] if self._unproven else -1
             raise self._write_failed(step, e) from None
@@ -250,7 +260,8 @@ class Checkpointer:
         try:
             self._finalize()
         finally:
-            self._manager.close()
+            if self._orbax_manager is not None:
+                self._orbax_manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -15,6 +15,7 @@ optimizer and the initial theta.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -28,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import yaml
 
 from pes.runs.errors import ConfigError
 from pes.runs.gym_task import POLICIES as GYM_POLICIES
@@ -36,6 +36,7 @@ from pes.runs.gym_task import is_gym_task, outer_step_cap
 from pes.runs.registry import (
     ESTIMATOR_NAMES,
     ESTIMATOR_SETTINGS,
+    RESETS,
     SPEC_SHAPES,
     TASK_NAMES,
     TASK_OPTIONS,
@@ -103,6 +104,7 @@ _INAPPLICABLE = {
                         "not apply to it",
     "stagger": "{est} starts every estimate from a fresh episode at t = 0; stagger does not "
                "apply to it",
+    "reset": "{est} takes no reset",
     "centered_ranks": "{est} computes gradients by differentiation; centered_ranks (the ES "
                       "family's rank shaping of the particles' losses) does not apply to it",
     "top_b": "{est} computes gradients by differentiation; top_b (the ES family's selection "
@@ -133,6 +135,11 @@ class RunConfig:
     stagger: estimators with K-step windows: burn each particle in to a uniform random step of
       its first episode, so that the particles' windows cover the episode evenly (False: all
       start at t = 0, windows aligned with episodes); None: the task's default, else True.
+    reset: when a pair of particles whose episodes ended early (a task whose steps return
+      ``done``) restarts: 'slot' when its clock reaches the horizon (exactly unbiased for
+      PES, NRES, full ES), 'pair' as soon as all its members have ended (faster; another
+      expectation, docs/termination.md); None: 'slot'. Full ES and full BPTT are the same for
+      both.
     optimizer ('sgd' or 'adam'), lr, b1 (Adam only): the outer optimizer; None: the default.
     lr_schedule: [[boundary, scale], ...], a piecewise-constant learning rate (x scale from
       outer step boundary on); [] is constant; None: the task's schedule when optimizer and lr
@@ -170,10 +177,11 @@ class RunConfig:
       distributed run (:mod:`pes.runs.distributed`). It changes where the particles
       are computed, not the result (to float tolerance), so a resumed run may change it.
     steps_per_call: outer steps per compiled call of the training loop (``pes.train``'s
-      steps_per_call, at most 64), their records read back once per call; None: 1 (a
-      signal or checkpoint_every then acts after the exact step). Metrics still come per
-      step, checkpoints come at the ends of calls (for checkpoint_every: the first at or
-      after each multiple); the result is bit for bit the same for every value, so a
+      steps_per_call, at most 64), their records read back once per call; None: 'auto',
+      calls of about 0.1 s (one step per call with an env_steps budget or in a distributed
+      run). Metrics still come per step; calls also end at evaluations and at the multiples
+      of checkpoint_every (so checkpoints come at those steps); a signal stops the run at the
+      end of the call under way. The result is bit for bit the same for every value, so a
       resumed run may change it.
     keep_checkpoints: how many of the newest intact checkpoints a run keeps (older ones are
       deleted once a newer one is proven by its checksums); None: 2. A resumed run may change
@@ -190,6 +198,7 @@ class RunConfig:
     backprop_depth: int | None = None
     normalize_losses: bool | None = None
     stagger: bool | None = None
+    reset: str | None = None
     centered_ranks: bool | None = None
     top_b: int | None = None
     optimizer: str | None = None
@@ -396,6 +405,10 @@ class RunConfig:
                 if not kwarg:
                     parts.append("not staggered")
                 continue
+            if name == "reset":
+                if kwarg != "slot":
+                    parts.append(f"reset={kwarg}")
+                continue
             if name == "centered_ranks":
                 if kwarg:
                     parts.append("centred ranks")
@@ -431,6 +444,7 @@ _OPTIONAL_CHECKS = {
     "backprop_depth": lambda v: check_int("backprop_depth", v, 1),
     "normalize_losses": lambda v: _check_bool("normalize_losses", v),
     "stagger": lambda v: _check_bool("stagger", v),
+    "reset": lambda v: _check_name("reset", v, "reset mode", RESETS),
     "centered_ranks": lambda v: _check_bool("centered_ranks", v),
     "top_b": lambda v: check_int("top_b", v, 1),
     "survival_bonus_shift": lambda v: _check_bool("survival_bonus_shift", v),
@@ -664,19 +678,25 @@ def build(task: str, estimator: str, **overrides: Any) -> Setup:
 # --------------------------------------------------------------------------- config files
 
 
-class _YamlLoader(yaml.SafeLoader):
+@functools.cache
+def _yaml_loader() -> Any:
     """PyYAML's safe loader, reading ``1e-3`` as a float as YAML 1.2 and JSON do (PyYAML's
-    YAML 1.1 resolver wants a dot, ``1.0e-3``, and would return the string '1e-3')."""
+    YAML 1.1 resolver wants a dot, ``1.0e-3``, and would return the string '1e-3'). Made at
+    first use: a run without a config file does not import yaml."""
+    import yaml
 
+    class Loader(yaml.SafeLoader):
+        pass
 
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                    |\.[0-9_]+(?:[eE][-+][0-9]+)?
-                    |[-+]?\.(?:inf|Inf|INF)
-                    |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                        |[-+]?\.(?:inf|Inf|INF)
+                        |\.(?:nan|NaN|NAN))$""", re.X),
+        list("-+0123456789."))
+    return Loader
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -710,8 +730,10 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
             raise ConfigError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column "
                               f"{e.colno}", field="config") from None
     else:
+        import yaml
+
         try:
-            data = yaml.load(text, Loader=_YamlLoader)
+            data = yaml.load(text, Loader=_yaml_loader())
         except yaml.YAMLError as e:
             where = ""
             mark = getattr(e, "problem_mark", None)

@@ -17,13 +17,14 @@ from typing import Any
 
 import numpy as np
 
+from pes.estimators._window import RESETS  # noqa: F401 (the valid ``reset`` settings)
 from pes.runs.errors import ConfigError
 from pes.tasks import InfluenceBalancing, Lorenz, ToyRegression
 from pes.tasks.learned_optimizer import EXPORT_FILE as LEARNED_OPTIMIZER_FILE
 from pes.tasks.swimmer import BACKENDS as SWIMMER_BACKENDS  # no mujoco import until used
 
 ESTIMATOR_SETTINGS = ("num_particles", "sigma", "truncation_length", "backprop_depth",
-                      "normalize_losses", "stagger", "centered_ranks", "top_b")
+                      "normalize_losses", "stagger", "centered_ranks", "top_b", "reset")
 
 
 def unknown_name(field_name: str, value: Any, what: str, valid: tuple[str, ...] | list[str]):
@@ -370,8 +371,8 @@ class EstimatorEntry:
 
 
 _ES = ("num_particles", "sigma", "truncation_length", "normalize_losses", "stagger",
-       "centered_ranks", "top_b")
-_BACKPROP = ("num_particles", "truncation_length", "stagger")
+       "centered_ranks", "top_b", "reset")
+_BACKPROP = ("num_particles", "truncation_length", "stagger", "reset")
 
 ESTIMATORS: dict[str, EstimatorEntry] = {
     e.name: e
@@ -383,7 +384,7 @@ ESTIMATORS: dict[str, EstimatorEntry] = {
         EstimatorEntry("full-es", "FullES", "ES over whole episodes from a fresh state "
                        "(unbiased, one update per episode)",
                        ("num_particles", "sigma", "normalize_losses", "centered_ranks",
-                        "top_b"),
+                        "top_b", "reset"),
                        needs_horizon=True),
         EstimatorEntry("nres", "NRES", "noise-reuse ES: one perturbation per particle per "
                        "episode, reused in every window (unbiased)", _ES, needs_horizon=True),
@@ -391,7 +392,7 @@ ESTIMATORS: dict[str, EstimatorEntry] = {
                        _BACKPROP + ("backprop_depth",), {"num_particles": 1},
                        window_within_episode=True),
         EstimatorEntry("full-bptt", "FullBPTT", "backprop through whole episodes (exact, "
-                       "memory linear in T)", ("num_particles",), {"num_particles": 1},
+                       "memory linear in T)", ("num_particles", "reset"), {"num_particles": 1},
                        needs_horizon=True),
         EstimatorEntry("rtrl", "RTRL", "real-time recurrent learning: exact forward-mode "
                        "sensitivity carried online", _BACKPROP, {"num_particles": 1}),

@@ -14,11 +14,11 @@ A run directory holds
 * ``timing.jsonl``: ``{"step", "wall_time_s"}`` per metrics line (seconds of running since
   the run started, summed over its sessions);
 * ``checkpoints/``: the last few checkpoints of the complete run state (:mod:`pes.runs.checkpoint`),
-  written every ``checkpoint_every`` outer steps (or every CHECKPOINT_INTERVAL_S seconds when
-  it is None; with calls of several steps (``steps_per_call``) at the first call end at or
-  after each multiple, since states come at call ends only), after the last one, on
-  SIGINT/SIGTERM and before a non-finite loss stops the run; each records how far
-  metrics.jsonl had got;
+  written every ``checkpoint_every`` outer steps (or at the first call end after every
+  CHECKPOINT_INTERVAL_S seconds when it is None: the training loop runs several outer steps per
+  compiled call, and calls end at the multiples of checkpoint_every), after the last one, on
+  SIGINT/SIGTERM (at the end of the call under way, about 0.1 s at most) and before a
+  non-finite loss stops the run; each records how far metrics.jsonl had got;
 * ``summary.json``: ``status`` ('completed', 'failed' or 'interrupted'), ``error``,
   ``final_theta``, ``final_meta_loss``, ``final_metrics``, ``inner_steps``, ``wall_time_s``,
   ``outer_steps``, ``checkpoint_step`` and more, written when the run ends for any reason;
@@ -358,9 +358,9 @@ def execute_run(
     ``checkpoint_every`` outer steps (or CHECKPOINT_INTERVAL_S seconds) and at the end. Raises
     RunFailed when a non-finite loss or gradient stops the run (its directory is complete up
     to there, with a checkpoint of the last good state), and RunInterrupted after SIGINT or
-    SIGTERM (caught while the run goes on: it stops after the current outer step,
-    checkpointed) or a KeyboardInterrupt; summary.json and the plots are written in every
-    case.
+    SIGTERM (caught while the run goes on: it stops after the outer steps of the compiled
+    call under way, checkpointed) or a KeyboardInterrupt; summary.json and the plots are
+    written in every case.
     """
     log = check_log(log)
     setup = build_setup(config)
@@ -620,8 +620,9 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 @contextmanager
 def _stop_on_signals(recorder: _Recorder) -> Iterator[None]:
     """While the run goes on, SIGINT and SIGTERM ask it to stop after the current outer step
-    (checkpointed); a second one stops it at once (KeyboardInterrupt). Only in the main
-    thread, where Python delivers signals; the previous handlers are restored after."""
+    (the last of the compiled call under way; checkpointed); a second one stops it at once
+    (KeyboardInterrupt). Only in the main thread, where Python delivers signals; the previous
+    handlers are restored after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -804,6 +805,17 @@ class _Recorder:
         except Exception as e:  # the run's record matters more than this checkpoint
             return f"its checkpoint could not be written ({type(e).__name__}: {e})"
 
+    def steps_per_call(self) -> int | str:
+        """The config's steps_per_call, else 'auto': calls of about AUTO_CALL_S seconds, so
+        that a signal stops the run within one (calls end at checkpoint_every's multiples and
+        at evaluations, so those come at their steps). One step per call where a call may not
+        run past the step a run stops at: an env_steps budget, and a distributed run (whose
+        processes must all run the same steps per call, which timing would not give)."""
+        cfg = self.setup.config
+        if cfg.steps_per_call is not None:
+            return cfg.steps_per_call
+        return 1 if cfg.env_steps is not None or self.multiprocess else "auto"
+
     def run(self) -> RunResult:
         cfg = self.setup.config
         status, error, signum = "completed", None, None
@@ -816,9 +828,8 @@ class _Recorder:
                         callback=self.callback, evaluate_fn=self.evaluate,
                         nonfinite=cfg.nonfinite, on_state=self.on_state,
                         resume=self.resumed.state if self.resumed else None,
-                        # One step per call unless asked: SIGINT and checkpoint_every act
-                        # after the exact step (a chunked run gives the same results).
-                        steps_per_call=cfg.steps_per_call or 1)
+                        steps_per_call=self.steps_per_call(),
+                        state_every=cfg.checkpoint_every)
                     self.theta = result.theta
                     if self.stop_signal is not None and self.outer_steps < cfg.num_steps:
                         signum = self.stop_signal

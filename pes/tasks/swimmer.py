@@ -118,7 +118,7 @@ def _import_mujoco():
         from mujoco import rollout
     except ImportError as e:  # a declared dependency, but say what to do if it is missing
         raise ImportError(
-            "the swimmer task needs the MuJoCo Python bindings: pip install 'mujoco>=3.3' "
+            "the swimmer task needs the MuJoCo Python bindings: pip install 'mujoco>=3.17' "
             f"({e})") from None
     return mujoco, rollout
 
