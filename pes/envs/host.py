@@ -30,6 +30,7 @@ restore from the JAX state whenever it differs.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -95,6 +96,10 @@ def _primitive():
     needed = (getattr(jax_callback, "emit_python_callback", None),
               getattr(jax_callback, "_callback_op_sharding", None))
     if any(f is None for f in needed):
+        return None
+    # A lowering that captures a Python callable must not be cached; older JAX (0.6.1) cannot
+    # be told so (no `cacheable`), and there the jax.pure_callback fallback is used.
+    if "cacheable" not in inspect.signature(mlir.register_lowering).parameters:
         return None
     prim = Primitive("pes_host_call")
     prim.multiple_results = True
