@@ -4,12 +4,10 @@ package.module:fn (pes.runs.user_task), and the one-line errors of a bad factory
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from device_runs import run_on_1_and_2_devices
 from typer.testing import CliRunner
 
 from pes.cli import app
@@ -179,14 +177,7 @@ def test_a_bad_factory_is_one_line_naming_the_file_exit_2(problem, tmp_path, spe
 
 @pytest.mark.slow
 def test_devices_2_equal_devices_1(problem, tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    for n in (1, 2):
-        args = ["run", "problem.py:make_system", "-e", "pes", *FAST, "--num-steps", "2",
-                "--devices", str(n), "--out", str(tmp_path / f"dev{n}")]
-        done = subprocess.run([sys.executable, "-m", "pes", *args], env=env, cwd=tmp_path,
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr
-    one, two = summary(tmp_path / "dev1"), summary(tmp_path / "dev2")
+    one, two = run_on_1_and_2_devices(
+        ["problem.py:make_system", "-e", "pes", *FAST, "--num-steps", "2"], tmp_path)
     assert two["devices"] == 2
     assert one["final_theta"] == pytest.approx(two["final_theta"], rel=1e-5)
