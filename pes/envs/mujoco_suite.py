@@ -120,7 +120,12 @@ class EnvSpec:
 
 def _square(xp: Any, x: Any) -> Any:
     """x ** 2 as gymnasium computes it on a NumPy float64 scalar: C's pow(x, 2), which
-    differs from x * x (NumPy's array ``x ** 2``) in the last bit for ~0.1% of inputs."""
+    differs from x * x in the last bit for ~0.1% of inputs. NumPy's array ``power`` is no
+    substitute: on CPUs with AVX-512 it dispatches to a SIMD pow that differs from C's for a
+    few % of inputs, so the NumPy path applies C's pow element by element (x holds one number
+    per particle). JAX (the MJX path, float32) squares as XLA does."""
+    if xp is np:
+        return np.frompyfunc(math.pow, 2, 1)(x, 2.0).astype(x.dtype)
     return xp.power(x, xp.full_like(x, 2.0))
 
 
