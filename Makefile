@@ -30,7 +30,7 @@ quickstart: $(STAMP)
 # runs, benchmarks' quick modes, the crash and fuzz tests; `make test-slow` runs them, CI runs both).
 PYTEST := $(PY) -m pytest -q -n auto --maxprocesses=4
 test: $(STAMP)
-	$(PYTEST) -m "not slow"
+	$(PYTEST) -m "not slow" --durations=25
 
 test-slow: $(STAMP)
 	$(PYTEST) -m slow

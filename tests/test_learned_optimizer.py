@@ -258,6 +258,7 @@ def test_pes_run_writes_a_loadable_optimizer(tmp_path, data_dir):
     assert all(np.isfinite(u).all() for u in jax.tree_util.tree_leaves(updates))
 
 
+@pytest.mark.slow  # a whole tiny compare of four estimators: 75 s on 2 cores
 def test_listed_and_compared(tmp_path, data_dir):
     listing = RUNNER.invoke(app, ["list"])
     assert listing.exit_code == 0

@@ -13,6 +13,8 @@ import pes
 # Groups of checks, each in its own 4-device process, so that test workers can share them.
 GROUPS = ["pes,pes-plain,errors", "tes,nres,full-es", "train", "tbptt,tbptt-deep,full-bptt",
           "rtrl,uoro"]
+# 40-50 s each on 2 cores: the fast suite keeps PES's, the training loop's and RTRL/UORO's.
+SLOW_GROUPS = {"tes,nres,full-es", "tbptt,tbptt-deep,full-bptt"}
 
 
 def _sharded_check(arg):
@@ -24,7 +26,8 @@ def _sharded_check(arg):
     return out.stdout
 
 
-@pytest.mark.parametrize("checks", GROUPS)
+@pytest.mark.parametrize("checks", [pytest.param(g, marks=pytest.mark.slow)
+                                    if g in SLOW_GROUPS else g for g in GROUPS])
 def test_sharded_estimates_equal_unsharded(checks):
     assert "ALL OK" in _sharded_check(checks)
 

@@ -94,6 +94,7 @@ def test_mjx_equals_mujoco_to_float32_tolerance(tasks):
     np.testing.assert_allclose(obs[1], bang_obs, rtol=0, atol=1e-3)
 
 
+@pytest.mark.slow  # ~35 s of MJX compilation
 @needs_mjx
 def test_pes_estimate_runs_on_mjx(tasks):
     """PES (vmap over particles inside a jitted scan) runs unchanged on the MJX backend, with
@@ -110,6 +111,7 @@ def test_pes_estimate_runs_on_mjx(tasks):
     assert mjx_task.defaults() == Swimmer().defaults()
 
 
+@pytest.mark.slow  # ~35 s of MJX compilation
 @needs_mjx
 def test_mjx_evaluate_is_the_mujoco_backends(tasks):
     """evaluate jits on the MJX backend (episodes vmapped, steps scanned), and the returns of
