@@ -337,17 +337,17 @@ def _applier(optimizer: optax.GradientTransformation) -> Callable:
     return apply
 
 
-def _stats_merger(estimator: Any) -> Callable:
+def _stats_merger(estimator: Any) -> Callable | None:
     """``merge(theta_new, theta_old, info, finite) -> theta``: with running statistics
     (:func:`pes.system.running_stats`), theta_new with its statistics replaced by the merge of
     theta_old's and the window's (``info.observed``), so the optimizer never moves them; kept
-    at theta_old's where the update was not applied (not finite). Without them: theta_new."""
+    at theta_old's where the update was not applied (not finite). None without them."""
     hook = running_stats(getattr(estimator, "system", None))
     if hook is None:
-        return lambda new, old, info, finite: new
+        return None
 
     def merge(new, old, info, finite):
-        if info.observed is None:
+        if getattr(info, "observed", None) is None:
             raise ValueError(f"{estimator!r} does not report the observations that the "
                              "system's running statistics need; use an ES estimator")
         before = hook.get(old)
@@ -416,7 +416,8 @@ def _chunk_runner(estimator, optimizer, stop_on_nonfinite_loss):
 
     def run(theta, opt_state, state, k_train, first, count):
         probe = jax.eval_shape(estimator.estimate, state, theta, k_train)[2]
-        probe = probe._replace(observed=None)  # merged into theta, not recorded per step
+        if merge is not None:
+            probe = probe._replace(observed=None)  # merged into theta, not recorded per step
         out = _ChunkOut(jax.tree_util.tree_map(rows, probe), rows(jnp.bool_(True)),
                         jax.tree_util.tree_map(rows, theta))
 
@@ -425,8 +426,11 @@ def _chunk_runner(estimator, optimizer, stop_on_nonfinite_loss):
             key = jax.random.fold_in(k_train, first + i)
             grad, state, info = estimator.estimate(state, theta, key)
             new_theta, opt_state, finite = apply(theta, opt_state, grad)
-            theta = merge(new_theta, theta, info, finite)
-            info = info._replace(observed=None)
+            if merge is None:
+                theta = new_theta
+            else:
+                theta = merge(new_theta, theta, info, finite)
+                info = info._replace(observed=None)
             stop = ~finite
             if stop_on_nonfinite_loss:
                 stop = stop | (info.num_nonfinite > 0)

@@ -298,3 +298,65 @@ def test_compare_applies_the_ars_options(tmp_path):
     assert (config["obs_norm"], config["centered_ranks"], config["top_b"]) == (True, True, 2)
     command = json.loads((out / "comparison.json").read_text())["command"]
     assert "--centered-ranks --top-b 2" in command and "--obs-norm" in command
+
+
+# ------------------------------------------------------------------------ a user's System
+
+PROBLEM = '''
+import jax
+import jax.numpy as jnp
+from pes.system import Moments, zero_moments
+
+
+class Drift:
+    """test_obs_norm.Drift without the host record: statistics of x in theta['stats']."""
+    horizon = 8
+
+    def __init__(self):
+        self.running_stats = self
+
+    def init(self, key):
+        return 0.3 * jax.random.normal(key, (2,)), jnp.zeros((), bool)
+
+    def step(self, state, theta, t, key):
+        x, ended = state
+        scale = jnp.sqrt(theta["stats"].m2 / jnp.maximum(theta["stats"].count, 1.0) + 1.0)
+        new = x + jnp.tanh(theta["w"]) / scale + 0.5 * jax.random.normal(key, (2,))
+        done = ended | (new[0] > 1.0)
+        return (jnp.where(ended, x, new), done), jnp.where(ended, 0.0, jnp.sum(new**2)), done
+
+    def observe(self, state):
+        return state[0]
+
+    def get(self, theta):
+        return Moments(*theta["stats"])
+
+    def put(self, theta, stats):
+        return {**theta, "stats": Moments(*stats)}
+
+
+def make_system():
+    return Drift(), {"w": jnp.array([0.2, -0.1]),
+                     "stats": zero_moments(jax.ShapeDtypeStruct((2,), jnp.float32))}
+'''
+
+
+@pytest.mark.slow
+def test_a_user_system_with_running_statistics_on_1_and_2_devices(tmp_path, monkeypatch):
+    """pes run FILE.py:fn trains the flat theta: the statistics (its first numbers: count,
+    mean, m2) count every step taken, and sharding the pairs over two devices reduces them
+    as it reduces the gradient."""
+    from device_runs import run_on_1_and_2_devices
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "problem.py").write_text(PROBLEM)
+    one, two = run_on_1_and_2_devices(
+        ["problem.py:make_system", "-e", "pes", "--num-particles", "4", "-K", "4",
+         "--no-stagger", "--num-steps", "3", "--no-progress"], tmp_path)
+    assert two["devices"] == 2 and one["inner_steps"] == two["inner_steps"]
+    # ravel order: 'stats' (count, mean [2], m2 [2]) before 'w'.
+    assert one["final_theta"][0] == one["inner_steps"] == two["final_theta"][0]
+    assert one["final_theta"] == pytest.approx(two["final_theta"], rel=1e-5)
+    refused = cli("run", "problem.py:make_system", "-e", "tbptt", "--num-steps", "1",
+                  "--no-progress", "--out", tmp_path / "bptt")
+    assert refused.exit_code == 2 and "does not keep running statistics" in refused.output

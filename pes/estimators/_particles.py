@@ -62,7 +62,8 @@ class EstimateInfo(NamedTuple):
     nonfinite_particle: index of the first such particle, -1 if none.
     nonfinite_step: the step of its episode (t) at which its loss first was non-finite, or -1.
     observed: for a System with running statistics (``pes.system.running_stats``), the
-      Moments of ``observe(state)`` over every member-step the window took; else None.
+      Moments of ``observe(state)`` over every member-step the window took (pairs with a
+      NaN/inf loss left out); else None.
     """
 
     loss: jax.Array
@@ -127,8 +128,8 @@ class WindowStats(NamedTuple):
     bad_t: the episode step t of its first non-finite loss, -1 if none.
     member_loss: [P, M] each member's loss summed over the window (None where not kept).
     taken: [P] member steps actually taken (None: steps times the number of members).
-    observed: Moments of the system's ``observe`` over the member-steps taken (None without
-      running statistics).
+    observed: Moments of the system's ``observe`` over the member-steps taken by finite pairs
+      (None without running statistics).
     """
 
     A: PyTree
@@ -414,12 +415,14 @@ def window_scan(
         body, (inner, t, ended, noise) + acc, xs)
     if hooks is None:
         A = W = zeros_theta
-    observed = None
+    seen = None
     if running_stats(system) is not None:
-        ys, (obs, taken) = ys
-        observed = masked_moments(obs, taken)  # over [K, P, M]
+        ys, seen = ys
     stats, sums = _window_stats(ys, t0, active, num_steps, signs, system.horizon)
-    stats = stats._replace(observed=observed)
+    if seen is not None:
+        # Over [K, P, M]; pairs left out of the estimate for a NaN/inf loss are left out here.
+        obs, taken = seen
+        stats = stats._replace(observed=masked_moments(obs, taken & stats.finite[:, None]))
     if hooks is not None and not per_step_credit:
         noise, A, W = hooks.window_credit(noise, sums, need_W)
     return (inner, t, noise, ended), stats._replace(A=A, W=W)
