@@ -360,3 +360,24 @@ def test_a_user_system_with_running_statistics_on_1_and_2_devices(tmp_path, monk
     refused = cli("run", "problem.py:make_system", "-e", "tbptt", "--num-steps", "1",
                   "--no-progress", "--out", tmp_path / "bptt")
     assert refused.exit_code == 2 and "does not keep running statistics" in refused.output
+
+
+@pytest.mark.slow
+def test_obs_norm_on_the_mjx_path():
+    """backend='mjx': the same hook in pure JAX (the state holds the observation acted on);
+    a window's statistics count its steps taken and agree with the C path's to float32
+    physics' tolerance."""
+    pytest.importorskip("mujoco.mjx")
+    out = []
+    for backend in ("mujoco", "mjx"):
+        system = pes.envs.Gymnasium("InvertedPendulum-v5", backend=backend, obs_norm=True,
+                                    max_episode_steps=10)
+        est = pes.PES(system, num_particles=4, sigma=0.1, truncation_length=10, stagger=False)
+        theta = system.flatten(system.theta0())
+        state = est.init(jax.random.PRNGKey(0), theta)
+        _, _, info = est.estimate(state, theta, jax.random.PRNGKey(1))
+        assert float(info.observed.count) == int(info.inner_steps) > 0
+        out.append(info.observed)
+    c, mjx = out
+    assert float(c.count) == float(mjx.count)
+    np.testing.assert_allclose(mjx.mean, c.mean, atol=1e-4)
