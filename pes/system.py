@@ -379,14 +379,13 @@ def masked_moments(x: PyTree, mask: jax.Array) -> Moments:
     against the spread."""
     n = jnp.sum(mask).astype(jnp.float32)
     safe = jnp.maximum(n, 1.0)
-
-    def weights(leaf):
-        return mask.reshape(mask.shape + (1,) * (leaf.ndim - mask.ndim)).astype(leaf.dtype)
-
     axes = tuple(range(mask.ndim))
-    mean = jax.tree_util.tree_map(lambda v: jnp.sum(v * weights(v), axes) / safe, x)
-    m2 = jax.tree_util.tree_map(
-        lambda v, m: jnp.sum(weights(v) * jnp.square(v - m), axes), x, mean)
+
+    def kept(v):  # a select, not a product: a NaN left out stays out
+        return jnp.where(mask.reshape(mask.shape + (1,) * (v.ndim - mask.ndim)), v, 0.0)
+
+    mean = jax.tree_util.tree_map(lambda v: jnp.sum(kept(v), axes) / safe, x)
+    m2 = jax.tree_util.tree_map(lambda v, m: jnp.sum(kept(jnp.square(v - m)), axes), x, mean)
     return Moments(n, mean, m2)
 
 
