@@ -197,10 +197,8 @@ def train(
       state_every: calls also end at every multiple of this many steps, so that ``on_state``
         sees those states (``pes run --checkpoint-every``).
 
-    Running statistics: when ``estimator.system`` has the hook of
-    :func:`pes.system.running_stats` (e.g. ``pes.envs.Gymnasium(..., obs_norm=True)``), the
-    statistics it keeps in theta are not the optimizer's: after every outer step they become
-    the merge of theta's (frozen during the step) with the window's ``info.observed``.
+    Running statistics in theta (:func:`pes.system.running_stats`, e.g. ``obs_norm=True``) are
+    not the optimizer's: after each step they become theta's merged with ``info.observed``.
 
     Returns TrainResult(theta, history) (and ``best_theta``). Raises NonFiniteGradientError
     (naming the outer step, the particle and its inner step) instead of applying a NaN or inf
