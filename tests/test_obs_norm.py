@@ -127,6 +127,32 @@ def test_window_moments_are_those_of_every_taken_observation(name):
     assert waited, "no member waited after an episode's end: the test would not see it"
 
 
+@pytest.mark.parametrize("name", ["pes", "tes"])
+def test_the_burn_in_counts_with_the_first_window(name):
+    """Staggered particles: the burn-in's observations (as many as its steps taken) are
+    reported, merged with the first window's, by the first estimate; the second reports its
+    own only. (The host record cannot check the burn-in's own moments: pairs whose burn-in
+    is over are stepped, and their steps discarded, while others still burn in.)"""
+    system = Drift()
+    make = {"pes": pes.PES, "tes": pes.TruncatedES}[name]
+    est = make(system, num_particles=6, sigma=0.3, truncation_length=3)
+    theta = drift_theta()
+    state = est.init(jax.random.PRNGKey(0), theta)
+    burn_in = state.pending_steps
+    assert isinstance(burn_in, _particles.Pending)
+    assert float(burn_in.observed.count) == int(burn_in.steps) > 0
+    for i in range(2):
+        system.log.clear()
+        _, state, info = est.estimate(state, theta, jax.random.PRNGKey(10 + i))
+        jax.block_until_ready(info)
+        window = masked_moments(jnp.asarray(np.array([x for x, _ in system.log])),
+                                jnp.ones(len(system.log), bool))
+        want = merge_moments(burn_in.observed, window) if i == 0 else window
+        assert float(info.observed.count) == float(want.count) == int(info.inner_steps)
+        np.testing.assert_allclose(info.observed.mean, want.mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(info.observed.m2, want.m2, rtol=1e-4, atol=1e-5)
+
+
 def _broken(kind):
     real = _particles.observations
 

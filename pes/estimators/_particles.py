@@ -44,7 +44,9 @@ from pes.system import (
     check_system,
     check_theta,
     masked_moments,
+    merge_moments,
     running_stats,
+    zero_moments,
 )
 
 tmap = jax.tree_util.tree_map
@@ -82,7 +84,8 @@ class ParticleState(NamedTuple):
     inner: the systems' states, leaves of shape [P, M, ...] (pairs, members).
     t: [P] int32 step index inside each pair's episode.
     noise: estimator-specific per-pair noise carry (leaves [P, ...]).
-    pending_steps: int32 inner steps spent in burn-in, reported by the next estimate.
+    pending_steps: int32 inner steps spent in burn-in, reported by the next estimate (a
+      Pending, with the burn-in's observations, for a System with running statistics).
 
     Systems whose step returns ``done`` get an EpisodeParticleState instead (one more field);
     this one keeps its four fields, so that checkpoints written before termination existed
@@ -104,6 +107,19 @@ class EpisodeParticleState(NamedTuple):
     noise: PyTree
     pending_steps: jax.Array
     ended: jax.Array
+
+
+class Pending(NamedTuple):
+    """``pending_steps`` of a System with running statistics: the burn-in's inner steps and
+    the Moments of its observations, both reported by the next estimate."""
+
+    steps: jax.Array
+    observed: Any
+
+
+def split_pending(pending) -> tuple[jax.Array, Any]:
+    """(burn-in steps, the Moments of its observations or None) of ``pending_steps``."""
+    return (pending.steps, pending.observed) if isinstance(pending, Pending) else (pending, None)
 
 
 def particle_state(inner, t, noise, pending, ended=None):
@@ -797,6 +813,10 @@ class TruncatedEstimator(Estimator):
                             check_step_output(self.system, theta, key))
         noise = self.init_noise(keys.noise, theta)
         pending = jnp.zeros((), jnp.int32)
+        observed = None
+        if running_stats(self.system) is not None:
+            one = tmap(lambda x: x[0, 0], inner)
+            observed = zero_moments(jax.eval_shape(running_stats(self.system).observe, one))
         offsets = stagger_offsets(keys.offsets, self.num_pairs, self.horizon, self.stagger)
         if offsets is not None:
             hooks = self._burn_in_hooks()
@@ -809,6 +829,9 @@ class TruncatedEstimator(Estimator):
             if hooks is not None:
                 noise = self.end_window(noise)
             pending = taken_steps(stats, len(members))
+            observed = stats.observed
+        if observed is not None:  # the burn-in's observations count with the first window's
+            pending = Pending(pending, observed)
         return particle_state(inner, t, noise, pending, ended)
 
     def _estimate(self, state, theta, key):
@@ -938,6 +961,10 @@ class ESEstimator(TruncatedEstimator, NoiseHooks):
         frozen = frozen_mask(self.system, theta)
         if frozen is not None:  # the running statistics are set by pes.train, not a gradient
             grad = tmap(lambda g, f: jnp.where(f, jnp.zeros_like(g), g), grad, frozen)
-        info = window_info(stats, len(signs), K, state.pending_steps, len(self.signs))
-        info = info._replace(observed=stats.observed)
-        return grad, particle_state(inner, t, noise, jnp.zeros((), jnp.int32), ended), info
+        steps, earlier = split_pending(state.pending_steps)
+        info = window_info(stats, len(signs), K, steps, len(self.signs))
+        pending = jnp.zeros((), jnp.int32)
+        if earlier is not None:
+            info = info._replace(observed=merge_moments(earlier, stats.observed))
+            pending = Pending(pending, tmap(jnp.zeros_like, earlier))
+        return grad, particle_state(inner, t, noise, pending, ended), info
