@@ -412,3 +412,30 @@ def test_obs_norm_on_the_mjx_path():
     c, mjx = out
     assert float(c.count) == float(mjx.count)
     np.testing.assert_allclose(mjx.mean, c.mean, atol=1e-4)
+
+
+def test_compare_gives_ranks_and_top_b_to_the_es_arms_only(monkeypatch, tmp_path):
+    from pes.paper import compare
+    from pes.runs import RunConfig
+
+    seen = []
+
+    class Recording(RunConfig):
+        def resolve(self):
+            seen.append(self)
+            return super().resolve()
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args):
+        raise Stop
+
+    monkeypatch.setattr(compare, "RunConfig", Recording)
+    monkeypatch.setattr(compare, "prepare_comparison_dir", stop)
+    with pytest.raises(Stop):
+        compare.run_comparison("toy-regression", seeds=(0,), num_steps=1, out=tmp_path,
+                               estimators=["pes", "tbptt"],
+                               ars={"centered_ranks": True, "top_b": 2})
+    got = {c.estimator: (c.centered_ranks, c.top_b) for c in seen}
+    assert got == {"pes": (True, 2), "tbptt": (None, None)}
