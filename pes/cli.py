@@ -320,6 +320,11 @@ class RunFlags:
         "--survival-bonus-shift/--no-survival-bonus-shift", help="gym:ENV_ID (Hopper, "
         "Walker2d, Ant): train on the reward less the survival bonus per step; evaluations "
         "report the true return. [default: off]", show_default=False)] = None
+    obs_norm: Annotated[bool | None, typer.Option(
+        "--obs-norm/--no-obs-norm", help="gym:ENV_ID (the MuJoCo suite), ES estimators: "
+        "augmented random search's observation normalisation, by running statistics of every "
+        "observation visited, updated after each outer step and saved in policy.npz "
+        "(docs/ars.md). [default: off]", show_default=False)] = None
     env_steps: Annotated[int | None, typer.Option(
         "--env-steps", help="gym:ENV_ID: a budget in environment steps instead of "
         "--num-steps.", show_default=False)] = None
@@ -353,7 +358,7 @@ _RUN_SETTINGS = (
     "backprop_depth", "normalize_losses", "stagger", "reset", "centered_ranks", "top_b",
     "optimizer", "lr", "b1", "eval_every", "nonfinite", "out", "theta0", "checkpoint_every",
     "data_dir", "dataset", "size", "objective", "backend", "policy", "survival_bonus_shift",
-    "env_steps", "devices", "steps_per_call", "keep_checkpoints")
+    "obs_norm", "env_steps", "devices", "steps_per_call", "keep_checkpoints")
 
 
 @dataclass_command(app, "run", RunFlags)
@@ -500,6 +505,22 @@ def compare_command(
         help="mnist-lr-schedule: heatmap grid points per axis. [default: the size's]",
         show_default=False)] = None,
     reset: Annotated[str | None, typer.Option(help=_RESET_HELP, show_default=False)] = None,
+    centered_ranks: Annotated[bool | None, typer.Option(
+        "--centered-ranks/--no-centered-ranks", help="Comparisons of training runs (gym:ENV_ID): "
+        "the ES arms use centred-rank fitness shaping (docs/ars.md). [default: off]",
+        show_default=False)] = None,
+    top_b: Annotated[int | None, typer.Option(
+        "--top-b", metavar="B", help="Comparisons of training runs: the ES arms average over "
+        "the B best antithetic pairs (ARS V2-t). [default: all pairs]",
+        show_default=False)] = None,
+    survival_bonus_shift: Annotated[bool | None, typer.Option(
+        "--survival-bonus-shift/--no-survival-bonus-shift", help="gym:ENV_ID (Hopper, "
+        "Walker2d, Ant): every arm trains on the reward less the survival bonus. [default: "
+        "off]", show_default=False)] = None,
+    obs_norm: Annotated[bool | None, typer.Option(
+        "--obs-norm/--no-obs-norm", help="gym:ENV_ID (the MuJoCo suite): every arm normalises "
+        "observations by running statistics (ARS V2; docs/ars.md). [default: off]",
+        show_default=False)] = None,
 ) -> None:
     """Run the paper's comparison EXPERIMENT: every estimator it ran, over several seeds.
 
@@ -510,7 +531,9 @@ def compare_command(
     options = CompareOptions(
         seeds=seeds, out=out, num_steps=num_steps, estimators=_csv(estimators),
         overwrite=overwrite, progress=progress, data_dir=data_dir, dataset=dataset, size=size,
-        objective=objective, heatmap_points=heatmap_points, reset=reset)
+        objective=objective, heatmap_points=heatmap_points, reset=reset,
+        centered_ranks=centered_ranks, top_b=top_b, survival_bonus_shift=survival_bonus_shift,
+        obs_norm=obs_norm)
     with _tracking(log), _user_errors():
         try:
             result = run_experiment(experiment, options, echo=typer.echo)

@@ -22,7 +22,7 @@ docs/termination.md.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -334,3 +334,75 @@ def cached_program(cache: dict, system: Any, settings: tuple, build: Callable) -
             cache.clear()
         hit = cache[key] = (system, build())
     return hit[1]
+
+
+# ----------------------------------------------------------------------------- running statistics
+#
+# An optional System hook (ARS's observation normalisation): a System with a ``running_stats``
+# attribute (not None) keeps statistics of a per-step quantity inside theta. The hook object has
+#
+# * ``observe(state) -> x``: the quantity (a pytree of float arrays) of the state a step starts
+#   from; the ES estimators collect it over every member-step actually taken in a window and
+#   report the window's Moments in ``EstimateInfo.observed``;
+# * ``get(theta) -> Moments`` and ``put(theta, moments) -> theta``: where in theta the
+#   statistics live. Those entries of theta are never perturbed by ES noise and never moved by
+#   the optimizer: ``pes.train`` replaces them after every outer step by the merge of the
+#   old statistics with the window's (:func:`merge_moments`).
+
+
+class Moments(NamedTuple):
+    """Running moments of a per-step quantity x (a pytree).
+
+    count: float32 scalar, the samples seen.  mean: x's structure, their mean.
+    m2: x's structure, the sum of squared deviations from the mean (variance = m2 / count).
+    """
+
+    count: jax.Array
+    mean: PyTree
+    m2: PyTree
+
+
+def running_stats(system: Any) -> Any:
+    """The System's running-statistics hook (see above), or None."""
+    return getattr(system, "running_stats", None)
+
+
+def zero_moments(like: PyTree) -> Moments:
+    """Moments of no samples, with x's structure (``like``: arrays or ShapeDtypeStructs)."""
+    zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), like)
+    return Moments(jnp.zeros((), jnp.float32), zeros, zeros)
+
+
+def masked_moments(x: PyTree, mask: jax.Array) -> Moments:
+    """Moments of the samples x[i] with mask[i] (x's leaves [*mask.shape, ...]): two passes
+    (mean, then squared deviations), which keeps float32 exact enough where the mean is large
+    against the spread."""
+    n = jnp.sum(mask).astype(jnp.float32)
+    safe = jnp.maximum(n, 1.0)
+    axes = tuple(range(mask.ndim))
+
+    def kept(v):  # a select, not a product: a NaN left out stays out
+        return jnp.where(mask.reshape(mask.shape + (1,) * (v.ndim - mask.ndim)), v, 0.0)
+
+    mean = jax.tree_util.tree_map(lambda v: jnp.sum(kept(v), axes) / safe, x)
+    m2 = jax.tree_util.tree_map(lambda v, m: jnp.sum(kept(jnp.square(v - m)), axes), x, mean)
+    return Moments(n, mean, m2)
+
+
+def merge_moments(a: Moments, b: Moments) -> Moments:
+    """Moments of the union of two sample sets (Chan, Golub and LeVeque's parallel update):
+    n = n_a + n_b, mean = mean_a + d n_b / n, m2 = m2_a + m2_b + d^2 n_a n_b / n with
+    d = mean_b - mean_a. With n_b = 0 the result is ``a``."""
+    n = a.count + b.count
+    safe = jnp.maximum(n, 1.0)
+    frac = b.count / safe
+    cross = a.count * frac
+
+    def mean(ma, mb):
+        return jnp.where(b.count > 0, ma + (mb - ma) * frac, ma)
+
+    def m2(sa, sb, ma, mb):
+        return jnp.where(b.count > 0, sa + sb + jnp.square(mb - ma) * cross, sa)
+
+    return Moments(n, jax.tree_util.tree_map(mean, a.mean, b.mean),
+                   jax.tree_util.tree_map(m2, a.m2, b.m2, a.mean, b.mean))

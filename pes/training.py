@@ -12,7 +12,7 @@ import numpy as np
 import optax
 
 from pes.estimators._particles import EstimateInfo, check_positive_int
-from pes.system import PyTree, check_theta, evaluate
+from pes.system import PyTree, check_theta, evaluate, merge_moments, running_stats
 
 
 class Record(NamedTuple):
@@ -197,6 +197,9 @@ def train(
       state_every: calls also end at every multiple of this many steps, so that ``on_state``
         sees those states (``pes run --checkpoint-every``).
 
+    Running statistics in theta (:func:`pes.system.running_stats`, e.g. ``obs_norm=True``) are
+    not the optimizer's: after each step they become theta's merged with ``info.observed``.
+
     Returns TrainResult(theta, history) (and ``best_theta``). Raises NonFiniteGradientError
     (naming the outer step, the particle and its inner step) instead of applying a NaN or inf
     gradient. ``estimate`` refuses a theta whose leaves do not match the estimator's.
@@ -337,6 +340,27 @@ def _applier(optimizer: optax.GradientTransformation) -> Callable:
     return apply
 
 
+def _stats_merger(estimator: Any) -> Callable | None:
+    """``merge(theta_new, theta_old, info, finite) -> theta``: with running statistics
+    (:func:`pes.system.running_stats`), theta_new with its statistics replaced by the merge of
+    theta_old's and the window's (``info.observed``), so the optimizer never moves them; kept
+    at theta_old's where the update was not applied (not finite). None without them."""
+    hook = running_stats(getattr(estimator, "system", None))
+    if hook is None:
+        return None
+
+    def merge(new, old, info, finite):
+        if getattr(info, "observed", None) is None:
+            raise ValueError(f"{estimator!r} does not report the observations that the "
+                             "system's running statistics need; use an ES estimator")
+        before = hook.get(old)
+        after = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b),
+                                       merge_moments(before, info.observed), before)
+        return hook.put(new, after)
+
+    return merge
+
+
 def _log_record(loggers: Sequence[Any], record: Record) -> None:
     metrics = {"loss": record.loss, "meta_objective": record.meta_objective,
                "nonfinite": record.nonfinite if record.nonfinite else None}
@@ -387,6 +411,7 @@ def _chunk_runner(estimator, optimizer, stop_on_nonfinite_loss):
     except (KeyError, TypeError):  # TypeError: an unhashable optimizer, compiled per call
         pass
     apply = _applier(optimizer)
+    merge = _stats_merger(estimator)
     M = MAX_STEPS_PER_CALL
 
     def rows(x):  # an array or a ShapeDtypeStruct
@@ -394,6 +419,8 @@ def _chunk_runner(estimator, optimizer, stop_on_nonfinite_loss):
 
     def run(theta, opt_state, state, k_train, first, count):
         probe = jax.eval_shape(estimator.estimate, state, theta, k_train)[2]
+        if merge is not None:
+            probe = probe._replace(observed=None)  # merged into theta, not recorded per step
         out = _ChunkOut(jax.tree_util.tree_map(rows, probe), rows(jnp.bool_(True)),
                         jax.tree_util.tree_map(rows, theta))
 
@@ -401,7 +428,12 @@ def _chunk_runner(estimator, optimizer, stop_on_nonfinite_loss):
             i, theta, opt_state, state, _, out = carry
             key = jax.random.fold_in(k_train, first + i)
             grad, state, info = estimator.estimate(state, theta, key)
-            theta, opt_state, finite = apply(theta, opt_state, grad)
+            new_theta, opt_state, finite = apply(theta, opt_state, grad)
+            if merge is None:
+                theta = new_theta
+            else:
+                theta = merge(new_theta, theta, info, finite)
+                info = info._replace(observed=None)
             stop = ~finite
             if stop_on_nonfinite_loss:
                 stop = stop | (info.num_nonfinite > 0)

@@ -76,7 +76,8 @@ def _valid_names(name: str) -> tuple:
 
 
 FIELDS = sorted(set(RunConfig.fields()) - {"out", "normalize_losses", "stagger",
-                                            "centered_ranks", "survival_bonus_shift"})
+                                            "centered_ranks", "survival_bonus_shift",
+                                            "obs_norm"})
 
 
 @st.composite

@@ -106,7 +106,7 @@ def test_backend_errors_are_one_line():
 
     config = RunConfig(task="gym:Hopper-v5", estimator="pes", backend="mjx")
     assert config.task_options() == {"policy": "linear", "backend": "mjx",
-                                     "survival_bonus_shift": False}
+                                     "survival_bonus_shift": False, "obs_norm": False}
     assert RunConfig(task="gym:Hopper-v5", estimator="pes").task_options()["backend"] == "mujoco"
 
 

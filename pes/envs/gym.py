@@ -56,7 +56,15 @@ import numpy as np
 
 from pes.envs.errors import EnvError
 from pes.envs.host import batch_callback, batch_cond, from_bits, host_call, to_bits
-from pes.envs.policies import ActionSpec, Linear, PolicyError, fit_action
+from pes.envs.policies import (
+    ActionSpec,
+    Linear,
+    PolicyError,
+    fit_action,
+    moments_norm,
+    normalize_obs,
+)
+from pes.system import Moments, zero_moments
 
 RUNNING, ENDED, FRESH = 0, 1, 2
 BACKENDS = ("mujoco", "mjx")
@@ -245,16 +253,25 @@ class Gymnasium:
         member waits after its end). Only the training signal moves: :meth:`evaluate` and
         :func:`pes.envs.evaluate_return` report the true return, and :meth:`transition` the
         true reward. An EnvError for an environment without a survival bonus.
+      obs_norm: augmented random search's observation normalisation: the policy acts on
+        (obs - mean) / sqrt(var + 1e-8), mean and var the running statistics of every
+        observation the particles acted on, kept in theta (``theta['obs_norm']``, a
+        :class:`pes.system.Moments`; theta is ``{'obs_norm': ..., 'policy': the policy's
+        theta}``, see :meth:`with_obs_norm`), frozen within an outer step and merged after it
+        by ``pes.train``; ES never perturbs them (docs/ars.md). Needs the MuJoCo suite's fast
+        path (its states hold the observation a step acts on).
       make_kwargs: passed to ``gymnasium.make`` (e.g. ``max_episode_steps=500``).
 
     Attributes: horizon, observation_shape, obs_dim, action (ActionSpec), state_size,
-    reward_shift (b, 0.0 without survival_bonus_shift).
+    reward_shift (b, 0.0 without survival_bonus_shift), obs_norm, running_stats (the
+    running-statistics hook of :mod:`pes.system` with obs_norm, else None).
     """
 
     def __init__(self, env_id: str, policy: Callable | None = None, *, threads: int = 1,
                  eval_episodes: int = 10, state_io: tuple | None = None,
                  fast: bool | str = "auto", backend: str = "mujoco",
-                 survival_bonus_shift: bool = False, **make_kwargs: Any):
+                 survival_bonus_shift: bool = False, obs_norm: bool = False,
+                 **make_kwargs: Any):
         self.env_id, self.make_kwargs = env_id, dict(make_kwargs)
         self.policy = Linear() if policy is None else policy
         if not callable(self.policy):
@@ -293,6 +310,8 @@ class Gymnasium:
             raise EnvError(f"survival_bonus_shift={survival_bonus_shift!r} must be True or False")
         self.survival_bonus_shift = survival_bonus_shift
         self.reward_shift = survival_bonus(env, env_id) if survival_bonus_shift else 0.0
+        self.obs_norm = self._check_obs_norm(obs_norm)
+        self.running_stats = ObsNormStats(self) if obs_norm else None
         if hasattr(self.policy, "init"):
             self.check_policy(self.theta0())
 
@@ -335,6 +354,18 @@ class Gymnasium:
         except ImportError as e:
             raise EnvError(_one_line(e)) from None
 
+    def _check_obs_norm(self, obs_norm: Any) -> bool:
+        if not isinstance(obs_norm, bool):
+            raise EnvError(f"obs_norm={obs_norm!r} must be True or False")
+        if obs_norm and self._fast is None:
+            from pes.envs import mujoco_suite
+
+            raise EnvError(f"obs_norm needs the MuJoCo suite's fast path (its states hold the "
+                           f"observation each step acts on): {', '.join(mujoco_suite.SPECS)} "
+                           f"with their v5 keywords and fast='auto' or True; {self.env_id} "
+                           "steps by the generic path")
+        return obs_norm
+
     @property
     def fast(self) -> bool:
         """Whether this System steps through the MuJoCo suite's fast path (in C, or in
@@ -342,7 +373,8 @@ class Gymnasium:
         return self._fast is not None
 
     def __repr__(self) -> str:
-        return f"Gymnasium({self.env_id!r}, policy={self.policy!r})"
+        norm = ", obs_norm=True" if self.obs_norm else ""
+        return f"Gymnasium({self.env_id!r}, policy={self.policy!r}{norm})"
 
     # ------------------------------------------------------------------------ the System
 
@@ -352,7 +384,26 @@ class Gymnasium:
             raise EnvError("this policy is a plain function without init(); pass your own "
                            "theta (its parameters)")
         key = jax.random.PRNGKey(0) if key is None else key
-        return self.policy.init(key, self.obs_dim, self.action)
+        theta = self.policy.init(key, self.obs_dim, self.action)
+        return self.with_obs_norm(theta) if self.obs_norm else theta
+
+    def with_obs_norm(self, policy_theta: Any) -> dict:
+        """With obs_norm: theta of a policy's parameters and statistics of no observations
+        yet, ``{'obs_norm': Moments(0, zeros, zeros), 'policy': policy_theta}``."""
+        stats = zero_moments(jax.ShapeDtypeStruct(self.observation_shape, jnp.float32))
+        return {"obs_norm": stats, "policy": policy_theta}
+
+    def split_theta(self, theta: Any) -> tuple[Any, Moments | None]:
+        """(the policy's theta, the observation statistics or None) of a theta, flat or not."""
+        if hasattr(self.policy, "init") and getattr(theta, "ndim", None) == 1:
+            theta = self.unflatten(theta)
+        if not self.obs_norm:
+            return theta, None
+        if not (isinstance(theta, dict) and set(theta) == {"obs_norm", "policy"}):
+            raise PolicyError("with obs_norm=True theta is {'obs_norm': Moments, 'policy': "
+                              "the policy's theta} (system.with_obs_norm(policy_theta) makes "
+                              "one)")
+        return theta["policy"], Moments(*theta["obs_norm"])
 
     def check_policy(self, theta: Any) -> None:
         """Trace the policy on theta: a PolicyError if its output does not fit the actions."""
@@ -361,9 +412,11 @@ class Gymnasium:
 
     def act(self, theta: Any, obs: jax.Array) -> jax.Array:
         """The environment's action for obs under theta (policy output fitted to the space).
-        A built-in policy also takes theta flat (see :meth:`flatten`)."""
-        if hasattr(self.policy, "init") and getattr(theta, "ndim", None) == 1:
-            theta = self.unflatten(theta)
+        A built-in policy also takes theta flat (see :meth:`flatten`). With obs_norm the
+        policy sees the normalised observation (see the class docstring)."""
+        theta, stats = self.split_theta(theta)
+        if stats is not None:
+            obs = normalize_obs(obs, *moments_norm(stats))
         return fit_action(self.policy(theta, obs), self.action, who=f"the policy {self.policy}")
 
     def flatten(self, theta: Any) -> jax.Array:
@@ -546,6 +599,27 @@ class Gymnasium:
             self._valid = np.zeros_like(self._valid)
         if self._pool is not None:
             self._pool.shutdown()
+
+
+class ObsNormStats:
+    """Gymnasium's running-statistics hook (:mod:`pes.system`) for obs_norm: the observation a
+    step acts on (``state.obs``, fast path) and the statistics in theta['obs_norm'] (theta
+    flat or not)."""
+
+    def __init__(self, system: Gymnasium):
+        self._system = system
+
+    def observe(self, state: Any) -> jax.Array:
+        return state.obs
+
+    def get(self, theta: Any) -> Moments:
+        return self._system.split_theta(theta)[1]
+
+    def put(self, theta: Any, stats: Moments) -> Any:
+        flat = getattr(theta, "ndim", None) == 1
+        policy, _ = self._system.split_theta(theta)
+        tree = {"obs_norm": Moments(*stats), "policy": policy}
+        return self._system.flatten(tree) if flat else tree
 
 
 __all__ = ["Gymnasium", "GymState", "PolicyError", "make_env", "import_gymnasium"]

@@ -179,6 +179,23 @@ class MLP:
 
 BUILTIN = {"linear": Linear, "mlp": MLP}
 
+# Added to the variance under the square root of an observation normalisation.
+OBS_NORM_EPS = 1e-8
+
+
+def normalize_obs(obs: jax.Array, mean: jax.Array, var: jax.Array) -> jax.Array:
+    """(obs - mean) / sqrt(var + OBS_NORM_EPS): the policy's input under an observation
+    normalisation (augmented random search's); the one formula of training and policy.npz."""
+    return (jnp.asarray(obs, jnp.float32) - mean) / jnp.sqrt(var + OBS_NORM_EPS)
+
+
+def moments_norm(stats: Any) -> tuple[jax.Array, jax.Array]:
+    """(mean, var) that normalise observations, from running Moments (count, mean, m2): the
+    population variance m2 / count, and 1 where it is 0 (no samples yet, or a constant
+    entry: left unscaled rather than blown up by 1 / sqrt(1e-8))."""
+    var = stats.m2 / jnp.maximum(stats.count, 1.0)
+    return stats.mean, jnp.where(var > 0, var, jnp.ones_like(var))
+
 
 def from_equinox(model: Any) -> tuple[Callable, Any]:
     """An Equinox module ``model(obs) -> output`` as a policy: returns (policy, theta0), theta0

@@ -30,10 +30,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from pes.envs.errors import EnvError
-from pes.envs.policies import BUILTIN, MLP, ActionSpec, Linear, fit_action
+from pes.envs.policies import (
+    BUILTIN,
+    MLP,
+    OBS_NORM_EPS,  # noqa: F401 (re-exported: the file's normalisation constant)
+    ActionSpec,
+    Linear,
+    fit_action,
+    moments_norm,
+    normalize_obs,
+)
 
 FORMAT = "pes-policy/1"
-OBS_NORM_EPS = 1e-8
 
 
 def _path(path: tuple) -> str:
@@ -76,12 +84,17 @@ def save_policy(path: str | Path, system: Any, theta: Any, obs_norm: Any = None)
     """Write ``policy.npz`` for a :class:`~pes.envs.Gymnasium` system's policy at theta.
 
     obs_norm: optional (mean, var), each [*observation_shape]: the policy was trained on
-    (obs - mean) / sqrt(var + 1e-8), and :func:`load_policy`'s callable applies it.
+    (obs - mean) / sqrt(var + 1e-8), and :func:`load_policy`'s callable applies it. A system
+    with ``obs_norm=True`` stores its theta's running statistics this way by itself (theta
+    then holds them, flat or not; an explicit ``obs_norm`` takes precedence).
     Returns the path written. A custom policy function is saved as kind 'custom' (its
     leaves only); :func:`load_policy` then needs the function and a theta template back.
     """
     a: ActionSpec = system.action
-    if hasattr(system.policy, "init") and getattr(theta, "ndim", None) == 1:
+    if getattr(system, "obs_norm", False):
+        theta, stats = system.split_theta(theta)
+        obs_norm = moments_norm(stats) if obs_norm is None else obs_norm
+    elif hasattr(system.policy, "init") and getattr(theta, "ndim", None) == 1:
         theta = system.unflatten(theta)  # a flat theta (the command line's) -> its layout
     leaves = jax.tree_util.tree_flatten_with_path(theta)[0]
     arrays = {f"theta/{_path(p)}": np.asarray(x, np.float32) for p, x in leaves}
@@ -120,24 +133,25 @@ class LoadedPolicy:
         self.env_id, self.make_kwargs, self.kind = env_id, make_kwargs, kind
         self.policy, self.theta, self.action = policy, theta, action
         self.observation_shape, self.obs_norm = observation_shape, obs_norm
-        shift, scale = (None, None) if obs_norm is None else (
-            jnp.asarray(obs_norm[0]), 1.0 / jnp.sqrt(jnp.asarray(obs_norm[1]) + OBS_NORM_EPS))
+        # The statistics are arguments, not constants: the same compiled arithmetic as in
+        # training (a folded constant may round differently).
+        self._norm = None if obs_norm is None else tuple(jnp.asarray(x) for x in obs_norm)
 
-        def act(theta, obs):
-            if shift is not None:
-                obs = (obs - shift) * scale
+        def act(theta, norm, obs):
+            if norm is not None:
+                obs = normalize_obs(obs, *norm)
             return fit_action(policy(theta, obs), action, who=f"the policy {policy}")
 
         self._one = jax.jit(act)
-        self._many = jax.jit(jax.vmap(act, in_axes=(None, 0)))
+        self._many = jax.jit(jax.vmap(act, in_axes=(None, None, 0)))
 
     def __call__(self, obs: Any) -> Any:
         obs = np.asarray(obs, np.float32)
         shape = self.observation_shape
         if obs.shape == shape:
-            out = np.asarray(self._one(self.theta, obs))
+            out = np.asarray(self._one(self.theta, self._norm, obs))
         elif obs.shape[1:] == shape and obs.ndim == len(shape) + 1:
-            out = np.asarray(self._many(self.theta, obs))
+            out = np.asarray(self._many(self.theta, self._norm, obs))
         else:
             raise EnvError(f"observation of shape {obs.shape} does not fit this policy: it "
                            f"takes {shape} (or a batch [N, *{shape}])")

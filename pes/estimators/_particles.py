@@ -38,7 +38,16 @@ from pes.estimators._window import (
 )
 from pes.estimators._window import mask_losses as mask_waiting
 from pes.estimators._window import reset_rows as make_reset
-from pes.system import PyTree, check_step_output, check_system, check_theta
+from pes.system import (
+    PyTree,
+    check_step_output,
+    check_system,
+    check_theta,
+    masked_moments,
+    merge_moments,
+    running_stats,
+    zero_moments,
+)
 
 tmap = jax.tree_util.tree_map
 
@@ -54,6 +63,9 @@ class EstimateInfo(NamedTuple):
       family leaves them out of the gradient.
     nonfinite_particle: index of the first such particle, -1 if none.
     nonfinite_step: the step of its episode (t) at which its loss first was non-finite, or -1.
+    observed: for a System with running statistics (``pes.system.running_stats``), the
+      Moments of ``observe(state)`` over every member-step the window took (pairs with a
+      NaN/inf loss left out); else None.
     """
 
     loss: jax.Array
@@ -63,6 +75,7 @@ class EstimateInfo(NamedTuple):
     num_nonfinite: jax.Array = np.zeros((), np.int32)
     nonfinite_particle: jax.Array = -np.ones((), np.int32)
     nonfinite_step: jax.Array = -np.ones((), np.int32)
+    observed: Any = None
 
 
 class ParticleState(NamedTuple):
@@ -71,7 +84,8 @@ class ParticleState(NamedTuple):
     inner: the systems' states, leaves of shape [P, M, ...] (pairs, members).
     t: [P] int32 step index inside each pair's episode.
     noise: estimator-specific per-pair noise carry (leaves [P, ...]).
-    pending_steps: int32 inner steps spent in burn-in, reported by the next estimate.
+    pending_steps: int32 inner steps spent in burn-in, reported by the next estimate (a
+      Pending, with the burn-in's observations, for a System with running statistics).
 
     Systems whose step returns ``done`` get an EpisodeParticleState instead (one more field);
     this one keeps its four fields, so that checkpoints written before termination existed
@@ -93,6 +107,19 @@ class EpisodeParticleState(NamedTuple):
     noise: PyTree
     pending_steps: jax.Array
     ended: jax.Array
+
+
+class Pending(NamedTuple):
+    """``pending_steps`` of a System with running statistics: the burn-in's inner steps and
+    the Moments of its observations, both reported by the next estimate."""
+
+    steps: jax.Array
+    observed: Any
+
+
+def split_pending(pending) -> tuple[jax.Array, Any]:
+    """(burn-in steps, the Moments of its observations or None) of ``pending_steps``."""
+    return (pending.steps, pending.observed) if isinstance(pending, Pending) else (pending, None)
 
 
 def particle_state(inner, t, noise, pending, ended=None):
@@ -117,6 +144,8 @@ class WindowStats(NamedTuple):
     bad_t: the episode step t of its first non-finite loss, -1 if none.
     member_loss: [P, M] each member's loss summed over the window (None where not kept).
     taken: [P] member steps actually taken (None: steps times the number of members).
+    observed: Moments of the system's ``observe`` over the member-steps taken by finite pairs
+      (None without running statistics).
     """
 
     A: PyTree
@@ -127,6 +156,7 @@ class WindowStats(NamedTuple):
     bad_t: jax.Array
     member_loss: jax.Array | None = None
     taken: jax.Array | None = None
+    observed: Any = None
 
 
 # ----------------------------------------------------------------------------- validation
@@ -313,14 +343,40 @@ def _column_sums(x: jax.Array) -> jax.Array:
     return jnp.reshape(out, x.shape[1:])
 
 
-def _member_thetas(theta, hooks, noise, sign_arr, num_pairs, num_members):
+def _member_thetas(theta, hooks, noise, sign_arr, num_pairs, num_members, frozen=None):
     """[P, M]-leading theta of every member: theta + sign_m * eps_p (theta itself without
-    hooks)."""
+    hooks); entries marked in ``frozen`` (running statistics) stay theta's, unperturbed."""
     if hooks is None:
         return tmap(lambda th: jnp.broadcast_to(th, (num_pairs, num_members) + th.shape), theta)
     eps = hooks.perturbation(noise)
-    return tmap(lambda th, e: th + sign_arr.reshape((1, -1) + (1,) * th.ndim) * e[:, None],
-                theta, eps)
+
+    def perturb(th, e):
+        return th + sign_arr.reshape((1, -1) + (1,) * th.ndim) * e[:, None]
+
+    if frozen is None:
+        return tmap(perturb, theta, eps)
+    return tmap(lambda th, e, f: jnp.where(f, th, perturb(th, e)), theta, eps, frozen)
+
+
+def frozen_mask(system: Any, theta: PyTree) -> PyTree | None:
+    """theta-shaped bools: the entries holding the system's running statistics (None without
+    them). ES never perturbs them and the gradient there is 0."""
+    hook = running_stats(system)
+    if hook is None:
+        return None
+    ones = tmap(jnp.ones_like, hook.get(theta))
+    return tmap(lambda x: x != 0, hook.put(tmap(jnp.zeros_like, theta), ones))
+
+
+def observations(system: Any, inner: PyTree, live: jax.Array | None,
+                 act: jax.Array | None, num_members: int) -> tuple[PyTree, jax.Array]:
+    """(observe(state) of every member [P, M, ...], [P, M] the members taking this step)."""
+    x = jax.vmap(jax.vmap(running_stats(system).observe))(inner)
+    if live is not None:
+        return x, live
+    num_pairs = jax.tree_util.tree_leaves(inner)[0].shape[0]
+    taking = jnp.ones((num_pairs, num_members), bool)
+    return x, taking if act is None else taking & act[:, None]
 
 
 def window_scan(
@@ -375,7 +431,14 @@ def window_scan(
         body, (inner, t, ended, noise) + acc, xs)
     if hooks is None:
         A = W = zeros_theta
+    seen = None
+    if running_stats(system) is not None:
+        ys, seen = ys
     stats, sums = _window_stats(ys, t0, active, num_steps, signs, system.horizon)
+    if seen is not None:
+        # Over [K, P, M]; pairs left out of the estimate for a NaN/inf loss are left out here.
+        obs, taken = seen
+        stats = stats._replace(observed=masked_moments(obs, taken & stats.finite[:, None]))
     if hooks is not None and not per_step_credit:
         noise, A, W = hooks.window_credit(noise, sums, need_W)
     return (inner, t, noise, ended), stats._replace(A=A, W=W)
@@ -404,6 +467,8 @@ def _window_body(system, theta, pair_keys, signs, hooks, active, mesh, need_W, p
     # Members of a pair share t and every key: vmap over members broadcasts them.
     member_step = jax.vmap(system.step, in_axes=(0, 0, None, None))
     step_all = jax.vmap(member_step, in_axes=(0, 0, 0, 0))
+    frozen = frozen_mask(system, theta)
+    observing = running_stats(system) is not None
 
     def body(carry, xs):
         j, keys, fresh_j = xs
@@ -411,9 +476,10 @@ def _window_body(system, theta, pair_keys, signs, hooks, active, mesh, need_W, p
         if keys is None:
             keys = step_keys(pair_keys, j)
         k_step, k_reset, k_noise = keys[:, 0], keys[:, 1], keys[:, 2]
-        thetas = _member_thetas(theta, hooks, noise, sign_arr, num_pairs, num_members)
+        thetas = _member_thetas(theta, hooks, noise, sign_arr, num_pairs, num_members, frozen)
         act = None if active is None else j < active
         live = live_members(act, ended)
+        seen = observations(system, inner, live, act, num_members) if observing else None
         new_inner, losses, term = step_or_wait(
             lambda: step_all(inner, thetas, t, k_step), live, inner)  # losses [P, M]
         losses = mask_waiting(losses, live)
@@ -432,6 +498,7 @@ def _window_body(system, theta, pair_keys, signs, hooks, active, mesh, need_W, p
             new_noise = hooks.after_step(noise, adv.done, adv.t, k_noise)
             noise = new_noise if act is None else select(act, new_noise, noise)
         ys = losses if ended is None else (losses, adv.done, adv.live, t)
+        ys = ys if seen is None else (ys, seen)
         return shard_pairs((adv.state, adv.t, adv.ended, noise, A, W), mesh), ys
 
     return body
@@ -746,6 +813,10 @@ class TruncatedEstimator(Estimator):
                             check_step_output(self.system, theta, key))
         noise = self.init_noise(keys.noise, theta)
         pending = jnp.zeros((), jnp.int32)
+        observed = None
+        if running_stats(self.system) is not None:
+            one = tmap(lambda x: x[0, 0], inner)
+            observed = zero_moments(jax.eval_shape(running_stats(self.system).observe, one))
         offsets = stagger_offsets(keys.offsets, self.num_pairs, self.horizon, self.stagger)
         if offsets is not None:
             hooks = self._burn_in_hooks()
@@ -758,10 +829,21 @@ class TruncatedEstimator(Estimator):
             if hooks is not None:
                 noise = self.end_window(noise)
             pending = taken_steps(stats, len(members))
+            observed = stats.observed
+        if observed is not None:  # the burn-in's observations count with the first window's
+            pending = Pending(pending, observed)
         return particle_state(inner, t, noise, pending, ended)
 
     def _estimate(self, state, theta, key):
         raise NotImplementedError
+
+
+def refuse_running_stats(name: str, system: Any) -> None:
+    """The one error of the differentiating estimators on a System with running statistics."""
+    if running_stats(system) is not None:
+        raise ValueError(
+            f"{name} differentiates the loss and does not keep running statistics (observation "
+            "normalisation, obs_norm); use an ES estimator: PES, FullES, NRES or TruncatedES")
 
 
 class IndependentParticles(TruncatedEstimator):
@@ -770,6 +852,7 @@ class IndependentParticles(TruncatedEstimator):
 
     def __init__(self, system, *, num_particles=1, truncation_length, stagger=True, mesh=None,
                  reset="slot"):
+        refuse_running_stats(type(self).__name__, system)
         self._setup(system, check_positive_int("num_particles", num_particles),
                     truncation_length, stagger, mesh, reset)
 
@@ -875,5 +958,13 @@ class ESEstimator(TruncatedEstimator, NoiseHooks):
                   else stats)
         grad = es_gradient(shaped, self.sigma, self.antithetic, K, self.normalize_losses,
                            perturbed, keep)
-        info = window_info(stats, len(signs), K, state.pending_steps, len(self.signs))
-        return grad, particle_state(inner, t, noise, jnp.zeros((), jnp.int32), ended), info
+        frozen = frozen_mask(self.system, theta)
+        if frozen is not None:  # the running statistics are set by pes.train, not a gradient
+            grad = tmap(lambda g, f: jnp.where(f, jnp.zeros_like(g), g), grad, frozen)
+        steps, earlier = split_pending(state.pending_steps)
+        info = window_info(stats, len(signs), K, steps, len(self.signs))
+        pending = jnp.zeros((), jnp.int32)
+        if earlier is not None:
+            info = info._replace(observed=merge_moments(earlier, stats.observed))
+            pending = Pending(pending, tmap(jnp.zeros_like, earlier))
+        return grad, particle_state(inner, t, noise, pending, ended), info

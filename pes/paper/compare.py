@@ -28,7 +28,7 @@ from pes.paper.experiments import (
 from pes.runs import plots
 from pes.runs.config import MAX_SEED, RunConfig, check_int
 from pes.runs.errors import ConfigError, RunFailed
-from pes.runs.registry import get_estimator, get_task
+from pes.runs.registry import ESTIMATOR_SETTINGS, get_estimator, get_task
 from pes.runs.run import (
     RunResult,
     execute_run,
@@ -38,6 +38,9 @@ from pes.runs.run import (
 )
 
 MARKER = "comparison.json"
+# Augmented random search's options (docs/ars.md), RunConfig settings that comparisons of
+# training runs apply to their arms: the estimator settings to the ES arms only.
+ARS_OPTIONS = ("centered_ranks", "top_b", "survival_bonus_shift", "obs_norm")
 RESULTS_MD = "results.md"
 RESULTS_JSON = "results.json"
 
@@ -128,6 +131,14 @@ class CompareOptions:
     objective: str | None = None
     heatmap_points: int | None = None
     reset: str | None = None
+    centered_ranks: bool | None = None
+    top_b: int | None = None
+    survival_bonus_shift: bool | None = None
+    obs_norm: bool | None = None
+
+    def ars(self) -> dict[str, Any]:
+        """The ARS options given (ARS_OPTIONS that are not None)."""
+        return {n: getattr(self, n) for n in ARS_OPTIONS if getattr(self, n) is not None}
 
     def refuse(self, names: Sequence[str], experiment: str, takes: str) -> None:
         """A ConfigError naming the first of ``names`` that was given: ``experiment`` takes
@@ -144,10 +155,11 @@ def run_experiment(name: str, options: CompareOptions,
     (:attr:`Experiment.runner`), called as ``runner(name, options, echo)``. An unknown name
     goes to the runner of training runs, which refuses it after checking the options."""
     runner = EXPERIMENTS[name].runner if name in EXPERIMENTS else TRAINING_RUNS
-    if options.reset is not None and runner != TRAINING_RUNS:
-        raise ConfigError(f"--reset does not apply to pes compare {name}; it applies to "
-                          "comparisons of training runs (e.g. pes compare gym:ENV_ID)",
-                          field="reset")
+    for option in ("reset", *ARS_OPTIONS):
+        if getattr(options, option) is not None and runner != TRAINING_RUNS:
+            raise ConfigError(f"--{option.replace('_', '-')} does not apply to pes compare "
+                              f"{name}; it applies to comparisons of training runs (e.g. pes "
+                              "compare gym:ENV_ID)", field=option)
     return load(runner)(name, options, echo or (lambda line: None))
 
 
@@ -164,7 +176,8 @@ def compare_training_runs(name: str, options: CompareOptions,
     seeds = parse_seeds(options.seeds if options.seeds is not None else "0,1,2")
     return run_comparison(name, seeds=seeds, out=options.out, num_steps=options.num_steps,
                           estimators=options.estimators, overwrite=options.overwrite,
-                          progress=options.progress, echo=echo, reset=options.reset)
+                          progress=options.progress, echo=echo, reset=options.reset,
+                          ars=options.ars())
 
 
 def select_arms(experiment: Experiment, estimators: Sequence[str] | None) -> tuple[Arm, ...]:
@@ -223,10 +236,15 @@ def options_command(name: str, seeds: Sequence[int], options: dict[str, Any],
 
 
 def command_line(experiment: Experiment, seeds: Sequence[int], num_steps: int | None,
-                 estimators: Sequence[str] | None, out: Path, reset: str | None = None) -> str:
+                 estimators: Sequence[str] | None, out: Path, reset: str | None = None,
+                 ars: dict[str, Any] | None = None) -> str:
     cmd = f"pes compare {experiment.name} --seeds {','.join(map(str, seeds))}"
     if reset is not None:
         cmd += f" --reset {reset}"
+    for name, value in (ars or {}).items():
+        flag = name.replace("_", "-")
+        cmd += (f" --{flag} {value}" if not isinstance(value, bool)
+                else f" --{flag}" if value else f" --no-{flag}")
     if num_steps is not None:
         cmd += f" --num-steps {num_steps}"
     if estimators:
@@ -245,6 +263,7 @@ def run_comparison(
     progress: bool = True,
     echo: Callable[[str], Any] | None = None,
     reset: str | None = None,
+    ars: dict[str, Any] | None = None,
 ) -> ComparisonResult:
     """Run experiment ``name``'s arms over ``seeds`` and write plots and results.
 
@@ -252,8 +271,14 @@ def run_comparison(
     numbers. estimators: a subset of arms (labels or estimator names). Arms whose estimator
     class this installation lacks are skipped with a note. A failed run (non-finite gradient)
     is reported in the table; the other runs go on. reset: every arm's ``reset`` setting
-    (RunConfig.reset; None: the arms' own).
+    (RunConfig.reset; None: the arms' own). ars: ARS_OPTIONS settings (e.g. ``{"obs_norm":
+    True, "top_b": 4}``) for every arm; centred ranks and top-b go to the ES arms only.
     """
+    ars = {n: v for n, v in (ars or {}).items() if v is not None}
+    unknown = sorted(set(ars) - set(ARS_OPTIONS))
+    if unknown:
+        raise ConfigError(f"ars: {unknown[0]!r} is not one of {', '.join(ARS_OPTIONS)}",
+                          field=unknown[0])
     echo = echo or (lambda line: None)
     experiment = get_experiment(name)
     seeds = check_seeds(seeds)
@@ -271,9 +296,11 @@ def run_comparison(
                                    "this installation"), []))
             continue
         # Resolve every configuration before writing anything: a bad setting stops here.
+        extra = {n: v for n, v in ars.items()
+                 if n not in ESTIMATOR_SETTINGS or n in est.params}
         configs = [RunConfig(task=experiment.task, estimator=arm.estimator, seed=s,
                              num_steps=num_steps, out=str(out_dir / arm.label / f"seed-{s}"),
-                             **{**dict(arm.overrides),
+                             **{**dict(arm.overrides), **extra,
                                 **({} if reset is None else {"reset": reset})}).resolve()
                    for s in seeds]
         plan.append((ArmResult(arm, configs[0]), configs))
@@ -282,7 +309,8 @@ def run_comparison(
         "experiment": experiment.name, "seeds": list(seeds), "num_steps": num_steps,
         "estimators": list(estimators) if estimators else None,
         "arms": [a.label for a in arms],
-        "command": command_line(experiment, seeds, num_steps, estimators, out_dir, reset),
+        "command": command_line(experiment, seeds, num_steps, estimators, out_dir, reset,
+                                ars),
     })
 
     start = time.perf_counter()

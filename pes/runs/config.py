@@ -167,6 +167,9 @@ class RunConfig:
     policy: gym:ENV_ID's policy, 'linear' or 'mlp' (32, 32 tanh); None: 'linear'.
     survival_bonus_shift: gym:ENV_ID (Hopper, Walker2d, Ant): train on the reward less the
       environment's survival bonus per step (evaluations keep the true return); None: False.
+    obs_norm: gym:ENV_ID (the MuJoCo suite) with an ES estimator: ARS's observation
+      normalisation, the policy acting on observations normalised by running statistics of
+      every observation visited (kept in theta, merged after each outer step); None: False.
     env_steps: a budget in environment steps (gym:ENV_ID tasks), an alternative to
       num_steps: the run stops after the outer step at which ``inner_steps``, the steps
       actually taken, reaches it. num_steps becomes a cap that surely spends the budget:
@@ -217,6 +220,7 @@ class RunConfig:
     backend: str | None = None
     policy: str | None = None
     survival_bonus_shift: bool | None = None
+    obs_norm: bool | None = None
     env_steps: int | None = None
     devices: int | None = None
     steps_per_call: int | None = None
@@ -374,7 +378,7 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and name not in entry.options:
                 takers = [t for t in TASK_NAMES if name in get_task(t).options]
-                gym_options = ("policy", "backend", "survival_bonus_shift")
+                gym_options = ("policy", "backend", "survival_bonus_shift", "obs_norm")
                 takers += ["gym:ENV_ID"] if name in gym_options else []
                 raise ConfigError(
                     f"{name}={value!r} does not apply to task={self.task!r}; only "
@@ -448,6 +452,7 @@ _OPTIONAL_CHECKS = {
     "centered_ranks": lambda v: _check_bool("centered_ranks", v),
     "top_b": lambda v: check_int("top_b", v, 1),
     "survival_bonus_shift": lambda v: _check_bool("survival_bonus_shift", v),
+    "obs_norm": lambda v: _check_bool("obs_norm", v),
     "optimizer": lambda v: _check_name("optimizer", v, "optimizer", OPTIMIZER_NAMES),
     "lr": lambda v: _check_float("lr", v, low=0.0),
     "b1": lambda v: _check_float("b1", v, low=0.0, high=1.0, low_open=False, high_open=True),

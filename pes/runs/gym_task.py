@@ -35,7 +35,7 @@ class GymTask:
     """A gymnasium environment with a built-in policy over a flat theta [D]."""
 
     def __init__(self, env_id: str, policy: str = "linear", survival_bonus_shift: bool = False,
-                 backend: str = "mujoco"):
+                 backend: str = "mujoco", obs_norm: bool = False):
         from pes import envs
 
         if policy not in POLICIES:
@@ -44,12 +44,13 @@ class GymTask:
         try:
             self.system = envs.Gymnasium(
                 env_id, policy=envs.Linear() if policy == "linear" else envs.MLP(),
-                survival_bonus_shift=survival_bonus_shift, backend=backend)
+                survival_bonus_shift=survival_bonus_shift, backend=backend, obs_norm=obs_norm)
         except envs.EnvError as e:
             if backend != "mujoco" and "mjx" in str(e):  # the backend, or mujoco-mjx missing
                 raise ConfigError(f"task='{PREFIX}{env_id}' --backend {backend}: {e}",
                                   field="backend") from None
-            field = "survival_bonus_shift" if "survival bonus" in str(e) else "task"
+            field = ("survival_bonus_shift" if "survival bonus" in str(e)
+                     else "obs_norm" if "obs_norm" in str(e) else "task")
             raise ConfigError(str(e), field=field) from None
         if self.system.horizon is None:
             raise ConfigError(f"task='{PREFIX}{env_id}' has no time limit "
@@ -57,6 +58,8 @@ class GymTask:
                               field="task")
         self.env_id, self.policy, self.backend = env_id, policy, backend
         self.horizon = self.system.horizon
+        # --obs-norm: the observation statistics' hook (pes.system.running_stats), theta flat.
+        self.running_stats = self.system.running_stats
 
     def init(self, key: jax.Array) -> Any:
         return self.system.init(key)
@@ -87,8 +90,8 @@ class GymTask:
 
 @functools.cache
 def make_gym_task(env_id: str, policy: str = "linear", survival_bonus_shift: bool = False,
-                  backend: str = "mujoco") -> GymTask:
-    return GymTask(env_id, policy, survival_bonus_shift, backend)
+                  backend: str = "mujoco", obs_norm: bool = False) -> GymTask:
+    return GymTask(env_id, policy, survival_bonus_shift, backend, obs_norm)
 
 
 def export_policy(task: GymTask, theta: Any, run_dir: Any) -> Path:

@@ -131,9 +131,9 @@ def _many_hyperparameters(**options: Any) -> Any:
 
 # Task options (RunConfig fields): the image tasks' --dataset, --data-dir, --size,
 # --objective; the swimmer's and gym:ENV_ID's --backend; gym:ENV_ID's --policy and
-# --survival-bonus-shift.
+# --survival-bonus-shift and --obs-norm.
 TASK_OPTIONS = ("dataset", "data_dir", "size", "objective", "backend", "policy",
-                "survival_bonus_shift")
+                "survival_bonus_shift", "obs_norm")
 _IMAGE_OPTIONS = {"dataset": "fashion-mnist", "data_dir": None, "size": "cpu"}
 
 TASKS["mnist-lr-schedule"] = TaskEntry(
@@ -279,7 +279,8 @@ def _gym_entry(name: str) -> TaskEntry:
         metric_label="episode return (mean of 10 episodes)",
         log_y=False,
         theta_names=("policy parameters",),
-        options={"policy": "linear", "survival_bonus_shift": False, "backend": "mujoco"},
+        options={"policy": "linear", "survival_bonus_shift": False, "backend": "mujoco",
+                 "obs_norm": False},
         option_values={"backend": SWIMMER_BACKENDS},
         export=gym_task.export_policy,
         export_files=(gym_task.POLICY_FILE,),

@@ -33,7 +33,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from pes.runs.errors import ConfigError
-from pes.system import check_system, unroll
+from pes.system import check_system, running_stats, unroll
 from pes.tasks.base import OptimizerSpec, TaskDefaults
 
 _IDENT = r"[A-Za-z_]\w*"
@@ -214,6 +214,23 @@ def _check_default(who: str, key: str, value: Any) -> None:
         raise ConfigError(f"{who}: default {key}={value!r} must be {want}", field="task")
 
 
+class FlatStats:
+    """A System's running-statistics hook (:func:`pes.system.running_stats`) on the flat theta
+    the command line trains: ``get``/``put`` through the theta's unravel."""
+
+    def __init__(self, hook: Any, unravel: Any):
+        self.hook, self.unravel = hook, unravel
+
+    def observe(self, state: Any) -> Any:
+        return self.hook.observe(state)
+
+    def get(self, theta: jax.Array) -> Any:
+        return self.hook.get(self.unravel(theta))
+
+    def put(self, theta: jax.Array, stats: Any) -> jax.Array:
+        return ravel_pytree(self.hook.put(self.unravel(theta), stats))[0]
+
+
 class UserSystemTask:
     """A user's System as a task over a flat theta vector [D] (or its own array theta)."""
 
@@ -238,6 +255,9 @@ class UserSystemTask:
                               "defaults={'eval_steps': T} for its evaluation", field="task")
         self.eval_episodes = int(defaults.get("eval_episodes", 4))
         self.default_eval_every = defaults.get("eval_every")
+        hook = running_stats(system)
+        self.running_stats = (hook if hook is None or self._unravel is None
+                              else FlatStats(hook, self._unravel))
 
     def _theta(self, theta: jax.Array) -> Any:
         return theta if self._unravel is None else self._unravel(theta)
