@@ -48,8 +48,8 @@ test-lowest:
 	$(LOWEST_VENV)/bin/python -m uv pip install --quiet --python $(LOWEST_VENV)/bin/python \
 		--resolution lowest-direct -e '.[test]'
 	$(LOWEST_VENV)/bin/python -m uv pip list --python $(LOWEST_VENV)/bin/python \
-		| grep -iE '^(jax|jaxlib|numpy|optax|typer|tqdm|matplotlib|orbax-checkpoint|pyyaml|mujoco) '
-	$(LOWEST_VENV)/bin/python -m pytest -q -m "not slow" $(LOWEST_PYTEST_ARGS)
+		| grep -iE '^(jax|jaxlib|numpy|optax|typer|tqdm|matplotlib|orbax-checkpoint|pyyaml|mujoco|gymnasium|flax|equinox|diffrax) '
+	$(LOWEST_VENV)/bin/python -m pytest -q -rs -m "not slow" $(LOWEST_PYTEST_ARGS)
 
 # The documentation site (mkdocs-material, API pages from the docstrings, the command-line
 # reference rendered from the app) into site/; any warning (a broken link or reference) fails.
