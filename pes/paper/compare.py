@@ -298,9 +298,12 @@ def run_comparison(
         # Resolve every configuration before writing anything: a bad setting stops here.
         extra = {n: v for n, v in ars.items()
                  if n not in ESTIMATOR_SETTINGS or n in est.params}
+        overrides = dict(arm.overrides)
+        if num_steps is not None:  # --num-steps replaces an arm's environment-step budget
+            overrides.pop("env_steps", None)
         configs = [RunConfig(task=experiment.task, estimator=arm.estimator, seed=s,
                              num_steps=num_steps, out=str(out_dir / arm.label / f"seed-{s}"),
-                             **{**dict(arm.overrides), **extra,
+                             **{**overrides, **extra,
                                 **({} if reset is None else {"reset": reset})}).resolve()
                    for s in seeds]
         plan.append((ArmResult(arm, configs[0]), configs))
