@@ -270,10 +270,10 @@ class Locomotion:
 
 
 LOCOMOTION = {
-    "hopper": Locomotion("Hopper-v5", 3120.0, 8, 4, 0.01, 0.025, True, 0.005, 2_000_000),
-    "halfcheetah": Locomotion("HalfCheetah-v5", 3430.0, 32, 4, 0.02, 0.03, False, 0.005,
+    "hopper": Locomotion("Hopper-v5", 3120.0, 8, 4, 0.01, 0.025, True, 0.01, 2_000_000),
+    "halfcheetah": Locomotion("HalfCheetah-v5", 3430.0, 32, 4, 0.02, 0.03, False, 0.01,
                               2_000_000),
-    "walker2d": Locomotion("Walker2d-v5", 4390.0, 40, 30, 0.03, 0.025, True, 0.005, 2_000_000),
+    "walker2d": Locomotion("Walker2d-v5", 4390.0, 40, 30, 0.03, 0.025, True, 0.01, 2_000_000),
 }
 
 
