@@ -269,3 +269,26 @@ def test_config_file_with_flags_overriding_it(tmp_path):
     json_file.write_text(json.dumps({"task": "influence-balancing", "estimator": "tbptt",
                                      "theta0": 0.25, "num_steps": 1}))
     assert RunConfig.from_file(json_file).theta0 == 0.25
+
+
+def test_a_tasks_static_estimators_cover_what_its_defaults_offer(tmp_path):
+    """TaskEntry.estimators (checked before a dataset is looked for) must hold every estimator
+    the built task's defaults() offer, for each of its options."""
+    from test_data import make_dataset_dir
+
+    from pes.runs.config import make_task
+    from pes.runs.registry import TASKS
+
+    make_dataset_dir(tmp_path / "fashion-mnist", num_train=10040, num_test=20, gz=False)
+    checked = 0
+    for name, entry in TASKS.items():
+        if entry.estimators is None:
+            continue
+        variants = ([{"objective": o} for o in ("loss", "accuracy")]
+                    if "objective" in entry.options else [{}])
+        for extra in variants:
+            task = make_task(name, {**entry.options, "data_dir": str(tmp_path), "size": "tiny",
+                                    **extra})
+            assert set(task.defaults().estimators) <= set(entry.estimators), (name, extra)
+            checked += 1
+    assert checked == 4

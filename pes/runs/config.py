@@ -285,6 +285,8 @@ class RunConfig:
         task_entry = get_task(self.task)
         est = get_estimator(self.estimator)
         options = self.task_options()
+        if task_entry.estimators is not None and est.name not in task_entry.estimators:
+            raise _no_settings(self.task, est.name, task_entry.estimators)
         task = make_task(self.task, options)
         horizon = task.horizon
         for name in ESTIMATOR_SETTINGS:
@@ -304,9 +306,7 @@ class RunConfig:
                 field="estimator")
         defaults = task.defaults()
         if est.name not in defaults.estimators:
-            raise ConfigError(
-                f"task={self.task!r} has no settings for estimator={est.name!r}; estimators "
-                f"for this task: {', '.join(sorted(defaults.estimators))}", field="estimator")
+            raise _no_settings(self.task, est.name, defaults.estimators)
         settings = {**est.defaults, **defaults.estimator_settings(est.name)}
         for name in est.params:
             if getattr(self, name) is not None:
@@ -575,6 +575,12 @@ def make_task(name: str, options: Mapping[str, Any] | None = None) -> Any:
         raise ConfigError(f"task={name!r}: {e}", field=e.field) from None
     except ValueError as e:  # e.g. a dataset too small for its validation split
         raise ConfigError(f"task={name!r}: {e}", field="dataset") from None
+
+
+def _no_settings(task: str, estimator: str, offered: Any) -> ConfigError:
+    return ConfigError(f"task={task!r} has no settings for estimator={estimator!r}; "
+                       f"estimators for this task: {', '.join(sorted(offered))}",
+                       field="estimator")
 
 
 def _check_out(value: Any) -> str:

@@ -69,6 +69,10 @@ class TaskEntry:
     options: dict[str, Any] = field(default_factory=dict, hash=False)
     # The values allowed for an option only this task takes (others are checked by RunConfig).
     option_values: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
+    # Every estimator the task can offer, whatever its options (None: only its defaults()
+    # know): checked before the task is built, so that a task needing a dataset names an
+    # estimator it never takes before saying the dataset is missing.
+    estimators: tuple[str, ...] | None = None
 
     def make(self, **options: Any) -> Any:
         """The task object (one per name and options); ``options``: some of ``self.options``."""
@@ -146,6 +150,7 @@ TASKS["mnist-lr-schedule"] = TaskEntry(
     log_y=False,
     theta_names=("log lr0", "log decay"),
     options={**_IMAGE_OPTIONS, "objective": "loss"},
+    estimators=("pes", "tes", "nres", "full-es", "tbptt"),
 )
 TASKS["many-hyperparameters"] = TaskEntry(
     name="many-hyperparameters",
@@ -157,6 +162,7 @@ TASKS["many-hyperparameters"] = TaskEntry(
     log_y=False,
     theta_names=tuple(f"theta[{i}]" for i in range(29)),
     options=dict(_IMAGE_OPTIONS),
+    estimators=("pes", "tes", "nres", "full-es"),
 )
 
 
@@ -182,6 +188,7 @@ TASKS["learned-optimizer"] = TaskEntry(
     log_y=False,
     theta_names=("learned-optimizer weights",),
     options=dict(_IMAGE_OPTIONS),
+    estimators=("pes", "tes", "nres", "full-es"),
     export=_export_learned_optimizer,
     export_files=(LEARNED_OPTIMIZER_FILE,),
 )
