@@ -152,9 +152,18 @@ def test_sigterm_checkpoints_and_exits_143(reference, tmp_path):
     assert_same_run(out, reference)
 
 
+@pytest.fixture
+def foreground_sigint():
+    """SIGINT's handler as Python installs it in a foreground process (a shell starts
+    background jobs with SIGINT ignored, and Python then leaves it so)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("times", [1, 2])
 def test_sigint_once_stops_after_the_step_twice_at_once(reference, tmp_path, monkeypatch,
-                                                         times):
+                                                         foreground_sigint, times):
     """In process: SIGINT arrives while outer step 7 is recorded. Once: the call under way
     (auto-sized; calls end at the evaluations and checkpoints of every 5th step, so it holds
     6-10 at most) is finished and its last step checkpointed. Twice: the run stops at once,
