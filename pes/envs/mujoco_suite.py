@@ -125,8 +125,12 @@ def _square(xp: Any, x: Any) -> Any:
     few % of inputs, so the NumPy path applies C's pow element by element (x holds one number
     per particle). JAX (the MJX path, float32) squares as XLA does."""
     if xp is np:
-        return np.frompyfunc(math.pow, 2, 1)(x, 2.0).astype(x.dtype)
+        return _C_POW(x, 2.0).astype(x.dtype)
     return xp.power(x, xp.full_like(x, 2.0))
+
+
+# C's pow as a NumPy ufunc over Python floats (object dtype), made once: _square runs every step.
+_C_POW = np.frompyfunc(math.pow, 2, 1)
 
 
 def _skip(p: dict, n: int) -> int:

@@ -279,14 +279,14 @@ LOCOMOTION = {
 
 def locomotion_experiment(name: str, spec: Locomotion) -> Experiment:
     """``pes compare locomotion-NAME``: PES against ARS-style full ES (module comment)."""
-    common = {"num_particles": 2 * spec.directions, "sigma": spec.nu,
+    particles, k = 2 * spec.directions, 100
+    common = {"num_particles": particles, "sigma": spec.nu,
               "normalize_losses": True, "optimizer": "sgd", "obs_norm": True,
               "survival_bonus_shift": spec.shift, "env_steps": spec.env_steps}
-    pairs = 2 * spec.directions
     # Evaluations every ~64k-100k training steps for every arm (full ES: one estimate is
     # 2N whole episodes; a window is 2N x K steps).
-    window_every = max(1, round(100_000 / (pairs * 100)))
-    window = {**common, "truncation_length": 100, "lr": spec.window_lr,
+    window_every = max(1, round(100_000 / (particles * k)))
+    window = {**common, "truncation_length": k, "lr": spec.window_lr,
               "eval_every": window_every}
     return Experiment(
         name=f"locomotion-{name}", task=f"gym:{spec.env_id}",
