@@ -48,7 +48,7 @@ test-lowest:
 	$(LOWEST_VENV)/bin/python -m uv pip install --quiet --python $(LOWEST_VENV)/bin/python \
 		--resolution lowest-direct -e '.[test]'
 	$(LOWEST_VENV)/bin/python -m uv pip list --python $(LOWEST_VENV)/bin/python \
-		| grep -iE '^(jax|jaxlib|numpy|optax|typer|tqdm|matplotlib|orbax-checkpoint|pyyaml|mujoco|gymnasium|flax|equinox|diffrax) '
+		| grep -iE '^(jax|jaxlib|numpy|ml.dtypes|optax|typer|tqdm|matplotlib|orbax-checkpoint|pyyaml|mujoco|gymnasium|flax|equinox|diffrax) '
 	$(LOWEST_VENV)/bin/python -m pytest -q -rs -m "not slow" $(LOWEST_PYTEST_ARGS)
 
 # The documentation site (mkdocs-material, API pages from the docstrings, the command-line
