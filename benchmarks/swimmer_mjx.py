@@ -80,21 +80,21 @@ def agreement(steps: int = 100) -> dict[str, tuple[float, float, float, float]]:
     for name, W in policies.items():
         states, s = start, task.init(key)
         moved = start.copy()
-        moved[:, 1:] += 1e-7
+        moved[:, ref.sim.qpos.start:ref.sim.qvel.stop] += 1e-7
         dr = do = total = dm = 0.0
         for i in range(steps):
-            obs = ref.sim.observe(states)
+            obs = ref.observe_host(states)
             action = (ref.policy_host(W, obs) if W is not None
                       else bang[i][None].astype(np.float32))
-            new = ref.sim.simulate(states, action)
-            reward = ref._reward(states, new, action)[0]
+            new, reward = ref.advance_host(states, action)
+            reward = reward[0]
             s, r = step(s, jnp.asarray(action[0]))
             mjx_obs = np.concatenate([np.asarray(s.qpos)[2:], np.asarray(s.qvel)])
             dr = max(dr, abs(float(r) - reward))
-            do = max(do, float(np.max(np.abs(mjx_obs - ref.sim.observe(new)[0]))))
+            do = max(do, float(np.max(np.abs(mjx_obs - ref.observe_host(new)[0]))))
             total += float(r) - reward
-            moved = ref.sim.simulate(moved, action)
-            dm = max(dm, float(np.max(np.abs(ref.sim.observe(moved) - ref.sim.observe(new)))))
+            moved, _ = ref.advance_host(moved, action)
+            dm = max(dm, float(np.max(np.abs(ref.observe_host(moved) - ref.observe_host(new)))))
             states = new
         out[name] = (dr, do, abs(total), dm)
     return out

@@ -35,8 +35,8 @@ from pes.envs.mujoco_suite import (
     RUNNING,
     SPECS,
     Frame,
-    asset_path,
     check_noise_scale,
+    load_model,
     reset_noise,
 )
 
@@ -146,10 +146,8 @@ class MJX:
             raise TypeError(f"policy={policy!r} must be a function (theta, obs) -> action")
         if env_id not in SPECS:
             raise ValueError(f"{env_id!r} has no MJX path; the suite has {', '.join(SPECS)}")
-        import mujoco
-
         self.env_id, self.policy = env_id, policy
-        model = mujoco.MjModel.from_xml_path(asset_path(SPECS[env_id].xml))
+        model = load_model(env_id)
         self.spec = spec = SPECS[env_id](model, **kwargs)
         self.sim = MJXSim(model, spec.p["frame_skip"], spec.fields, spec.post_constraint,
                           who=f"{env_id}'s MJX path")

@@ -317,6 +317,18 @@ def asset_path(xml: str) -> str:
     return path
 
 
+def load_model(env_id: str, xml: str | None = None) -> Any:
+    """The MjModel of suite environment ``env_id``: from ``xml``, a model as an XML string,
+    if given (a task shipping its own file), else gymnasium's file for it."""
+    import mujoco
+
+    if env_id not in SPECS:
+        raise ValueError(f"{env_id!r} has no fast path; the suite has {', '.join(SPECS)}")
+    if xml is not None:
+        return mujoco.MjModel.from_xml_string(xml)
+    return mujoco.MjModel.from_xml_path(asset_path(SPECS[env_id].xml))
+
+
 def reset_noise(key: jax.Array, spec: EnvSpec, nq: int, nv: int, scale: float):
     """float32 (qpos noise [nq], qvel noise [nv]) of a v5 reset from ``key``: ``U(-s, s)``
     and ``U(-s, s)`` or ``s N(0, 1)`` (the spec's ``qvel_noise``). The C and MJX paths both
@@ -424,17 +436,16 @@ class SuiteSim:
     A host state is ``(phys [B, nphys], carry [B, ncarry])``: ``phys`` the
     ``mjSTATE_FULLPHYSICS | mjSTATE_WARMSTART`` vector (time, qpos, qvel, act, ..., warm
     start), ``carry`` the spec's values from the previous step. ``engine``: 'auto' (batch
-    where it applies), 'batch' or 'loop'. Not re-entrant: calls are serialised by a lock.
+    where it applies), 'batch' or 'loop'. ``xml``: the model as an XML string (default:
+    gymnasium's file for ``env_id``). Not re-entrant: calls are serialised by a lock.
     """
 
-    def __init__(self, env_id: str, threads: int = 1, engine: str = "auto", **kwargs: Any):
+    def __init__(self, env_id: str, threads: int = 1, engine: str = "auto", *,
+                 xml: str | None = None, **kwargs: Any):
         import mujoco
 
-        if env_id not in SPECS:
-            raise ValueError(f"{env_id!r} has no fast path; the suite has "
-                             f"{', '.join(SPECS)}")
         self.mj = mujoco
-        self.model = mujoco.MjModel.from_xml_path(asset_path(SPECS[env_id].xml))
+        self.model = load_model(env_id, xml)
         self.spec = spec = SPECS[env_id](self.model, **kwargs)
         m = self.model
         self.frame_skip, self.nq, self.nv, self.nu = spec.p["frame_skip"], m.nq, m.nv, m.nu
@@ -494,6 +505,12 @@ class SuiteSim:
         qpos, qvel = phys[:, self.qpos], phys[:, self.qvel]
         return self.spec.observe(np, qpos, qvel, self.spec.reset_data(np, qpos, qvel))
 
+    def advance(self, phys: np.ndarray, ctrl: np.ndarray):
+        """The physics alone: phys [B, nphys] after ``frame_skip`` simulator steps holding the
+        control ctrl [B, nu] (float32), and the derived fields the spec reads."""
+        with self._lock:
+            return self.engine.step(phys, ctrl)
+
     def step(self, state, action: np.ndarray):
         """One environment step of the batch holding ``action`` float32 [B, nu].
 
@@ -501,8 +518,7 @@ class SuiteSim:
         terminated bool [B])."""
         phys, carry = state
         action = np.asarray(action, np.float32)
-        with self._lock:
-            new, derived = self.engine.step(phys, action)
+        new, derived = self.advance(phys, action)
         before = Frame(phys[:, self.qpos], phys[:, self.qvel], {}, carry)
         after = Frame(new[:, self.qpos], new[:, self.qvel], derived, carry)
         after = after._replace(carry=self.spec.carry(after))

@@ -11,12 +11,13 @@ from PIL import Image
 
 
 def render(xml: str, states: np.ndarray, width: int, height: int, every: int) -> list:
-    """[T, nstate] mjSTATE_FULLPHYSICS states -> RGB frames from the 'track' camera."""
+    """[T, nphys] mjSTATE_FULLPHYSICS | mjSTATE_WARMSTART states (the swimmer task's) -> RGB
+    frames from the 'track' camera."""
     model = mujoco.MjModel.from_xml_string(xml)
     model.vis.global_.offwidth = max(model.vis.global_.offwidth, width)
     model.vis.global_.offheight = max(model.vis.global_.offheight, height)
     data = mujoco.MjData(model)
-    spec = mujoco.mjtState.mjSTATE_FULLPHYSICS
+    spec = int(mujoco.mjtState.mjSTATE_FULLPHYSICS) | int(mujoco.mjtState.mjSTATE_WARMSTART)
     frames = []
     with mujoco.Renderer(model, height, width) as renderer:
         for state in states[::every]:

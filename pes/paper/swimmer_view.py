@@ -74,7 +74,8 @@ def plot_paths(paths: dict[str, np.ndarray], out: Path | str, title: str) -> Pat
 
 def write_gif(states: np.ndarray, out: Path | str, *, dt: float = 0.04, every: int = 5,
               speed: float = 5.0, width: int = 320, height: int = 240) -> Path:
-    """Animate an episode's [T + 1, nstate] physics states as a GIF at ``speed`` x real time.
+    """Animate an episode's [T + 1, nphys] physics states (``episode``'s) as a GIF at
+    ``speed`` x real time.
 
     Tries MUJOCO_GL as set, else egl then osmesa, each in a child process running
     ``_render_gif.py`` (MuJoCo fixes its GL backend at import). Raises RenderUnavailable when

@@ -18,16 +18,20 @@ range) and charges the control cost on it; the policy here clips first, so its r
 gymnasium's for the clipped action, which is the action the swimmer receives.
 
 How it runs. A System's state must be a JAX pytree, but the simulator is C code working in
-float64. The state holds MuJoCo's full physics state vector (``mjSTATE_FULLPHYSICS``: time,
-qpos, qvel) as the *bits* of its float64 numbers (uint32, two per number), so it survives the
-trip through JAX unchanged whatever JAX's float precision; trajectories match gymnasium's to
-the last few bits rather than drifting by float32 rounding every step. ``step`` hands the
-state and W to the host through ``jax.pure_callback`` with ``vmap_method="broadcast_all"``:
-under the estimators' ``vmap`` over particles (and members) the callback receives the whole
-batch at once, computes the actions and advances every environment with one
-``mujoco.rollout`` call, a loop in C over environments and simulator steps. Every estimator
-therefore runs unchanged, with one host call per window step for all particles together.
-``evaluate`` runs its episodes in one host call (a loop over time, the episodes batched).
+float64. The simulator is the MuJoCo suite's C fast path, :class:`pes.envs.mujoco_suite.SuiteSim`
+("Swimmer-v5" on ``SWIMMER_XML``). The state holds its physics vector
+(``mjSTATE_FULLPHYSICS | mjSTATE_WARMSTART``: time, qpos, qvel and the constraint solver's warm
+start, which gymnasium's MjData keeps from step to step) as the *bits* of its float64 numbers
+(uint32, two per number), so it survives the trip through JAX unchanged whatever JAX's float
+precision: trajectories equal gymnasium's bit for bit (tests/test_swimmer.py), also while a
+joint presses into its limit, where the solver's answer depends on its warm start in the last
+bits. ``step`` hands the state and W to the host through ``jax.pure_callback`` with
+``vmap_method="broadcast_all"``: under the estimators' ``vmap`` over particles (and members)
+the callback receives the whole batch at once, computes the actions and advances every
+environment with one C call (``mujoco.batch``, or a loop of ``mj_step`` where that is
+missing). Every estimator therefore runs unchanged, with one host call per window step for all
+particles together. ``evaluate`` runs its episodes in one host call (a loop over time, the
+episodes batched). The reward is computed here, as above, in float64 from the clipped action.
 
 The model. ``SWIMMER_XML`` below is written for this project from the physical facts of
 gymnasium's ``swimmer.xml`` (MIT licence; itself from OpenAI Gym): body sizes, densities,
@@ -55,7 +59,6 @@ TF32/bfloat16 passes. On a CPU it is slower than the C backend; it is for accele
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -65,6 +68,7 @@ import numpy as np
 
 from pes.envs.host import float32_to_bits64, from_bits, to_bits
 from pes.envs.mjx_suite import MJXSim
+from pes.envs.mujoco_suite import SuiteSim
 from pes.tasks.base import OptimizerSpec, TaskDefaults
 
 SWIMMER_XML = """
@@ -112,90 +116,7 @@ SWIMMER_XML = """
 """
 
 
-def _import_mujoco():
-    try:
-        import mujoco
-        from mujoco import rollout
-    except ImportError as e:  # a declared dependency, but say what to do if it is missing
-        raise ImportError(
-            "the swimmer task needs the MuJoCo Python bindings: pip install 'mujoco>=3.17' "
-            f"({e})") from None
-    return mujoco, rollout
-
-
 BACKENDS = ("mujoco", "mjx")
-
-
-class SwimmerSim:
-    """The batched simulator in NumPy: MuJoCo's model plus ``mujoco.rollout``.
-
-    Physics states are float64 arrays [B, nstate] (mjSTATE_FULLPHYSICS: time, qpos, qvel);
-    controls are [B, nu]. ``threads`` > 1 splits a batch over that many MuJoCo threads.
-    Not re-entrant: calls are serialised by a lock (the scratch MjData is shared).
-    """
-
-    def __init__(self, frame_skip: int = 4, threads: int = 1, xml: str = SWIMMER_XML):
-        mujoco, rollout = _import_mujoco()
-        self._mujoco, self._rollout = mujoco, rollout
-        self.model = mujoco.MjModel.from_xml_string(xml)
-        self.frame_skip = frame_skip
-        self.threads = threads
-        self.datas = [mujoco.MjData(self.model) for _ in range(threads)]
-        self.spec = mujoco.mjtState.mjSTATE_FULLPHYSICS
-        self.nstate = mujoco.mj_stateSize(self.model, self.spec)
-        m = self.model
-        self.nq, self.nv, self.nu = m.nq, m.nv, m.nu
-        # FULLPHYSICS lays out [time, qpos, qvel, act, ...].
-        self.qpos = slice(1, 1 + m.nq)
-        self.qvel = slice(1 + m.nq, 1 + m.nq + m.nv)
-        self.obs_dim = m.nq - 2 + m.nv
-        self.ctrl_low = m.actuator_ctrlrange[:, 0].copy()
-        self.ctrl_high = m.actuator_ctrlrange[:, 1].copy()
-        self.dt = m.opt.timestep * frame_skip
-        data = self.datas[0]
-        mujoco.mj_resetData(m, data)
-        self.template = np.empty(self.nstate)
-        mujoco.mj_getState(m, data, self.template, self.spec)
-        self.qpos0 = m.qpos0.copy()
-        self._pool = rollout.Rollout(nthread=threads) if threads > 1 else None
-        self._lock = threading.Lock()
-
-    def reset_states(self, noise: np.ndarray) -> np.ndarray:
-        """[B, nq + nv] noise -> [B, nstate] states with qpos = qpos0 + noise[:nq],
-        qvel = noise[nq:] (the model's rest state plus the reset noise), time 0."""
-        noise = np.asarray(noise, np.float64)
-        states = np.repeat(self.template[None], noise.shape[0], axis=0)
-        states[:, self.qpos] = self.qpos0 + noise[:, :self.nq]
-        states[:, self.qvel] = noise[:, self.nq:]
-        return states
-
-    def observe(self, states: np.ndarray) -> np.ndarray:
-        """[B, nstate] -> [B, obs_dim]: (qpos[2:], qvel), as gymnasium's Swimmer-v5."""
-        return np.concatenate([states[:, self.qpos][:, 2:], states[:, self.qvel]], axis=1)
-
-    def simulate(self, states: np.ndarray, ctrl: np.ndarray) -> np.ndarray:
-        """Advance [B, nstate] states by frame_skip simulator steps holding ctrl [B, nu];
-        one ``mujoco.rollout`` call for the whole batch. Returns [B, nstate]."""
-        states = np.ascontiguousarray(states, np.float64)
-        batch = states.shape[0]
-        control = np.ascontiguousarray(
-            np.broadcast_to(np.asarray(ctrl, np.float64)[:, None, :],
-                            (batch, self.frame_skip, self.nu)))
-        out = np.empty((batch, self.frame_skip, self.nstate))
-        sensors = np.empty((batch, self.frame_skip, self.model.nsensordata))
-        models = [self.model] * batch
-        with self._lock:
-            if self._pool is None:
-                self._rollout.rollout(models, self.datas[0], states, control, skip_checks=True,
-                                      nstep=self.frame_skip, state=out, sensordata=sensors)
-            else:
-                self._pool.rollout(models, self.datas, states, control, skip_checks=True,
-                                   nstep=self.frame_skip, state=out, sensordata=sensors)
-        return out[:, -1]
-
-    def xy(self, states: np.ndarray) -> np.ndarray:
-        """[B, nstate] -> [B, 2], the front tip's (x, y) (qpos[0:2])."""
-        return states[:, self.qpos][:, :2]
 
 
 class SwimmerMJXState(NamedTuple):
@@ -237,9 +158,10 @@ class SwimmerMJXSim(MJXSim):
 
 
 class SwimmerState(NamedTuple):
-    """physics: uint32 [2 * nstate], the float64 mjSTATE_FULLPHYSICS vector bit for bit
-    (nstate = 11: time, 5 qpos, 5 qvel); the observation is (qpos[2:], qvel) of it. The
-    MuJoCo backend's state."""
+    """physics: uint32 [2 * nphys], the float64 ``mjSTATE_FULLPHYSICS | mjSTATE_WARMSTART``
+    vector bit for bit (nphys = 16: time, 5 qpos, 5 qvel and the constraint solver's 5 warm-start
+    accelerations, as :class:`pes.envs.mujoco_suite.SuiteSim` carries it); the observation is
+    (qpos[2:], qvel) of it. The MuJoCo backend's state."""
 
     physics: jax.Array
 
@@ -265,7 +187,7 @@ class Swimmer:
     eval_episodes: int = 5
     threads: int = 1
     backend: str = "mujoco"
-    sim: SwimmerSim = field(init=False, repr=False, compare=False, hash=False)
+    sim: SuiteSim = field(init=False, repr=False, compare=False, hash=False)
     mjx: SwimmerMJXSim | None = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -283,11 +205,18 @@ class Swimmer:
         if self.backend == "mjx" and self.threads != 1:
             raise ValueError(f"Swimmer threads={self.threads} applies to the mujoco backend "
                              "only; the mjx backend runs its batch inside JAX")
-        object.__setattr__(self, "sim", SwimmerSim(self.frame_skip, self.threads))
-        object.__setattr__(self, "mjx", SwimmerMJXSim(self.sim.model, self.frame_skip)
+        sim = SuiteSim("Swimmer-v5", threads=self.threads, xml=SWIMMER_XML,
+                       frame_skip=self.frame_skip,
+                       forward_reward_weight=self.forward_reward_weight,
+                       ctrl_cost_weight=self.ctrl_cost_weight,
+                       reset_noise_scale=self.reset_noise_scale)
+        object.__setattr__(self, "sim", sim)
+        object.__setattr__(self, "mjx", SwimmerMJXSim(sim.model, self.frame_skip)
                            if self.backend == "mjx" else None)
-        # init builds states from noise alone: it needs the model's rest state to be zero.
-        if np.any(self.sim.template) or np.any(self.sim.qpos0):
+        # init builds states from noise alone: it needs the model's rest state to be zero and
+        # qvel to follow qpos in the physics vector.
+        if (np.any(sim.template[sim.phys_idx]) or np.any(sim.qpos0) or np.any(sim.qvel0)
+                or sim.qpos.stop != sim.qvel.start):
             raise RuntimeError("the swimmer model's rest state is not all zeros; init assumes it")
 
     @property
@@ -298,7 +227,7 @@ class Swimmer:
     @property
     def dt(self) -> float:
         """Seconds of simulated time per environment step (0.04)."""
-        return self.sim.dt
+        return self.sim.spec.dt
 
     # ------------------------------------------------------------------ host-side callbacks
 
@@ -317,40 +246,60 @@ class Swimmer:
 
     def _clip_host(self, action: np.ndarray) -> np.ndarray:
         """float32 [B, 2] clipped to the actuators' range, as MuJoCo's ctrllimited does."""
-        low, high = self.sim.ctrl_low.astype(np.float32), self.sim.ctrl_high.astype(np.float32)
-        return np.clip(action, low, high)
+        return np.clip(action, self.sim.ctrl_low, self.sim.ctrl_high)
+
+    def reset_host(self, noise: np.ndarray) -> np.ndarray:
+        """[B, nq + nv] noise -> float64 physics [B, nphys]: qpos = qpos0 + noise[:, :nq],
+        qvel = noise[:, nq:], time 0, no warm start (gymnasium's reset)."""
+        noise, nq = np.asarray(noise, np.float64), self.sim.nq
+        return self.sim.reset(self.sim.qpos0 + noise[:, :nq], noise[:, nq:])[0]
+
+    def observe_host(self, phys: np.ndarray) -> np.ndarray:
+        """float64 physics [B, nphys] -> [B, 8]: (qpos[2:], qvel), as gymnasium's Swimmer-v5."""
+        sim = self.sim
+        return sim.spec.observe(np, phys[:, sim.qpos], phys[:, sim.qvel], {})
+
+    def xy_host(self, phys: np.ndarray) -> np.ndarray:
+        """float64 physics [B, nphys] -> [B, 2], the front tip's (x, y) (qpos[0:2])."""
+        return phys[:, self.sim.qpos][:, :2]
+
+    def advance_host(self, phys: np.ndarray, action: np.ndarray):
+        """One environment step of float64 physics [B, nphys] holding the clipped action
+        float32 [B, 2] (one C call for the batch) -> (new physics, reward float64 [B])."""
+        new, _ = self.sim.advance(phys, action)
+        return new, self._reward(phys, new, action)
 
     def _reward(self, before: np.ndarray, after: np.ndarray, action: np.ndarray) -> np.ndarray:
-        """r = w_fwd (x_after - x_before) / dt - w_ctrl |a|^2, float64 [B]."""
-        dx = self.sim.xy(after)[:, 0] - self.sim.xy(before)[:, 0]
-        return (self.forward_reward_weight * dx / self.sim.dt
+        """r = w_fwd (x_after - x_before) / dt - w_ctrl |a|^2, float64 [B] (the cost on the
+        clipped action, in float64)."""
+        dx = self.xy_host(after)[:, 0] - self.xy_host(before)[:, 0]
+        return (self.forward_reward_weight * dx / self.dt
                 - self.ctrl_cost_weight * np.sum(np.asarray(action, np.float64)**2, axis=1))
 
     def _step_host(self, packed):
         # One buffer in, one out: each extra callback argument or result costs about as much
         # host-call overhead as simulating a few swimmers.
         packed = np.asarray(packed)
-        lead, n = packed.shape[:-1], 2 * self.sim.nstate
+        lead, n = packed.shape[:-1], 2 * self.sim.nphys
         packed = packed.reshape(-1, packed.shape[-1])
         states = from_bits(packed[:, :n])
-        obs = self.sim.observe(states).astype(np.float32)
+        obs = self.observe_host(states).astype(np.float32)
         theta = np.ascontiguousarray(packed[:, n:]).view(np.float32).reshape(
             (-1,) + self.theta_shape)
-        return self._advance_host(states, self.policy_host(theta, obs), lead)
+        return self._packed_host(states, self.policy_host(theta, obs), lead)
 
     def _transition_host(self, physics, action):
         physics, action = np.asarray(physics), np.asarray(action, np.float32)
         lead = physics.shape[:-1]
         states = from_bits(physics.reshape(-1, physics.shape[-1]))
-        return self._advance_host(states, self._clip_host(action.reshape(-1, action.shape[-1])),
-                                  lead)
+        return self._packed_host(states, self._clip_host(action.reshape(-1, action.shape[-1])),
+                                 lead)
 
-    def _advance_host(self, states: np.ndarray, action: np.ndarray, lead: tuple) -> np.ndarray:
-        """Simulate float64 states [B, nstate] under clipped actions [B, 2]: the new states'
-        bits and the float32 reward's bits, uint32 lead + [2 nstate + 1]."""
-        new = self.sim.simulate(states, action)
-        reward = self._reward(states, new, action).astype(np.float32)
-        return np.concatenate([to_bits(new), reward[:, None].view(np.uint32)],
+    def _packed_host(self, states: np.ndarray, action: np.ndarray, lead: tuple) -> np.ndarray:
+        """Simulate float64 states [B, nphys] under clipped actions [B, 2]: the new states'
+        bits and the float32 reward's bits, uint32 lead + [2 nphys + 1]."""
+        new, reward = self.advance_host(states, action)
+        return np.concatenate([to_bits(new), reward.astype(np.float32)[:, None].view(np.uint32)],
                               axis=1).reshape(lead + (-1,))
 
     # ------------------------------------------------------------------------- the System
@@ -362,14 +311,14 @@ class Swimmer:
         built in JAX (no host call: estimators reset small states every step by selection).
         On the mjx backend it is the noise itself: the same key, the same start.
         """
-        n = self.sim.nq + self.sim.nv
-        s = self.reset_noise_scale
+        sim, s = self.sim, self.reset_noise_scale
         # uniform's outputs are multiples of 2^-23 of the range: never float32-subnormal.
-        noise = jax.random.uniform(key, (n,), jnp.float32, -s, s)
+        noise = jax.random.uniform(key, (sim.nq + sim.nv,), jnp.float32, -s, s)
         if self.mjx is not None:
             return self.mjx.reset_state(noise)
-        time = jnp.zeros((2,), jnp.uint32)
-        return SwimmerState(jnp.concatenate([time, float32_to_bits64(noise)]))
+        words = jnp.zeros((2 * sim.nphys,), jnp.uint32)  # time 0, no warm start
+        return SwimmerState(words.at[2 * sim.qpos.start:2 * sim.qvel.stop].set(
+            float32_to_bits64(noise)))
 
     def step(self, state: SwimmerState | SwimmerMJXState, theta: jax.Array, t: jax.Array,
              key: jax.Array):
@@ -457,14 +406,12 @@ class Swimmer:
         return total
 
     def _returns_host(self, theta, noise):
-        sim = self.sim
-        states = sim.reset_states(np.asarray(noise))
+        states = self.reset_host(noise)
         total = np.zeros(states.shape[0], np.float32)
         for _ in range(self.horizon):
-            action = self.policy_host(theta, sim.observe(states))
-            new = sim.simulate(states, action)
-            total += self._reward(states, new, action).astype(np.float32)  # step()'s float32
-            states = new
+            states, reward = self.advance_host(
+                states, self.policy_host(theta, self.observe_host(states)))
+            total += reward.astype(np.float32)  # step()'s float32
         return total
 
     def defaults(self) -> TaskDefaults:
@@ -501,22 +448,24 @@ def episode(task: Swimmer, theta: Any, seed: int = 0) -> dict[str, np.ndarray]:
     """One unperturbed episode in NumPy, for plots and animations; simulated by MuJoCo in C
     whatever the task's backend (the same physics).
 
-    Returns {'states': [T + 1, nstate] float64 physics states, 'xy': [T + 1, 2] front-tip
-    positions, 'rewards': [T], 'actions': [T, 2]}. The initial noise is drawn by NumPy from
-    ``seed`` (the distribution of ``init``); the steps are ``step``'s.
+    Returns {'states': [T + 1, nphys] float64 physics states (:class:`SwimmerState`'s
+    numbers), 'xy': [T + 1, 2] front-tip positions, 'rewards': [T], 'actions': [T, 2]}. The
+    initial noise is drawn by NumPy from ``seed`` (the distribution of ``init``); the steps are
+    ``step``'s.
     """
     sim = task.sim
     W = np.asarray(theta, np.float32)
     task.validate_theta(W)
     s = task.reset_noise_scale
     noise = np.random.default_rng(seed).uniform(-s, s, (1, sim.nq + sim.nv)).astype(np.float32)
-    states = [sim.reset_states(noise)]
+    states = [task.reset_host(noise)]
     rewards, actions = [], []
     for _ in range(task.horizon):
-        action = task.policy_host(W, sim.observe(states[-1]))
-        states.append(sim.simulate(states[-1], action))
-        rewards.append(task._reward(states[-2], states[-1], action)[0])
+        action = task.policy_host(W, task.observe_host(states[-1]))
+        new, reward = task.advance_host(states[-1], action)
+        states.append(new)
+        rewards.append(reward[0])
         actions.append(action[0])
     states_arr = np.concatenate(states)
-    return {"states": states_arr, "xy": sim.xy(states_arr), "rewards": np.array(rewards),
+    return {"states": states_arr, "xy": task.xy_host(states_arr), "rewards": np.array(rewards),
             "actions": np.array(actions)}
