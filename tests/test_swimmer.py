@@ -45,7 +45,7 @@ def gym_swimmer():
 
 
 def physics(state: SwimmerState) -> np.ndarray:
-    """float64 [..., nstate] from the state's bits."""
+    """float64 [..., nphys] from the state's bits."""
     return from_bits(np.asarray(state.physics))
 
 

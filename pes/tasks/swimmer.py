@@ -217,7 +217,8 @@ class Swimmer:
         # qvel to follow qpos in the physics vector.
         if (np.any(sim.template[sim.phys_idx]) or np.any(sim.qpos0) or np.any(sim.qvel0)
                 or sim.qpos.stop != sim.qvel.start):
-            raise RuntimeError("the swimmer model's rest state is not all zeros; init assumes it")
+            raise RuntimeError("init assumes the swimmer model's rest state is all zeros and "
+                               "qvel follows qpos in its physics vector; this model breaks that")
 
     @property
     def theta_shape(self) -> tuple[int, int]:
